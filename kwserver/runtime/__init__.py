@@ -1,0 +1,84 @@
+"""WebAssembly runtimes: one module per execution mode, on a shared wasmtime engine.
+
+A runtime turns compiled modules into instances and calls them. It knows nothing of HTTP,
+gunicorn or AdmissionReview envelopes: it moves bytes in and out of guests, enforces limits and
+reports failures as the exceptions below.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+
+class RuntimeFailure(Exception):
+    """Base class of everything a guest can do wrong."""
+
+
+class GuestTimeout(RuntimeFailure):
+    """The evaluation ran past its deadline and was interrupted."""
+
+    def __init__(self, message: str = "guest code interrupted, execution deadline exceeded"):
+        super().__init__(message)
+
+
+class GuestCallFailure(RuntimeFailure):
+    """The guest reported an error, trapped, or broke the calling convention."""
+
+
+class InstantiationFailure(RuntimeFailure):
+    """A new instance could not be created or initialised."""
+
+
+class ProcExit(Exception):  # noqa: N818 - it is a control-flow signal, not an error
+    """Raised by the WASI `proc_exit` import to unwind the guest."""
+
+    def __init__(self, code: int):
+        super().__init__(f"guest exited with code {code}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class InstanceLimits:
+    """Per-evaluation limits applied to one instance's store."""
+
+    memory_bytes: int
+    timeout_seconds: int | None  # None: the evaluation is never interrupted
+
+
+class Deadline:
+    """Wall-clock deadline of the evaluation in progress, for host functions that block (sleep, poll)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, timeout_seconds: int | None):
+        self.at = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else self.at - time.monotonic()
+
+
+# The guest running on this thread. Host functions are linked once per module and shared by all of
+# its instances, so they find the instance they serve here; a thread runs one guest at a time.
+_current = threading.local()
+
+
+def current_guest():  # noqa: ANN201 - returns the runtime-specific instance state
+    return _current.guest
+
+
+class running:  # noqa: N801 - used as a context manager
+    """Mark `guest` as the one running on this thread for the duration of a call into wasm."""
+
+    __slots__ = ("guest", "previous")
+
+    def __init__(self, guest: object):
+        self.guest = guest
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_current, "guest", None)
+        _current.guest = self.guest
+
+    def __exit__(self, *exc: object) -> None:
+        _current.guest = self.previous

@@ -1,0 +1,177 @@
+"""The wasmtime engine, the compiled-module cache and the epoch ticker.
+
+Compilation happens in the gunicorn master only, before it forks: wasmtime's compiler thread pool
+does not survive fork (a compile in a child deadlocks). Compiled code is written to a cache file and
+loaded back with `Module.deserialize_file`, so its pages are file-backed and shared by every worker
+through the page cache, and a restart with a warm cache skips compilation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import logging
+import os
+import platform
+import stat
+import tempfile
+import threading
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import wasmtime
+
+from kwserver.metadata import PolicyMetadata
+
+log = logging.getLogger(__name__)
+
+WASMTIME_VERSION = version("wasmtime")
+
+# The epoch advances this often; deadlines are counted in ticks. Ten ticks a second makes a timeout
+# fire within 100 ms of its due time (the reference ticks once a second).
+TICKS_PER_SECOND = 10
+TICK_SECONDS = 1.0 / TICKS_PER_SECOND
+# Deadline for stores that must never be interrupted while epoch interruption is on (about 3 years).
+NO_DEADLINE_TICKS = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    epoch_interruption: bool
+
+    def fingerprint(self) -> str:
+        """Everything a compiled artifact depends on besides the wasm bytes."""
+        text = "|".join((
+            WASMTIME_VERSION,
+            platform.machine(),
+            f"epoch={int(self.epoch_interruption)}",
+        ))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_engine(options: EngineOptions) -> wasmtime.Engine:
+    config = wasmtime.Config()
+    config.epoch_interruption = options.epoch_interruption
+    # Parallel compilation is fine in the master; workers never compile (see module docstring).
+    config.parallel_compilation = True
+    config.cranelift_opt_level = "speed"
+    return wasmtime.Engine(config)
+
+
+@dataclass(frozen=True)
+class CompiledModule:
+    """One unique policy module, compiled once and shared by every policy that uses it."""
+
+    digest: str  # sha256 of the wasm bytes
+    module: wasmtime.Module
+    metadata: PolicyMetadata
+    size: int  # bytes of the wasm module
+    compiled_size: int  # bytes of native code artifact (shared copy-on-write by the workers)
+    source: str  # where it was loaded from (for logs)
+
+    @property
+    def execution_mode(self) -> str:
+        return self.metadata.execution_mode
+
+
+def malloc_trim() -> None:
+    """Give the compiler's freed heap back to the OS before forking, so workers don't inherit it."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class CompileCache:
+    """Compiled artifacts on disk, keyed by module digest and engine fingerprint.
+
+    A `.cwasm` file is native code that wasmtime loads without further checks, so the cache is only
+    used from a directory that belongs to this user and that nobody else can write to.
+    """
+
+    def __init__(self, directory: Path | None, options: EngineOptions):
+        self.options = options
+        self.directory = self._usable(directory) if directory else None
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _usable(directory: Path) -> Path | None:
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = directory.stat()
+        except OSError as exc:
+            log.warning("compiled-module cache %s is not usable (%s); compiling in memory", directory, exc)
+            return None
+        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            log.warning("compiled-module cache %s is writable by others or not ours; not using it", directory)
+            return None
+        return directory
+
+    def path_for(self, digest: str) -> Path | None:
+        if self.directory is None:
+            return None
+        return self.directory / f"{digest}-{self.options.fingerprint()}.cwasm"
+
+    def load(self, engine: wasmtime.Engine, wasm: bytes, digest: str) -> tuple[wasmtime.Module, int]:
+        """Return the compiled module and the size of its native artifact."""
+        path = self.path_for(digest)
+        if path is not None and path.exists():
+            try:
+                module = wasmtime.Module.deserialize_file(engine, str(path))
+                self.hits += 1
+                return module, path.stat().st_size
+            except wasmtime.WasmtimeError as exc:
+                log.warning("discarding unusable compiled module %s: %s", path, exc)
+        self.misses += 1
+        module = wasmtime.Module(engine, wasm)
+        if path is None:
+            return module, len(module.serialize())
+        artifact = module.serialize()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".cwasm")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(artifact)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not write compiled module %s: %s", path, exc)
+            os.unlink(tmp)
+            return module, len(artifact)
+        # Reload from the file so the code pages are file-backed and shared across processes.
+        return wasmtime.Module.deserialize_file(engine, str(path)), len(artifact)
+
+
+class EpochTicker:
+    """Advances the engine epoch so that deadlines fire. One per process: threads don't survive fork."""
+
+    def __init__(self, engine: wasmtime.Engine):
+        self.engine = engine
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="kwserver-epoch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICK_SECONDS):
+            self.engine.increment_epoch()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+
+
+def deadline_ticks(timeout_seconds: int | None) -> int:
+    return NO_DEADLINE_TICKS if timeout_seconds is None else max(1, timeout_seconds * TICKS_PER_SECOND)

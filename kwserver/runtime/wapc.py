@@ -1,0 +1,262 @@
+"""The waPC host: Kubewarden's default execution mode (`kubewarden-wapc`).
+
+`WapcModule` links a compiled module with the waPC and WASI imports once (an `InstancePre`);
+`WapcInstance` is one live instance in its own store, reusable across calls. The host functions are
+linked once per module, so they find the instance they serve through `current_guest()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import wasmtime
+
+from kwserver.runtime import (
+    GuestCallFailure,
+    GuestTimeout,
+    InstanceLimits,
+    InstantiationFailure,
+    ProcExit,
+    current_guest,
+    running,
+)
+from kwserver.runtime.engine import deadline_ticks
+from kwserver.runtime.memory import GuestMemory, GuestMemoryError
+from kwserver.runtime.wasi import WasiState, define_wasi
+
+log = logging.getLogger(__name__)
+
+WAPC_MODULE = "wapc"
+
+# (binding, namespace, operation, payload) -> response bytes; raising means a failed host call, and
+# the exception text is what the guest reads as the host error.
+HostCall = Callable[[str, str, str, bytes], bytes]
+
+NO_HOST_CALLBACK = "Cannot process Wasm guest request: callback channel not provided"
+INTERRUPTED = "guest code interrupted, execution deadline exceeded"
+
+
+def _no_host(binding: str, namespace: str, operation: str, payload: bytes) -> bytes:
+    raise RuntimeError(NO_HOST_CALLBACK)
+
+
+# --- host functions (module "wapc") -----------------------------------------------------------------
+
+def __guest_request(op_ptr: int, ptr: int) -> None:
+    guest = current_guest()
+    guest.memory.write(op_ptr, guest.op)
+    guest.memory.write(ptr, guest.payload)
+
+
+def __guest_response(ptr: int, length: int) -> None:
+    guest = current_guest()
+    guest.guest_response = guest.memory.read(ptr, length)
+
+
+def __guest_error(ptr: int, length: int) -> None:
+    guest = current_guest()
+    guest.guest_error = guest.memory.read(ptr, length).decode("utf-8")
+
+
+def __host_call(bd_ptr: int, bd_len: int, ns_ptr: int, ns_len: int, op_ptr: int, op_len: int,
+                ptr: int, length: int) -> int:
+    guest = current_guest()
+    mem = guest.memory
+    binding = mem.read(bd_ptr, bd_len).decode("utf-8")
+    namespace = mem.read(ns_ptr, ns_len).decode("utf-8")
+    operation = mem.read(op_ptr, op_len).decode("utf-8")
+    payload = mem.read(ptr, length)
+    guest.host_response = None
+    guest.host_error = None
+    try:
+        guest.host_response = guest.host_call(binding, namespace, operation, payload)
+        return 1
+    except Exception as exc:  # a failed callback is reported to the guest, never a trap
+        guest.host_error = str(exc).encode()
+        return 0
+
+
+def __host_response_len() -> int:
+    response = current_guest().host_response
+    return len(response) if response else 0
+
+
+def __host_response(ptr: int) -> None:
+    guest = current_guest()
+    if guest.host_response:
+        guest.memory.write(ptr, guest.host_response)
+
+
+def __host_error_len() -> int:
+    error = current_guest().host_error
+    return len(error) if error else 0
+
+
+def __host_error(ptr: int) -> None:
+    guest = current_guest()
+    if guest.host_error:
+        guest.memory.write(ptr, guest.host_error)
+
+
+def __console_log(ptr: int, length: int) -> None:
+    guest = current_guest()
+    log.info("Guest module %s: %s", guest.label, guest.memory.read(ptr, length).decode("utf-8", "replace"))
+
+
+_I32 = wasmtime.ValType.i32()
+
+
+def _functype(params: int, results: int) -> wasmtime.FuncType:
+    return wasmtime.FuncType([_I32] * params, [_I32] * results)
+
+
+_HOST_FUNCTIONS: dict[str, tuple[Callable[..., int | None], wasmtime.FuncType]] = {
+    "__guest_request": (__guest_request, _functype(2, 0)),
+    "__guest_response": (__guest_response, _functype(2, 0)),
+    "__guest_error": (__guest_error, _functype(2, 0)),
+    "__host_call": (__host_call, _functype(8, 1)),
+    "__host_response_len": (__host_response_len, _functype(0, 1)),
+    "__host_response": (__host_response, _functype(1, 0)),
+    "__host_error_len": (__host_error_len, _functype(0, 1)),
+    "__host_error": (__host_error, _functype(1, 0)),
+    "__console_log": (__console_log, _functype(2, 0)),
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class WapcModule:
+    """A compiled waPC module pre-linked with the host ABI; instantiating it skips import resolution."""
+
+    def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module, *, epoch_interruption: bool):
+        self.engine = engine
+        self.epoch_interruption = epoch_interruption
+        linker = wasmtime.Linker(engine)
+        for name, (func, functype) in _HOST_FUNCTIONS.items():
+            linker.define_func(WAPC_MODULE, name, functype, func)
+        define_wasi(linker, module)
+        try:
+            self.pre = linker.instantiate_pre(module)
+        except wasmtime.WasmtimeError as exc:
+            raise InstantiationFailure(_first_line(exc)) from exc
+
+    def instantiate(self, limits: InstanceLimits, host_call: HostCall | None = None,
+                    label: str = "guest") -> WapcInstance:
+        return WapcInstance(self, limits, host_call or _no_host, label)
+
+
+class WapcInstance:
+    """One live waPC guest in its own store. Not thread-safe: one call at a time."""
+
+    __slots__ = (
+        "_guest_call", "broken", "guest_error", "guest_response", "host_call", "host_error", "host_response",
+        "label", "limits", "memory", "module", "op", "payload", "store", "wasi",
+    )
+
+    def __init__(self, module: WapcModule, limits: InstanceLimits, host_call: HostCall, label: str):
+        self.module = module
+        self.limits = limits
+        self.host_call = host_call
+        self.label = label
+        self.broken = False
+        self.op = b""
+        self.payload = b""
+        self.guest_response: bytes | None = None
+        self.guest_error: str | None = None
+        self.host_response: bytes | None = None
+        self.host_error: bytes | None = None
+        self.wasi = WasiState(log_prefix=label)
+        self.store = wasmtime.Store(module.engine)
+        self.store.set_limits(memory_size=limits.memory_bytes)
+        with running(self):
+            self._arm_deadline()
+            try:
+                instance = module.pre.instantiate(self.store)
+            except (wasmtime.WasmtimeError, wasmtime.Trap, GuestMemoryError, GuestTimeout) as exc:
+                raise InstantiationFailure(_first_line(exc)) from exc
+            exports = instance.exports(self.store)
+            memory = exports.get("memory")
+            if not isinstance(memory, wasmtime.Memory):
+                raise InstantiationFailure("Cannot find 'mem' export")
+            self.memory = GuestMemory(self.store, memory)
+            self.wasi.memory = self.memory
+            guest_call = exports.get("__guest_call")
+            if not isinstance(guest_call, wasmtime.Func):
+                raise InstantiationFailure("Guest call function (__guest_call) not exported by wasm module.")
+            self._guest_call = guest_call
+            for init in ("_start", "wapc_init"):
+                func = exports.get(init)
+                if isinstance(func, wasmtime.Func):
+                    self._initialise(init, func)
+
+    def _arm_deadline(self) -> None:
+        timeout = self.limits.timeout_seconds
+        if self.module.epoch_interruption:
+            self.store.set_epoch_deadline(deadline_ticks(timeout))
+        self.wasi.deadline_at = None
+        if timeout is not None:
+            self.wasi.deadline_at = time.monotonic() + timeout
+
+    def _initialise(self, name: str, func: wasmtime.Func) -> None:
+        self._arm_deadline()
+        try:
+            func(self.store)
+        except ProcExit as exit_:
+            if exit_.code != 0:  # TinyGo >= 0.35 leaves `main` with proc_exit(0)
+                raise InstantiationFailure(f"Initialization failed: {exit_}") from exit_
+        except (wasmtime.Trap, GuestTimeout) as exc:
+            if _interrupted(exc):
+                raise InstantiationFailure(
+                    f"Initialization failed: {name} init interrupted, execution deadline exceeded"
+                ) from exc
+            raise InstantiationFailure(f"Initialization failed: {_first_line(exc)}") from exc
+        except (wasmtime.WasmtimeError, GuestMemoryError, UnicodeDecodeError) as exc:
+            raise InstantiationFailure(f"Initialization failed: {_first_line(exc)}") from exc
+
+    def call(self, operation: str, payload: bytes) -> bytes:
+        """Run one waPC invocation; raise GuestTimeout or GuestCallFailure("<guest error>")."""
+        self.op = operation.encode()
+        self.payload = payload
+        self.guest_response = self.guest_error = None
+        self.host_response = self.host_error = None
+        self._arm_deadline()
+        try:
+            with running(self):
+                ok = self._guest_call(self.store, len(self.op), len(payload))
+        except (wasmtime.Trap, GuestTimeout) as exc:
+            self.broken = True
+            if _interrupted(exc):
+                raise GuestTimeout(INTERRUPTED) from exc
+            self.guest_error, ok = _first_line(exc), 0
+        except ProcExit as exit_:
+            self.broken = True
+            self.guest_error, ok = str(exit_), 0
+        except (wasmtime.WasmtimeError, GuestMemoryError, UnicodeDecodeError) as exc:
+            self.broken = True
+            self.guest_error, ok = _first_line(exc), 0
+        finally:
+            self.payload = b""
+        if ok == 1:
+            if self.guest_response is not None:
+                return self.guest_response
+            raise GuestCallFailure(self.guest_error or "No error message OR response set for call success")
+        raise GuestCallFailure(self.guest_error or "No error message set for call failure")
+
+    @property
+    def memory_size(self) -> int:
+        return self.memory.size
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _interrupted(exc: BaseException) -> bool:
+    if isinstance(exc, GuestTimeout):
+        return True
+    return isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.INTERRUPT
+
