@@ -31,7 +31,7 @@ class InstantiationFailure(RuntimeFailure):
     """A new instance could not be created or initialised."""
 
 
-class ProcExit(Exception):  # noqa: N818 - it is a control-flow signal, not an error
+class ProcExit(Exception):
     """Raised by the WASI `proc_exit` import to unwind the guest."""
 
     def __init__(self, code: int):
@@ -64,11 +64,11 @@ class Deadline:
 _current = threading.local()
 
 
-def current_guest():  # noqa: ANN201 - returns the runtime-specific instance state
+def current_guest():
     return _current.guest
 
 
-class running:  # noqa: N801 - used as a context manager
+class running:
     """Mark `guest` as the one running on this thread for the duration of a call into wasm."""
 
     __slots__ = ("guest", "previous")

@@ -8,6 +8,7 @@ through the page cache, and a restart with a warm cache skips compilation.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -81,10 +82,8 @@ def malloc_trim() -> None:
     libc_name = ctypes.util.find_library("c")
     if not libc_name:
         return
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(libc_name).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class CompileCache:

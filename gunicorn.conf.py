@@ -1,0 +1,40 @@
+"""gunicorn settings for kwserver: `gunicorn -c gunicorn.conf.py`.
+
+kwserver's own settings come from the same KUBEWARDEN_* / KWSERVER_* environment variables as the
+flags of `kwserver serve` (see `kwserver serve --help`). The values below are what `kwserver serve`
+uses too; change them here to tune gunicorn directly.
+"""
+
+from kwserver import daemon as kwserver
+
+kw = kwserver.get_daemon()
+
+# Listener of the admission API (KUBEWARDEN_BIND_ADDRESS, KUBEWARDEN_PORT). Readiness is served by the
+# master on KUBEWARDEN_READINESS_PROBE_PORT, always plain HTTP.
+bind = kw.bind
+
+# Worker processes (KUBEWARDEN_WORKERS, default: CPUs). Memory per extra worker is small: compiled
+# policies are shared copy-on-write; each worker only adds the instances it keeps.
+workers = kw.settings.worker_count
+
+# gthread keeps client connections alive (the API server reuses TLS connections to webhooks); one
+# thread per worker measured best: concurrency comes from processes. See kwserver/daemon.py.
+worker_class = kwserver.WORKER_CLASS
+threads = kw.settings.threads
+keepalive = kwserver.KEEPALIVE_SECONDS
+
+# Required: the master downloads, validates and compiles every policy before forking.
+preload_app = True
+wsgi_app = "kwserver.daemon:wsgi_app()"
+proc_name = "kwserver"
+
+# TLS (KUBEWARDEN_CERT_FILE, KUBEWARDEN_KEY_FILE, KUBEWARDEN_CLIENT_CA_FILE for mandatory mTLS).
+if kw.settings.tls:
+    certfile = kw.settings.cert_file
+    keyfile = kw.settings.key_file
+    ssl_context = kwserver.ssl_context
+
+# Hooks: thin, kwserver.daemon owns the lifecycle.
+when_ready = kwserver.when_ready
+post_fork = kwserver.post_fork
+on_exit = kwserver.on_exit

@@ -1,0 +1,5 @@
+import sys
+
+from kwserver.cli import main
+
+sys.exit(main())

@@ -1,0 +1,280 @@
+"""AdmissionReview shapes and the server-side answer logic, as pure functions over JSON values.
+
+Parsing and re-serialising requests, turning a policy's ValidationResponse into an AdmissionResponse
+(with its JSON Patch), and the post-processing of §7.5-7.7 of the compatibility spec: monitor mode,
+the mutation constraint, custom rejection messages. Nothing here knows about wasm or HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import jsonpatch
+import orjson
+
+API_VERSION = "admission.k8s.io/v1"
+
+NULL_OBJECT_MUTATION = (
+    "Incoming object is null, which happens only with DELETE operations, but the policy is attempting a "
+    "mutation. This is not allowed"
+)
+INTERRUPTED_MESSAGE = "Policy execution interrupted because it exceeded the allowed execution time"
+
+
+class RequestShapeError(ValueError):
+    """Valid JSON that is not the expected request shape (answered with HTTP 422)."""
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """What a policy evaluates: an AdmissionRequest, or any JSON value for raw validation."""
+
+    uid: str
+    value: Any  # the request as given to the policy
+    json: bytes  # `value` serialised (re-serialised in the reference's key order for AdmissionRequests)
+    base_object: Any  # what a mutation is diffed against
+    has_base_object: bool
+    raw: bool
+    namespace: str | None = None
+    operation: str | None = None
+    kind: str = ""  # requestKind.kind, for metrics
+
+    @property
+    def reviewed_object(self) -> Any:
+        return self.base_object if self.has_base_object else None
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+_REQUEST_KEYS = ("uid", "kind", "resource", "subResource", "requestKind", "requestResource",
+                 "requestSubResource", "name", "namespace", "operation", "userInfo", "object", "oldObject",
+                 "dryRun", "options")
+_USER_INFO_KEYS = ("username", "uid", "groups", "extra")
+_GVK = ("group", "version", "kind")
+_GVR = ("group", "version", "resource")
+
+
+def _require_str(doc: dict[str, Any], key: str, where: str) -> str:
+    if key not in doc or doc[key] is None:
+        raise RequestShapeError(f"{where}missing field `{key}`")
+    if not isinstance(doc[key], str):
+        raise RequestShapeError(f"{where}{key}: invalid type: {_json_type(doc[key])}, expected a string")
+    return doc[key]
+
+
+def _require_object(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    if key not in doc or doc[key] is None:
+        raise RequestShapeError(f"{where}missing field `{key}`")
+    if not isinstance(doc[key], dict):
+        raise RequestShapeError(f"{where}{key}: invalid type: {_json_type(doc[key])}, expected a map")
+    return doc[key]
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean `{str(value).lower()}`"
+    if isinstance(value, (int, float)):
+        return f"integer `{value}`" if isinstance(value, int) else f"floating point `{value}`"
+    if isinstance(value, str):
+        return f'string "{value}"'
+    return {list: "sequence", dict: "map"}.get(type(value), "null")
+
+
+def _group_version(doc: dict[str, Any], key: str, fields: tuple[str, ...], where: str) -> dict[str, str]:
+    obj = _require_object(doc, key, where)
+    return {name: _require_str(obj, name, f"{where}{key}.") for name in fields}
+
+
+def _request_envelope(doc: Any) -> Any:
+    if not isinstance(doc, dict):
+        raise RequestShapeError(f"invalid type: {_json_type(doc)}, expected a map")
+    if "request" not in doc:
+        raise RequestShapeError("missing field `request`")
+    return doc["request"]
+
+
+def parse_admission_review(doc: Any) -> EvaluationRequest:
+    """An AdmissionReview body, re-serialised the way the reference server hands it to policies."""
+    req = _request_envelope(doc)
+    if not isinstance(req, dict):
+        raise RequestShapeError(f"request: invalid type: {_json_type(req)}, expected a map")
+    where = "request."
+    checked: dict[str, Any] = {
+        "uid": _require_str(req, "uid", where),
+        "kind": _group_version(req, "kind", _GVK, where),
+        "resource": _group_version(req, "resource", _GVR, where),
+        "operation": _require_str(req, "operation", where),
+    }
+    user_info = _require_object(req, "userInfo", where)
+    checked["userInfo"] = {k: user_info[k] for k in _USER_INFO_KEYS if user_info.get(k) is not None}
+    for key in ("name", "namespace", "subResource", "requestSubResource"):
+        if req.get(key) is not None and not isinstance(req[key], str):
+            raise RequestShapeError(f"{where}{key}: invalid type: {_json_type(req[key])}, expected a string")
+    value = {key: checked.get(key, req.get(key)) for key in _REQUEST_KEYS}
+    value = {key: v for key, v in value.items() if v is not None}
+    request_kind = req.get("requestKind")
+    has_object = req.get("object") is not None
+    return EvaluationRequest(
+        uid=checked["uid"],
+        value=value,
+        json=orjson.dumps(value),
+        base_object=req.get("object"),
+        has_base_object=has_object,
+        raw=False,
+        namespace=req.get("namespace"),
+        operation=checked["operation"],
+        kind=request_kind.get("kind", "") if isinstance(request_kind, dict) else "",
+    )
+
+
+def parse_raw_review(doc: Any) -> EvaluationRequest:
+    """A `/validate_raw` body: `{"request": <any JSON>}`, passed to the policy untouched."""
+    value = _request_envelope(doc)
+    uid = value.get("uid") if isinstance(value, dict) else None
+    return EvaluationRequest(
+        uid=uid if isinstance(uid, str) else "",
+        value=value,
+        json=orjson.dumps(value),
+        base_object=value,
+        has_base_object=True,
+        raw=True,
+    )
+
+
+def validation_payload(request: EvaluationRequest, settings_json: bytes) -> bytes:
+    """The ValidationRequest `{"request": ..., "settings": ...}`, built without re-encoding either part."""
+    return b'{"request":' + request.json + b',"settings":' + settings_json + b"}"
+
+
+# --- building responses -------------------------------------------------------------------------
+
+def cause(message: str | None, field: str | None = None) -> dict[str, Any]:
+    # All three keys are always serialised, as the reference does.
+    return {"reason": None, "message": message, "field": field}
+
+
+def status(message: str | None = None, code: int | None = None,
+           causes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    if message is not None:
+        result["message"] = message
+    if causes:
+        result["details"] = {"causes": causes}
+    if code is not None:
+        result["code"] = code
+    return result
+
+
+def admission_response(uid: str, allowed: bool, *, status: dict[str, Any] | None = None,
+                       patch: str | None = None, audit_annotations: dict[str, str] | None = None,
+                       warnings: list[str] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"uid": uid, "allowed": allowed}
+    if patch is not None:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = patch
+    if status:
+        response["status"] = status
+    response["auditAnnotations"] = audit_annotations
+    response["warnings"] = warnings
+    return response
+
+
+def reject(uid: str, message: str, code: int | None = None) -> dict[str, Any]:
+    return admission_response(uid, False, status=status(message, code))
+
+
+def internal_error(uid: str, message: str) -> dict[str, Any]:
+    return reject(uid, f"internal server error: {message}", 500)
+
+
+def interrupted(uid: str) -> dict[str, Any]:
+    return reject(uid, INTERRUPTED_MESSAGE, 500)
+
+
+def _json_error_text(exc: Exception) -> str:
+    return str(exc).split("\n", 1)[0]
+
+
+def json_patch(base: Any, mutated: Any) -> str | None:
+    """Base64 of the RFC 6902 patch from `base` to `mutated`, or None when nothing changed."""
+    operations = jsonpatch.make_patch(base, mutated).patch
+    if not operations:
+        return None
+    return base64.b64encode(orjson.dumps(operations)).decode()
+
+
+def response_from_validation(request: EvaluationRequest, raw_response: bytes) -> dict[str, Any]:
+    """A policy's ValidationResponse (waPC and WASI protocol) as an AdmissionResponse."""
+    uid = request.uid
+    try:
+        answer = orjson.loads(raw_response)
+    except orjson.JSONDecodeError as exc:
+        return internal_error(uid, f"invalid response from policy: {_json_error_text(exc)}")
+    if not isinstance(answer, dict):
+        return internal_error(uid, f"invalid response from policy: invalid type: {_json_type(answer)}, "
+                                   "expected struct ValidationResponse")
+    accepted = answer.get("accepted")
+    if not isinstance(accepted, bool):
+        problem = "missing field `accepted`" if accepted is None else "invalid type for `accepted`"
+        return internal_error(uid, f"invalid response from policy: {problem}")
+    patch = None
+    mutated = answer.get("mutated_object")
+    if mutated is not None:
+        if not request.has_base_object:
+            return admission_response(uid, False, status=status(NULL_OBJECT_MUTATION))
+        try:
+            patch = json_patch(request.base_object, mutated)
+        except (jsonpatch.JsonPatchException, TypeError, ValueError) as exc:
+            return internal_error(uid, f"invalid response format: {exc}")
+    message, code = answer.get("message"), answer.get("code")
+    return admission_response(
+        uid, accepted,
+        status=status(message, code) if message is not None or code is not None else None,
+        patch=patch,
+        audit_annotations=answer.get("audit_annotations"),
+        warnings=answer.get("warnings"),
+    )
+
+
+# --- post-processing (validate and validate_raw; never audit) ------------------------------------
+
+def mutation_rejected_message(policy_id: str) -> str:
+    return (
+        f"Request rejected by policy {policy_id}. The policy attempted to mutate the request, but it is "
+        "currently configured to not allow mutations."
+    )
+
+
+def post_process(response: dict[str, Any], *, policy_id: str, policy_mode: str, allowed_to_mutate: bool,
+                 custom_message: str | None) -> dict[str, Any]:
+    """Monitor mode, then the mutation constraint, then the custom message (in the reference's order)."""
+    result = dict(response)
+    if policy_mode == "monitor":
+        for key in ("patch", "patchType", "status"):
+            result.pop(key, None)
+        result["allowed"] = True
+        return result
+    if not allowed_to_mutate and "patch" in result:
+        result.pop("patch")
+        result.pop("patchType", None)
+        result["allowed"] = False
+        result["status"] = status(mutation_rejected_message(policy_id))
+    if not result["allowed"] and custom_message is not None:
+        original = dict(result.get("status") or {})
+        causes = list((original.get("details") or {}).get("causes") or [])
+        causes.append(cause(original.get("message", "")))
+        details = {**(original.get("details") or {}), "causes": causes}
+        new_status = {"message": custom_message, "details": details}
+        new_status.update({k: v for k, v in original.items() if k not in ("message", "details")})
+        result["status"] = new_status
+    return result
+
+
+def review_envelope(response: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "AdmissionReview", "apiVersion": API_VERSION, "response": response}
+
+
+def raw_envelope(response: dict[str, Any]) -> dict[str, Any]:
+    return {"response": response}

@@ -1,0 +1,169 @@
+"""Boot: from policies.yml to a PolicyRegistry, in the master, before any worker exists.
+
+For every unique module reference: fetch it, read and check its metadata, compile it (or load it
+from the compile cache), deduplicated by the digest of its bytes. Then bind each policy and group
+member to its module and validate its settings. Failures are collected into one report: fatal by
+default, stored per policy with `--continue-on-errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import wasmtime
+
+from kwserver.capabilities import Capabilities
+from kwserver.config import PolicyGroupSpec, PolicySpec, ServerSettings, load_policies
+from kwserver.evaluation import InstancePool, LoadedPolicy, PolicyRegistry, settings_error
+from kwserver.metadata import MetadataError, check_metadata, infer_metadata, parse_metadata
+from kwserver.runtime import InstanceLimits, RuntimeFailure
+from kwserver.runtime.engine import (
+    CompileCache,
+    CompiledModule,
+    EngineOptions,
+    EpochTicker,
+    make_engine,
+    malloc_trim,
+)
+from kwserver.sources import SourceError, fetch
+
+log = logging.getLogger(__name__)
+
+
+class BootError(Exception):
+    """Some policies could not be loaded and `--continue-on-errors` is off."""
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors = errors
+        lines = "\n".join(f"  - {name}: {error}" for name, error in errors.items())
+        super().__init__(f"{len(errors)} policy initialization error(s):\n{lines}")
+
+
+@dataclass
+class BootReport:
+    seconds: float = 0.0
+    unique_modules: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def engine_options_for(settings: ServerSettings, specs: list[PolicySpec]) -> EngineOptions:
+    """Epoch interruption costs a little on every call, so it is on only when some timeout exists."""
+    any_timeout = settings.global_timeout is not None or any(s.timeout_eval_seconds for s in specs)
+    return EngineOptions(epoch_interruption=any_timeout)
+
+
+def _all_specs(entries: dict[str, PolicySpec | PolicyGroupSpec]) -> list[PolicySpec]:
+    specs: list[PolicySpec] = []
+    for entry in entries.values():
+        specs.extend(entry.members.values() if isinstance(entry, PolicyGroupSpec) else [entry])
+    return specs
+
+
+def _download_name(spec: PolicySpec) -> str:
+    # The reference names group members `<group>/#<member>` in download errors.
+    group, sep, member = spec.name.partition("/")
+    return f"{group}/#{member}" if sep else spec.name
+
+
+def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, digest: str,
+                   source: str, report: BootReport) -> CompiledModule:
+    metadata = parse_metadata(wasm)
+    module, compiled_size = cache.load(engine, wasm, digest)
+    if metadata is None:
+        metadata = infer_metadata({e.name for e in module.exports}, {i.module for i in module.imports})
+        warning = (f"module {source} has no io.kubewarden.metadata section; assuming execution mode "
+                   f"`{metadata.execution_mode}` (embed metadata with `kwserver annotate`)")
+        log.warning("%s", warning)
+        report.warnings.append(warning)
+    check_metadata(metadata)
+    return CompiledModule(digest=digest, module=module, metadata=metadata, size=len(wasm),
+                          compiled_size=compiled_size, source=source)
+
+
+def build_registry(settings: ServerSettings) -> tuple[PolicyRegistry, BootReport]:
+    started = time.monotonic()
+    entries = load_policies(settings.policies)
+    base_dir = Path(settings.policies).resolve().parent
+    specs = _all_specs(entries)
+    options = engine_options_for(settings, specs)
+    engine = make_engine(options)
+    cache = CompileCache(settings.cache_dir, options)
+    registry = PolicyRegistry(engine=engine, engine_options=options)
+    report = BootReport()
+    registry.groups = {n: e for n, e in entries.items() if isinstance(e, PolicyGroupSpec)}
+    registry.specs = {n: e for n, e in entries.items() if isinstance(e, PolicySpec)}
+
+    # One fetch per module string, one compile per unique digest.
+    by_reference: dict[str, CompiledModule | Exception] = {}
+    for reference in dict.fromkeys(spec.module for spec in specs):
+        try:
+            fetched = fetch(reference, base_dir)
+        except SourceError as exc:
+            by_reference[reference] = exc
+            continue
+        compiled = registry.modules.get(fetched.digest)
+        if compiled is None:
+            try:
+                compiled = compile_module(engine, cache, fetched.wasm, fetched.digest, str(fetched.path), report)
+            except (MetadataError, wasmtime.WasmtimeError) as exc:
+                by_reference[reference] = exc
+                continue
+            registry.modules[fetched.digest] = compiled
+        by_reference[reference] = compiled
+    report.unique_modules = len(registry.modules)
+    report.cache_hits, report.cache_misses = cache.hits, cache.misses
+    malloc_trim()
+
+    memory_limit = settings.policy_memory_limit_mib * 1024 * 1024
+    for spec in specs:
+        loaded = by_reference[spec.module]
+        if isinstance(loaded, Exception):
+            message = str(loaded)
+            if isinstance(loaded, SourceError):
+                message = f"Error while downloading policy '{_download_name(spec)}' from {spec.module}: {message}"
+            registry.init_errors[spec.name] = f"bootstrap failure: {spec.name}: {message}"
+            continue
+        timeout = spec.timeout_eval_seconds if spec.timeout_eval_seconds is not None else settings.global_timeout
+        registry.policies[spec.name] = LoadedPolicy(
+            spec=spec, module=loaded, settings_json=orjson.dumps(spec.settings),
+            limits=InstanceLimits(memory_bytes=memory_limit, timeout_seconds=timeout),
+            capabilities=Capabilities(spec.name, spec.context_aware_resources),
+        )
+
+    _validate_all_settings(registry, options)
+    report.seconds = time.monotonic() - started
+    if registry.init_errors and not settings.continue_on_errors:
+        raise BootError(registry.init_errors)
+    for name, error in registry.init_errors.items():
+        log.error("policy %s failed to initialise and will reject every request: %s", name, error)
+    return registry, report
+
+
+def _validate_all_settings(registry: PolicyRegistry, options: EngineOptions) -> None:
+    """Validate every policy's settings once, here, so no request ever pays for it."""
+    pool = InstancePool(registry, reuse=False, keep_bytes=0, budget_bytes=0)
+    ticker = EpochTicker(registry.engine)
+    if options.epoch_interruption:
+        ticker.start()
+    try:
+        for name, policy in list(registry.policies.items()):
+            try:
+                with pool.instance(policy) as instance:
+                    error = settings_error(instance, policy.settings_json)
+            except RuntimeFailure as exc:
+                error = str(exc)
+                registry.init_errors[name] = f"bootstrap failure: {name}: {error}"
+                del registry.policies[name]
+                continue
+            if error is not None:
+                registry.init_errors[name] = f"Policy settings are invalid: {error}"
+                del registry.policies[name]
+    finally:
+        ticker.stop()  # no thread may outlive the boot: the master forks next
+        pool.clear()

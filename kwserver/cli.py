@@ -1,0 +1,123 @@
+"""The `kwserver` command: serve, check, annotate, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import orjson
+import yaml
+
+from kwserver import KUBEWARDEN_COMPAT_VERSION, __version__
+from kwserver.config import ConfigError, ServerSettings, add_setting_arguments, settings_from_args
+from kwserver.metadata import MetadataError, WasmFormatError, annotate, parse_metadata
+
+
+def _version_text() -> str:
+    from kwserver.runtime.engine import WASMTIME_VERSION
+
+    return (f"kwserver {__version__} (Kubewarden policy-server {KUBEWARDEN_COMPAT_VERSION} compatible, "
+            f"wasmtime {WASMTIME_VERSION})")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kwserver.daemon import serve
+
+    serve(settings_from_args(args), gunicorn_config=args.gunicorn_config)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Load, compile and validate a configuration exactly as `serve` would, then report."""
+    from kwserver.bootstrap import BootError, build_registry
+    from kwserver.daemon import configure_logging
+
+    settings = settings_from_args(args)
+    configure_logging(ServerSettings.from_env(log_level="warn"))
+    try:
+        registry, report = build_registry(ServerSettings(**{**settings.__dict__, "continue_on_errors": True}))
+    except (ConfigError, BootError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name in registry.top_level_names:
+        status = "ok"
+        if name in registry.init_errors:
+            status = f"ERROR: {registry.init_errors[name]}"
+        elif name in registry.groups:
+            member_errors = [e for m, e in registry.init_errors.items() if m.startswith(f"{name}/")]
+            status = "ERROR: " + "; ".join(member_errors) if member_errors else "ok (group)"
+        print(f"{name}: {status}")
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    print(f"{len(registry.top_level_names)} entries, {report.unique_modules} unique modules, "
+          f"{len(registry.init_errors)} error(s), {report.seconds:.2f}s")
+    return 1 if registry.init_errors else 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    try:
+        metadata = yaml.safe_load(Path(args.metadata).read_text())
+        wasm = Path(args.module).read_bytes()
+        annotated = annotate(wasm, metadata)
+    except (OSError, yaml.YAMLError, MetadataError, WasmFormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    Path(args.output).write_bytes(annotated)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        metadata = parse_metadata(Path(args.module).read_bytes())
+    except (OSError, MetadataError, WasmFormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if metadata is None:
+        print(f"error: {args.module} has no io.kubewarden.metadata section", file=sys.stderr)
+        return 1
+    print(orjson.dumps(metadata.to_json(), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kwserver", description="Kubewarden-compatible admission policy server")
+    parser.add_argument("--version", action="version", version=_version_text())
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the policy server")
+    add_setting_arguments(serve)
+    serve.add_argument("--version", action="version", version=_version_text())
+    serve.add_argument("--gunicorn-config", metavar="FILE",
+                       help="a gunicorn config file whose settings override kwserver's defaults")
+    serve.set_defaults(func=cmd_serve)
+
+    check = commands.add_parser("check", help="validate a configuration: parse, load, compile, validate settings")
+    add_setting_arguments(check)
+    check.set_defaults(func=cmd_check)
+
+    annotate_cmd = commands.add_parser("annotate", help="embed Kubewarden metadata into a policy module")
+    annotate_cmd.add_argument("module")
+    annotate_cmd.add_argument("--metadata", "-m", required=True, help="metadata file (YAML or JSON)")
+    annotate_cmd.add_argument("--output", "-o", required=True)
+    annotate_cmd.set_defaults(func=cmd_annotate)
+
+    inspect_cmd = commands.add_parser("inspect", help="print the Kubewarden metadata of a policy module")
+    inspect_cmd.add_argument("module")
+    inspect_cmd.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

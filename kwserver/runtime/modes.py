@@ -1,0 +1,40 @@
+"""Which runtime serves which execution mode."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import wasmtime
+
+from kwserver.runtime import InstanceLimits, InstantiationFailure
+from kwserver.runtime.engine import CompiledModule
+from kwserver.runtime.wapc import HostCall, WapcModule
+
+
+class PolicyInstance(Protocol):
+    broken: bool
+
+    def call(self, operation: str, payload: bytes) -> bytes: ...
+
+    @property
+    def memory_size(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class LinkedModule(Protocol):
+    def instantiate(self, limits: InstanceLimits, host_call: HostCall | None = None,
+                    label: str = "guest") -> PolicyInstance: ...
+
+
+SUPPORTED_MODES = ("kubewarden-wapc",)
+
+
+def link(engine: wasmtime.Engine, compiled: CompiledModule, *, epoch_interruption: bool) -> LinkedModule:
+    """Link a compiled module for its execution mode (done lazily, once per module per process)."""
+    if compiled.execution_mode == "kubewarden-wapc":
+        return WapcModule(engine, compiled.module, epoch_interruption=epoch_interruption)
+    raise InstantiationFailure(
+        f"execution mode `{compiled.execution_mode}` is not supported by this build "
+        f"(supported: {', '.join(SUPPORTED_MODES)})"
+    )
