@@ -1,0 +1,147 @@
+"""Shared fixtures: paths to conformance data and a real kwserver (gunicorn) on loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+CONFORMANCE = SHARED / "conformance"
+FIXTURES = CONFORMANCE / "fixtures"
+SERVER_FIXTURES = FIXTURES / "kubewarden-policy-server"
+TEST_POLICIES = REPO / "tests" / "policies"
+
+
+def policy_path(name: str) -> str:
+    return str(TEST_POLICIES / f"{name}.wasm")
+
+
+def load_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def as_review(request: dict[str, Any]) -> dict[str, Any]:
+    """Wrap a bare AdmissionRequest fixture in an AdmissionReview envelope."""
+    if "request" in request:
+        return request
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One compile cache for the whole run: servers after the first start warm."""
+    path = tmp_path_factory.mktemp("compile-cache")
+    path.chmod(0o700)
+    return path
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+    readiness_port: int
+    scheme: str = "http"
+    log_path: Path | None = None
+    session: requests.Session = field(default_factory=requests.Session)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def post(self, path: str, body: Any = None, *, data: bytes | None = None,
+             headers: dict[str, str] | None = None, **kwargs: Any) -> requests.Response:
+        if data is None:
+            data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
+        return self.session.post(self.url + path, data=data, headers=headers, timeout=30, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path else ""
+
+
+def start_server(tmp_path: Path, policies: dict[str, Any], compile_cache: Path, *, args: list[str] = (),
+                 env: dict[str, str] | None = None, scheme: str = "http", command: list[str] | None = None,
+                 wait: bool = True) -> Server:
+    config = tmp_path / "policies.yml"
+    config.write_text(yaml.safe_dump(policies))
+    port, readiness = free_port(), free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    full_env = {
+        **os.environ,
+        "KWSERVER_COMPILE_CACHE_DIR": str(compile_cache),
+        "KUBEWARDEN_BIND_ADDRESS": "127.0.0.1",
+        "KUBEWARDEN_PORT": str(port),
+        "KUBEWARDEN_READINESS_PROBE_PORT": str(readiness),
+        "KUBEWARDEN_POLICIES": str(config),
+        "KUBEWARDEN_WORKERS": "2",
+        **(env or {}),
+    }
+    command = command or [sys.executable, "-m", "kwserver", "serve", *args]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    server = Server(process, port, readiness, scheme, log_path)
+    if wait:
+        wait_ready(server)
+    return server
+
+
+def wait_ready(server: Server, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"kwserver exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if requests.get(f"http://127.0.0.1:{server.readiness_port}/readiness", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"kwserver not ready after {timeout}s:\n{server.log()}")
+
+
+def stop_server(server: Server) -> None:
+    server.session.close()
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture
+def run_server(tmp_path: Path, compile_cache: Path) -> Iterator[Any]:
+    """Start kwservers for one test; all are stopped at its end."""
+    servers: list[Server] = []
+
+    def run(policies: dict[str, Any], **kwargs: Any) -> Server:
+        index = len(servers)
+        directory = tmp_path / f"server{index}"
+        directory.mkdir()
+        server = start_server(directory, policies, compile_cache, **kwargs)
+        servers.append(server)
+        return server
+
+    yield run
+    for server in servers:
+        stop_server(server)

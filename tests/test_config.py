@@ -1,0 +1,99 @@
+import pytest
+
+from kwserver.config import (
+    ConfigError,
+    PolicyGroupSpec,
+    PolicySpec,
+    ServerSettings,
+    load_policies,
+    parse_bool,
+    parse_policies,
+)
+
+
+@pytest.mark.parametrize("settings_yaml", ["", "settings:", "settings: {}", "settings: null"])
+def test_missing_or_null_settings_become_empty_map(tmp_path, settings_yaml):
+    path = tmp_path / "policies.yml"
+    path.write_text(f"p:\n  module: file:///p.wasm\n  {settings_yaml}\n")
+    assert load_policies(path)["p"].settings == {}
+
+
+def test_full_policy_entry():
+    entry = parse_policies({
+        "psp-capabilities": {
+            "module": "file:///c.wasm", "policyMode": "monitor", "allowedToMutate": True,
+            "message": "custom", "timeoutEvalSeconds": 5, "unknownKey": "ignored",
+            "contextAwareResources": [{"apiVersion": "v1", "kind": "Namespace"}],
+            "settings": {"allowed_capabilities": ["*"]},
+        }
+    })["psp-capabilities"]
+    assert isinstance(entry, PolicySpec)
+    assert (entry.policy_mode, entry.allowed_to_mutate, entry.message, entry.timeout_eval_seconds) == (
+        "monitor", True, "custom", 5)
+    assert entry.context_aware_resources[0].kind == "Namespace"
+
+
+def test_defaults():
+    entry = parse_policies({"p": {"module": "file:///p.wasm"}})["p"]
+    assert (entry.policy_mode, entry.allowed_to_mutate, entry.message, entry.timeout_eval_seconds) == (
+        "protect", False, None, None)
+
+
+def test_group_members_get_qualified_ids():
+    group = parse_policies({"g": {
+        "expression": "a() && b()", "message": "no", "policyMode": "monitor",
+        "policies": {"a": {"module": "x.wasm"}, "b": {"module": "y.wasm", "timeoutEvalSeconds": 3}},
+    }})["g"]
+    assert isinstance(group, PolicyGroupSpec)
+    assert group.members["b"].name == "g/b"
+    assert group.members["b"].timeout_eval_seconds == 3
+    assert group.policy_mode == "monitor"
+
+
+@pytest.mark.parametrize("doc,message", [
+    ({"a/b": {"module": "x"}}, "policy name 'a/b' contains a '/' character"),
+    ({"g": {"expression": "true", "message": "m", "policies": {"a/b": {"module": "x"}}}},
+     "policy group 'g' contains policies with invalid names: ['a/b']"),
+    ({"g": {"expression": "true", "message": "m", "policies": {"a": {"module": "x", "policyMode": "monitor"}}}},
+     "unknown field"),
+    ({"g": {"expression": "missing() && true", "message": "m", "policies": {"a": {"module": "x"}}}},
+     "invalid expression"),
+    ({"g": {"expression": "a()", "policies": {"a": {"module": "x"}}}}, "missing field"),
+    ({"p": {"module": "x", "policyMode": "Protect"}}, "unknown variant"),
+    ({"p": {"module": "x", "settings": [1, 2]}}, "settings must be a map"),
+    ({"p": {"module": "x", "timeoutEvalSeconds": -1}}, "unsigned integer"),
+])
+def test_invalid_policies(doc, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_policies(doc)
+
+
+def test_unreadable_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match='error while loading policies from ".*missing.yml"'):
+        load_policies(tmp_path / "missing.yml")
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("1", True), ("Yes", True), ("off", False), ("0", False)])
+def test_boolean_env_values(text, value):
+    assert parse_bool(text) is value
+
+
+def test_env_and_flags():
+    settings = ServerSettings.from_env({"KUBEWARDEN_PORT": "4000", "KUBEWARDEN_CONTINUE_ON_ERRORS": "true"},
+                                       workers=3)
+    assert (settings.port, settings.continue_on_errors, settings.worker_count) == (4000, True, 3)
+    assert ServerSettings.from_env(settings.to_env()) == settings
+
+
+def test_tls_argument_rules():
+    with pytest.raises(ConfigError, match="both certificate and key must be provided together"):
+        ServerSettings(cert_file="c.pem")
+    with pytest.raises(ConfigError, match="client CA certificate requires server certificate and key"):
+        ServerSettings(client_ca_file="ca.pem")
+    assert ServerSettings(cert_file="c", key_file="k", client_ca_file="a.pem, b.pem").client_ca_files == [
+        "a.pem", "b.pem"]
+
+
+def test_global_timeout_disabled():
+    assert ServerSettings(disable_timeout_protection=True).global_timeout is None
+    assert ServerSettings(policy_timeout=7).global_timeout == 7
