@@ -12,6 +12,7 @@ hand-offs around many short native calls), so concurrency comes from processes.
 
 from __future__ import annotations
 
+import gc
 import http.server
 import logging
 import os
@@ -198,7 +199,12 @@ class Daemon:
             registry, Evaluator(registry, self.pool),
             always_accept_namespace=settings.always_accept_admission_reviews_on_namespace,
         )
-        return create_app(service)
+        app = create_app(service)
+        # Everything allocated so far is shared with the workers. Freezing it keeps the workers' garbage
+        # collector from writing to those objects, which would copy their pages into every worker.
+        gc.collect()
+        gc.freeze()
+        return app
 
     def on_ready(self) -> None:
         self.readiness = ReadinessServer(self.settings.addr, self.settings.readiness_probe_port)
