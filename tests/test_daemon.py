@@ -1,0 +1,132 @@
+"""The pre-fork daemon: memory sharing across workers, gunicorn.conf.py, `kwserver check`."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, SERVER_FIXTURES, load_json, policy_path
+
+pytestmark = pytest.mark.integration
+
+PRIVILEGED = load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json")
+SLEEP_100MS = load_json(SERVER_FIXTURES / "pod_sleep_100ms.json")
+RAW_REVIEW = load_json(SERVER_FIXTURES / "raw_review.json")
+RAW_SETTINGS = {"forbiddenResources": ["banana"], "defaultResource": "hay"}
+POLICIES = {
+    "pod-privileged": {"module": policy_path("pod-privileged")},
+    "pod-privileged-monitor": {"module": policy_path("pod-privileged"), "policyMode": "monitor"},
+    "raw-mutation": {"module": policy_path("raw-mutation"), "allowedToMutate": True, "settings": RAW_SETTINGS},
+    "raw-validation": {"module": policy_path("raw-validation"),
+                       "settings": {"validUsers": ["tonio"], "validActions": ["eats"], "validResources": ["hay"]}},
+    "sleep": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": 1}},
+}
+REQUESTS = [
+    ("/validate/pod-privileged", PRIVILEGED), ("/validate/pod-privileged-monitor", PRIVILEGED),
+    ("/validate_raw/raw-mutation", RAW_REVIEW), ("/validate_raw/raw-validation", RAW_REVIEW),
+    ("/validate/sleep", SLEEP_100MS),
+]
+
+
+def _server_processes(server):
+    master = psutil.Process(server.process.pid)
+    return [master, *master.children()]
+
+
+def _connection_per_worker(server, workers: int) -> dict[int, http.client.HTTPConnection]:
+    """One keep-alive connection pinned to each worker (gthread keeps a connection on its worker)."""
+    pinned: dict[int, http.client.HTTPConnection] = {}
+    for _ in range(400):
+        worker_pids = {p.pid for p in _server_processes(server)[1:]}  # workers may still be starting
+        if len(pinned) == workers:
+            return pinned
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.connect()
+        local = conn.sock.getsockname()
+        owner = next((pid for pid in worker_pids
+                      if any(c.raddr and tuple(c.raddr) == local for c in psutil.Process(pid).net_connections())),
+                     None)
+        if owner is None:  # accepted by nobody yet: ask, and look again
+            _post(conn, *REQUESTS[0])
+            owner = next((pid for pid in worker_pids
+                          if any(c.raddr and tuple(c.raddr) == local for c in psutil.Process(pid).net_connections())),
+                         None)
+        if owner is not None and owner not in pinned:
+            pinned[owner] = conn
+        else:
+            conn.close()
+    raise AssertionError(f"could not reach every worker: {sorted(pinned)}")
+
+
+def _post(conn: http.client.HTTPConnection, path: str, body) -> dict:
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 200
+    return json.loads(reply.read())
+
+
+def _total_pss_after_full_use(run_server, workers: int) -> float:
+    server = run_server(POLICIES, env={"KUBEWARDEN_WORKERS": str(workers)})
+    for conn in _connection_per_worker(server, workers).values():
+        for _ in range(20):
+            for path, body in REQUESTS:
+                _post(conn, path, body)
+        conn.close()
+    return sum(p.memory_full_info().pss for p in _server_processes(server))
+
+
+def test_memory_is_shared_across_workers(run_server):
+    one = _total_pss_after_full_use(run_server, 1)
+    four = _total_pss_after_full_use(run_server, 4)
+    assert four < 1.5 * one, f"4 workers: {four / 2**20:.1f} MiB, 1 worker: {one / 2**20:.1f} MiB"
+
+
+def test_workers_have_descriptive_titles(run_server):
+    server = run_server(POLICIES, env={"KUBEWARDEN_WORKERS": "2"})
+    titles = [" ".join(p.cmdline()) for p in _server_processes(server)[1:]]
+    assert all(t.startswith("kwserver: worker") and "5 policies" in t for t in titles), titles
+
+
+def test_gunicorn_conf_py(run_server):
+    server = run_server(POLICIES, command=[sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py")],
+                        env={"KUBEWARDEN_WORKERS": "1"})
+    assert _post(http.client.HTTPConnection("127.0.0.1", server.port, timeout=30),
+                 *REQUESTS[0])["response"]["allowed"] is False
+
+
+def _check(tmp_path, policies) -> subprocess.CompletedProcess:
+    config = tmp_path / "policies.yml"
+    config.write_text(json.dumps(policies))
+    return subprocess.run([sys.executable, "-m", "kwserver", "check", "--policies", str(config)],
+                          capture_output=True, text=True, timeout=120,
+                          env={"KWSERVER_COMPILE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+
+
+def test_check_accepts_a_valid_configuration(tmp_path):
+    result = _check(tmp_path, POLICIES)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pod-privileged: ok" in result.stdout
+
+
+def test_check_reports_every_problem(tmp_path):
+    result = _check(tmp_path, {
+        **POLICIES,
+        "bad-settings": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": "abc"}},
+        "missing-module": {"module": str(tmp_path / "nope.wasm")},
+        "not-wasm": {"module": str(REPO / "README.md")},
+    })
+    assert result.returncode == 1
+    assert "bad-settings: ERROR: Policy settings are invalid" in result.stdout
+    assert "missing-module: ERROR: bootstrap failure: missing-module: Error while downloading" in result.stdout
+    assert "not-wasm: ERROR:" in result.stdout and "\\0asm" in result.stdout
+
+
+def test_check_rejects_an_unparsable_file(tmp_path):
+    result = _check(tmp_path, {"g": {"expression": "nope(", "message": "m",
+                                     "policies": {"a": {"module": policy_path("sleeping")}}}})
+    assert result.returncode == 1 and "invalid expression" in result.stderr

@@ -1,0 +1,266 @@
+"""The reference server's integration suite (spec §12.1) against the real kwserver over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import jsonpatch
+import pytest
+import requests
+
+from tests.conftest import SERVER_FIXTURES, load_json, policy_path, start_server, stop_server
+
+pytestmark = pytest.mark.integration
+
+PRIVILEGED = load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json")
+UNPRIVILEGED = load_json(SERVER_FIXTURES / "pod_without_privileged_containers.json")
+SLEEP_100MS = load_json(SERVER_FIXTURES / "pod_sleep_100ms.json")
+SLEEP_4S = load_json(SERVER_FIXTURES / "pod_sleep_4s.json")
+RAW_REVIEW = load_json(SERVER_FIXTURES / "raw_review.json")
+RAW_MUTATION_SETTINGS = {"forbiddenResources": ["banana", "carrot"], "defaultResource": "hay"}
+GROUP_MESSAGE = "The group policy rejected your request"
+INTERRUPTED = {"message": "Policy execution interrupted because it exceeded the allowed execution time", "code": 500}
+
+POLICIES = {
+    "pod-privileged": {"module": policy_path("pod-privileged")},
+    "pod-privileged-custom-message": {"module": policy_path("pod-privileged"), "message": "Custom error message"},
+    "pod-privileged-monitor": {"module": policy_path("pod-privileged"), "policyMode": "monitor"},
+    "raw-mutation": {"module": policy_path("raw-mutation"), "allowedToMutate": True,
+                     "settings": RAW_MUTATION_SETTINGS},
+    "raw-mutation-not-allowed": {"module": policy_path("raw-mutation"), "settings": RAW_MUTATION_SETTINGS},
+    "raw-mutation-monitor": {"module": policy_path("raw-mutation"), "policyMode": "monitor",
+                             "settings": RAW_MUTATION_SETTINGS},
+    "sleep": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": 2}},
+    "sleep-1s-timeout": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": 2},
+                         "timeoutEvalSeconds": 1},
+    "group-policy-just-pod-privileged": {
+        "expression": "pod_privileged() && true", "message": GROUP_MESSAGE,
+        "policies": {"pod_privileged": {"module": policy_path("pod-privileged")}},
+    },
+    "group-policy-just-raw-mutation": {
+        "expression": "raw_mutation() && true", "message": GROUP_MESSAGE,
+        "policies": {"raw_mutation": {"module": policy_path("raw-mutation"), "settings": RAW_MUTATION_SETTINGS}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, compile_cache):
+    server = start_server(tmp_path_factory.mktemp("http"), POLICIES, compile_cache,
+                          env={"KUBEWARDEN_ALWAYS_ACCEPT_ADMISSION_REVIEWS_ON_NAMESPACE": "always-ok"})
+    yield server
+    stop_server(server)
+
+
+def response_of(http_response: requests.Response) -> dict:
+    assert http_response.status_code == 200, http_response.text
+    return http_response.json()["response"]
+
+
+def test_validate(server):
+    response = response_of(server.post("/validate/pod-privileged", PRIVILEGED))
+    assert response["allowed"] is False
+    assert response["status"] == {"message": "Privileged container is not allowed"}
+    assert response["uid"] == PRIVILEGED["request"]["uid"]
+
+
+def test_validate_envelope(server):
+    body = server.post("/validate/pod-privileged", UNPRIVILEGED).json()
+    assert body == {"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "response": {
+        "uid": UNPRIVILEGED["request"]["uid"], "allowed": True, "auditAnnotations": None, "warnings": None}}
+
+
+def test_validate_custom_rejection_message(server):
+    response = response_of(server.post("/validate/pod-privileged-custom-message", PRIVILEGED))
+    assert response["allowed"] is False
+    assert response["status"] == {
+        "message": "Custom error message",
+        "details": {"causes": [{"reason": None, "message": "Privileged container is not allowed", "field": None}]},
+    }
+
+
+def test_validate_policy_group_rejects(server):
+    response = response_of(server.post("/validate/group-policy-just-pod-privileged", PRIVILEGED))
+    assert response["allowed"] is False
+    assert response["status"]["message"] == GROUP_MESSAGE
+    assert response["status"]["details"]["causes"] == [
+        {"reason": None, "message": "Privileged container is not allowed", "field": "spec.policies.pod_privileged"}]
+    assert response["warnings"] is None
+
+
+def test_validate_policy_group_accepts(server):
+    response = response_of(server.post("/validate/group-policy-just-pod-privileged", UNPRIVILEGED))
+    assert response["allowed"] is True
+    assert "status" not in response and response["warnings"] is None
+
+
+@pytest.mark.parametrize("route", ["validate", "validate_raw", "audit"])
+def test_policy_not_found(server, route):
+    reply = server.post(f"/{route}/does_not_exist", PRIVILEGED)
+    assert reply.status_code == 404
+    assert reply.json() == {"message": "unknown policy: does_not_exist", "status": 404}
+
+
+def test_group_members_are_not_addressable(server):
+    assert server.post("/validate/group-policy-just-pod-privileged%2Fpod_privileged", PRIVILEGED).status_code == 404
+
+
+@pytest.mark.parametrize("route,policy,json_wrapped", [
+    ("validate", "pod-privileged", True), ("audit", "pod-privileged", False), ("validate_raw", "raw-mutation", False),
+])
+def test_invalid_payload(server, route, policy, json_wrapped):
+    reply = server.post(f"/{route}/{policy}", {})
+    assert reply.status_code == 422
+    message = "Failed to deserialize the JSON body into the target type: missing field `request`"
+    if json_wrapped:
+        assert reply.json() == {"message": message, "status": 422}
+    else:
+        assert reply.text == message
+
+
+def test_validate_raw(server):
+    response = response_of(server.post("/validate_raw/raw-mutation", RAW_REVIEW))
+    assert response["allowed"] is True
+    assert "status" not in response
+    assert response["patchType"] == "JSONPatch"
+    patch = json.loads(base64.b64decode(response["patch"]))
+    assert jsonpatch.apply_patch(RAW_REVIEW["request"], patch) == {**RAW_REVIEW["request"], "resource": "hay"}
+    assert set(server.post("/validate_raw/raw-mutation", RAW_REVIEW).json()) == {"response"}
+
+
+def test_validate_policy_group_does_not_do_mutation(server):
+    response = response_of(server.post("/validate_raw/group-policy-just-raw-mutation", RAW_REVIEW))
+    assert response["allowed"] is False
+    assert response["status"]["message"] == GROUP_MESSAGE
+    assert "patch" not in response and response["warnings"] is None
+    causes = response["status"]["details"]["causes"]
+    assert [c["message"] for c in causes] == ["mutation is not allowed inside of policy group"]
+
+
+def test_mutation_not_allowed(server):
+    response = response_of(server.post("/validate_raw/raw-mutation-not-allowed", RAW_REVIEW))
+    assert response["allowed"] is False and "patch" not in response
+    assert response["status"] == {"message": (
+        "Request rejected by policy raw-mutation-not-allowed. The policy attempted to mutate the request, but it "
+        "is currently configured to not allow mutations.")}
+
+
+def test_mutation_in_monitor_mode_is_accepted_without_patch(server):
+    response = response_of(server.post("/validate_raw/raw-mutation-monitor", RAW_REVIEW))
+    assert response["allowed"] is True and "patch" not in response and "status" not in response
+
+
+def test_monitor_mode_accepts_but_audit_keeps_the_rejection(server):
+    assert response_of(server.post("/validate/pod-privileged-monitor", PRIVILEGED))["allowed"] is True
+    audit = response_of(server.post("/audit/pod-privileged-monitor", PRIVILEGED))
+    assert audit["allowed"] is False
+    assert audit["status"] == {"message": "Privileged container is not allowed"}
+
+
+def test_audit(server):
+    response = response_of(server.post("/audit/pod-privileged", PRIVILEGED))
+    assert response["allowed"] is False
+    assert response["status"] == {"message": "Privileged container is not allowed"}
+
+
+def test_always_accept_namespace(server):
+    review = json.loads(json.dumps(PRIVILEGED))
+    review["request"]["namespace"] = "always-ok"
+    for route in ("validate", "audit"):
+        response = response_of(server.post(f"/{route}/pod-privileged", review))
+        assert response == {"uid": review["request"]["uid"], "allowed": True, "auditAnnotations": None,
+                            "warnings": None}
+    assert server.post("/validate/does_not_exist", review).status_code == 404
+
+
+def test_timeout_protection_accept(server):
+    assert response_of(server.post("/validate/sleep", SLEEP_100MS))["allowed"] is True
+
+
+def test_timeout_protection_reject(server):
+    response = response_of(server.post("/validate/sleep", SLEEP_4S))
+    assert response["allowed"] is False
+    assert response["status"] == INTERRUPTED
+    # The worker that timed out keeps serving.
+    assert response_of(server.post("/validate/sleep", SLEEP_100MS))["allowed"] is True
+
+
+def test_client_errors(server):
+    assert server.post("/validate/pod-privileged", data=b"{not json").status_code == 400
+    reply = server.post("/audit/pod-privileged", data=b"[1,")
+    assert reply.status_code == 400 and reply.text.startswith("Failed to parse the request body as JSON: ")
+    reply = server.post("/validate/pod-privileged", PRIVILEGED, headers={"Content-Type": "text/plain"})
+    assert reply.status_code == 415
+    assert reply.json()["message"] == "Expected request with `Content-Type: application/json`"
+    reply = server.post("/validate/pod-privileged", PRIVILEGED,
+                        headers={"Content-Type": "application/vnd.k8s+json; charset=utf-8"})
+    assert reply.status_code == 200
+
+
+def test_body_limit_is_the_api_servers_3_mib(server):
+    review = json.loads(json.dumps(UNPRIVILEGED))
+    review["request"]["object"]["metadata"]["annotations"] = {"big": "x" * (3 * 1024 * 1024 - 20_000)}
+    assert response_of(server.post("/validate/pod-privileged", review))["allowed"] is True
+    review["request"]["object"]["metadata"]["annotations"] = {"big": "x" * (3 * 1024 * 1024)}
+    reply = server.post("/validate/pod-privileged", review)
+    assert reply.status_code == 413
+
+
+def test_unknown_routes_and_methods(server):
+    reply = server.session.get(server.url + "/nothing-here")
+    assert reply.status_code == 404 and reply.content == b""
+    assert server.session.get(server.url + "/validate/pod-privileged").status_code == 405
+
+
+def test_bad_input_never_kills_a_worker(server):
+    for body in (b"", b"null", b"[]", b'{"request": null}', b'{"request": {"uid": 1}}', b"\xff\xfe", b"1e999999"):
+        for route in ("validate/pod-privileged", "audit/pod-privileged", "validate_raw/raw-mutation"):
+            assert server.post(f"/{route}", data=body).status_code in (200, 400, 422)
+    assert response_of(server.post("/validate/pod-privileged", PRIVILEGED))["allowed"] is False
+    assert server.process.poll() is None
+
+
+def test_readiness(server):
+    reply = requests.get(f"http://127.0.0.1:{server.readiness_port}/readiness", timeout=5)
+    assert reply.status_code == 200 and reply.content == b""
+
+
+def test_policy_specific_timeout_overrides_global(run_server):
+    server = run_server({"sleep-1s-timeout": POLICIES["sleep-1s-timeout"]}, env={"KUBEWARDEN_POLICY_TIMEOUT": "20"})
+    assert response_of(server.post("/validate/sleep-1s-timeout", SLEEP_4S))["status"] == INTERRUPTED
+
+
+def test_policy_timeout_with_global_protection_disabled(run_server):
+    # The reference never interrupts here (QUIRK: no ticker without a global timeout); kwserver does.
+    server = run_server({"sleep-1s-timeout": POLICIES["sleep-1s-timeout"], "sleep": POLICIES["sleep"]},
+                        args=["--disable-timeout-protection"], env={"KUBEWARDEN_WORKERS": "1"})
+    assert response_of(server.post("/validate/sleep-1s-timeout", SLEEP_4S))["status"] == INTERRUPTED
+    assert response_of(server.post("/validate/sleep", SLEEP_100MS))["allowed"] is True
+
+
+def test_policy_initialization_errors_with_continue_on_errors(run_server):
+    server = run_server({
+        "invalid_settings": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": "abc"}},
+        "wrong_url": {"module": "ghcr.io/kubewarden/tests/not_existing:v0.1.0"},
+        "monitored_invalid": {"module": policy_path("sleeping"), "policyMode": "monitor",
+                              "settings": {"sleepMilliseconds": "abc"}},
+    }, args=["--continue-on-errors"])
+    response = response_of(server.post("/validate/invalid_settings", SLEEP_100MS))
+    assert response["allowed"] is False and response["status"]["code"] == 500
+    assert re.search(r"Policy settings are invalid:.*Error decoding validation payload.*invalid type: string"
+                     r".*expected u64.*", response["status"]["message"])
+    response = response_of(server.post("/audit/wrong_url", SLEEP_100MS))
+    assert response["allowed"] is False and response["status"]["code"] == 500
+    assert re.search(r"Error while downloading policy 'wrong_url' from ghcr.io/kubewarden/tests/not_existing:v0.1.0",
+                     response["status"]["message"])
+    # Initialisation errors reject even in monitor mode.
+    assert response_of(server.post("/validate/monitored_invalid", SLEEP_100MS))["allowed"] is False
+
+
+def test_initialization_error_is_fatal_by_default(tmp_path, compile_cache):
+    server = start_server(tmp_path, {"p": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": "x"}}},
+                          compile_cache, wait=False)
+    assert server.process.wait(timeout=60) != 0
+    assert "Policy settings are invalid" in server.log()
