@@ -36,5 +36,6 @@ if kw.settings.tls:
 
 # Hooks: thin, kwserver.daemon owns the lifecycle.
 when_ready = kwserver.when_ready
+pre_fork = kwserver.pre_fork
 post_fork = kwserver.post_fork
 on_exit = kwserver.on_exit

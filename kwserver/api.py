@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 # The Kubernetes API server sends at most 3 MiB; anything larger is not an admission request.
 MAX_BODY_BYTES = 3 * 1024 * 1024
+# An oversized body up to this size is read and dropped so the keep-alive connection stays usable;
+# beyond it the connection is simply closed.
+MAX_DRAINED_BYTES = 16 * 1024 * 1024
 JSON_CONTENT_TYPE = "application/json"
 
 
@@ -45,6 +48,7 @@ def read_json_body(req: falcon.Request) -> Any:
         raise HTTPProblem(415, "Expected request with `Content-Type: application/json`")
     length = req.content_length
     if length is not None and length > MAX_BODY_BYTES:
+        _drain(req, length)
         raise HTTPProblem(413, "Failed to buffer the request body: length limit exceeded")
     body = req.bounded_stream.read(MAX_BODY_BYTES + 1)
     if len(body) > MAX_BODY_BYTES:
@@ -53,6 +57,12 @@ def read_json_body(req: falcon.Request) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise HTTPProblem(400, f"Failed to parse the request body as JSON: {exc}") from exc
+
+
+def _drain(req: falcon.Request, length: int) -> None:
+    if length <= MAX_DRAINED_BYTES:
+        while req.bounded_stream.read(1024 * 1024):
+            pass
 
 
 def _json_problem(resp: falcon.Response, status: int, message: str) -> None:

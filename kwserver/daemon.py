@@ -167,6 +167,7 @@ class Daemon:
             "proc_name": "kwserver",
             "loglevel": "debug" if settings.log_level in ("trace", "debug") else settings.log_level,
             "when_ready": when_ready,
+            "pre_fork": pre_fork,
             "post_fork": post_fork,
             "on_exit": on_exit,
         }
@@ -209,9 +210,12 @@ class Daemon:
     def on_ready(self) -> None:
         self.readiness = ReadinessServer(self.settings.addr, self.settings.readiness_probe_port)
         self.readiness.start()
-        set_process_title(f"kwserver: master [{self._describe()}]")
         log.info("ready: API on %s, readiness on port %d", ", ".join(self.bind),
                  self.settings.readiness_probe_port)
+
+    def before_fork(self) -> None:
+        # gunicorn titles the master once its loop starts; forks come after that.
+        set_process_title(f"kwserver: master [{self._describe()}]")
 
     def on_exit(self) -> None:
         if self.readiness is not None:
@@ -262,6 +266,10 @@ def wsgi_app() -> falcon.App:
 
 def when_ready(server: Any) -> None:
     get_daemon().on_ready()
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    get_daemon().before_fork()
 
 
 def post_fork(server: Any, worker: Any) -> None:
