@@ -69,7 +69,7 @@ def test_invalid_policies(doc, message):
 
 
 def test_unreadable_file_names_the_path(tmp_path):
-    with pytest.raises(ConfigError, match='error while loading policies from ".*missing.yml"'):
+    with pytest.raises(ConfigError, match=r'error while loading policies from ".*missing\.yml"'):
         load_policies(tmp_path / "missing.yml")
 
 

@@ -58,7 +58,7 @@ def test_not_wasm():
 
 
 def test_bad_json_section():
-    with pytest.raises(MetadataError, match="cannot deserialize custom section `io.kubewarden.metadata`"):
+    with pytest.raises(MetadataError, match=r"cannot deserialize custom section `io\.kubewarden\.metadata`"):
         parse_metadata(embed_custom_section(EMPTY_MODULE, b"{not json"))
 
 

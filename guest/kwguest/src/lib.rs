@@ -27,6 +27,7 @@
 //! calls `wapc_init` once per instance before the first `__guest_call`.
 //! `__guest_call` itself is exported by this crate (see [`wapc`]).
 
+pub mod json;
 pub mod podspec;
 pub mod protocol;
 pub mod wapc;
@@ -50,4 +51,30 @@ where
     register_function("validate", validate);
     register_function("validate_settings", validate_settings::<S>);
     register_function("protocol_version", protocol_version);
+}
+
+/// Like [`register_policy`], with a hand-written `validate_settings` handler:
+/// for policies whose upstream reports undecodable settings as invalid
+/// settings (`{"valid":false,...}`, e.g. the Go SDK ones) rather than as a
+/// call failure.
+pub fn register_policy_with(validate: Handler, validate_settings: Handler) {
+    register_function("validate", validate);
+    register_function("validate_settings", validate_settings);
+    register_function("protocol_version", protocol_version);
+}
+
+/// The `validate_settings` answer for a validation outcome:
+/// `{"valid":true}` or `{"valid":false,"message":...}`.
+pub fn settings_response(outcome: Result<(), String>) -> CallResult {
+    let response = match outcome {
+        Ok(()) => SettingsValidationResponse {
+            valid: true,
+            message: None,
+        },
+        Err(message) => SettingsValidationResponse {
+            valid: false,
+            message: Some(message),
+        },
+    };
+    serde_json::to_vec(&response).map_err(|err| err.to_string())
 }
