@@ -33,6 +33,7 @@ from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
 from kwserver.runtime.engine import EpochTicker
 from kwserver.service import AdmissionService
+from kwserver.tls import TlsContextCache
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class Daemon:
         self.boot_report: BootReport | None = None
         self.readiness: ReadinessServer | None = None
         self.ticker: EpochTicker | None = None
+        self.tls: TlsContextCache | None = None
         self.worker_index = 0
         Daemon.current = self
 
@@ -227,17 +229,12 @@ class Daemon:
             return "no policies"
         return f"{len(registry.specs)} policies, {len(registry.groups)} groups, {len(registry.modules)} modules"
 
-    def make_ssl_context(self, default_factory: Any) -> ssl.SSLContext:
-        context = default_factory()
-        cas = self.settings.client_ca_files
-        if cas:
-            for ca in cas:
-                try:
-                    context.load_verify_locations(cafile=ca)
-                except (OSError, ssl.SSLError) as exc:
-                    log.warning("skipping client CA file %s: %s", ca, exc)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
+    def make_ssl_context(self) -> ssl.SSLContext:
+        """Called by gunicorn for every new connection; the cache rebuilds it when the files rotate."""
+        if self.tls is None:
+            settings = self.settings
+            self.tls = TlsContextCache(settings.cert_file, settings.key_file, settings.client_ca_files)
+        return self.tls.context()
 
     # worker ---------------------------------------------------------------------------------------
     def after_fork(self, worker_age: int) -> None:
@@ -281,7 +278,7 @@ def on_exit(server: Any) -> None:
 
 
 def ssl_context(config: Any, default_ssl_context_factory: Any) -> ssl.SSLContext:
-    return get_daemon().make_ssl_context(default_ssl_context_factory)
+    return get_daemon().make_ssl_context()
 
 
 class KwserverApplication(BaseApplication):

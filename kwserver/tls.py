@@ -1,0 +1,122 @@
+"""TLS for the API listener, with certificate and client-CA rotation without restart.
+
+gunicorn asks for an SSL context on every new connection (its `ssl_context` hook); this cache answers
+with the current one and rebuilds it when the files change, like the reference server:
+- the certificate and key are reloaded once *both* files have been rewritten since the last load
+  (a half-rotated pair is never used);
+- client CA files are reloaded when any of them changes;
+- a reload that fails is logged and the previous context keeps serving.
+New handshakes use the new context; established connections keep theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+Stamp = tuple[int, int, int] | None  # (inode, size, mtime_ns) or None when the file is missing
+
+
+def _stamp(path: str) -> Stamp:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as stream:
+        return stream.read()
+
+
+@dataclass
+class _Loaded:
+    cert: bytes
+    key: bytes
+    cert_stamp: Stamp
+    key_stamp: Stamp
+    ca_stamps: tuple[Stamp, ...]
+
+
+class TlsContextCache:
+    def __init__(self, cert_file: str, key_file: str, client_ca_files: list[str],
+                 factory: Callable[[], ssl.SSLContext] | None = None):
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.client_ca_files = client_ca_files
+        self.factory = factory or (lambda: ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
+        self._lock = threading.Lock()
+        self._loaded: _Loaded | None = None
+        self._context: ssl.SSLContext | None = None
+        self.reloads = 0
+
+    def _build(self, cert: bytes, key: bytes) -> ssl.SSLContext:
+        context = self.factory()
+        # load_cert_chain only reads files: hand it the exact bytes we validated, via a private directory.
+        with tempfile.TemporaryDirectory(prefix="kwserver-tls-") as directory:
+            cert_path, key_path = os.path.join(directory, "tls.crt"), os.path.join(directory, "tls.key")
+            for path, data in ((cert_path, cert), (key_path, key)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+            context.load_cert_chain(cert_path, key_path)
+        if self.client_ca_files:
+            loaded = 0
+            for ca_file in self.client_ca_files:
+                try:
+                    context.load_verify_locations(cafile=ca_file)
+                    loaded += 1
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("skipping client CA file %s: %s", ca_file, exc)
+            if not loaded:
+                raise ssl.SSLError("no usable client CA certificate")
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def _initial(self) -> ssl.SSLContext:
+        cert_stamp, key_stamp = _stamp(self.cert_file), _stamp(self.key_file)
+        cert, key = _read(self.cert_file), _read(self.key_file)
+        context = self._build(cert, key)
+        self._loaded = _Loaded(cert, key, cert_stamp, key_stamp, tuple(_stamp(f) for f in self.client_ca_files))
+        return context
+
+    def context(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._context is None:
+                self._context = self._initial()
+                return self._context
+            loaded = self._loaded
+            cert_stamp, key_stamp = _stamp(self.cert_file), _stamp(self.key_file)
+            ca_stamps = tuple(_stamp(f) for f in self.client_ca_files)
+            pair_rotated = cert_stamp != loaded.cert_stamp and key_stamp != loaded.key_stamp
+            cas_rotated = ca_stamps != loaded.ca_stamps
+            if not (pair_rotated or cas_rotated):
+                return self._context
+            try:
+                cert, key = (_read(self.cert_file), _read(self.key_file)) if pair_rotated else (loaded.cert, loaded.key)
+                context = self._build(cert, key)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.error("TLS reload failed, keeping the previous certificate and CAs: %s", exc)
+                # Don't retry on every connection: wait for the files to change again.
+                if pair_rotated:
+                    loaded.cert_stamp, loaded.key_stamp = cert_stamp, key_stamp
+                loaded.ca_stamps = ca_stamps
+                return self._context
+            if pair_rotated:
+                loaded.cert, loaded.key = cert, key
+                loaded.cert_stamp, loaded.key_stamp = cert_stamp, key_stamp
+            loaded.ca_stamps = ca_stamps
+            self._context = context
+            self.reloads += 1
+            log.info("TLS configuration reloaded (%s)",
+                     ", ".join(p for p, changed in (("certificate", pair_rotated), ("client CAs", cas_rotated))
+                               if changed))
+            return context
