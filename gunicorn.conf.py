@@ -15,13 +15,20 @@ bind = kw.bind
 
 # Worker processes (KUBEWARDEN_WORKERS, default: CPUs). Memory per extra worker is small: compiled
 # policies are shared copy-on-write; each worker only adds the instances it keeps.
-workers = kw.settings.worker_count
+workers = kw.settings.initial_workers
 
 # gthread keeps client connections alive (the API server reuses TLS connections to webhooks); one
 # thread per worker measured best: concurrency comes from processes. See kwserver/daemon.py.
 worker_class = kwserver.WORKER_CLASS
 threads = kw.settings.threads
 keepalive = kwserver.KEEPALIVE_SECONDS
+
+# Retired workers (reload, pool shrink, recycling, shutdown) finish their in-flight requests first.
+graceful_timeout = kwserver.GRACEFUL_TIMEOUT_SECONDS
+# Recycle workers after N requests, with jitter so they don't all restart at once (KWSERVER_WORKER_MAX_REQUESTS).
+max_requests = kw.settings.worker_max_requests
+max_requests_jitter = kw.settings.worker_max_requests // 10
+pidfile = kw.settings.pid_file
 
 # Required: the master downloads, validates and compiles every policy before forking.
 preload_app = True
@@ -34,8 +41,10 @@ if kw.settings.tls:
     keyfile = kw.settings.key_file
     ssl_context = kwserver.ssl_context
 
-# Hooks: thin, kwserver.daemon owns the lifecycle.
+# Hooks: thin, kwserver.daemon owns the lifecycle (readiness, metrics, pool control, reload on SIGHUP).
 when_ready = kwserver.when_ready
 pre_fork = kwserver.pre_fork
 post_fork = kwserver.post_fork
+child_exit = kwserver.child_exit
+on_reload = kwserver.on_reload
 on_exit = kwserver.on_exit

@@ -86,13 +86,17 @@ def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, di
                           compiled_size=compiled_size, source=source)
 
 
-def build_registry(settings: ServerSettings) -> tuple[PolicyRegistry, BootReport]:
+def build_registry(settings: ServerSettings,
+                   previous: PolicyRegistry | None = None) -> tuple[PolicyRegistry, BootReport]:
+    """Load everything `settings` names. On a reload, modules of `previous` are reused when unchanged."""
     started = time.monotonic()
     entries = load_policies(settings.policies)
     base_dir = Path(settings.policies).resolve().parent
     specs = _all_specs(entries)
     options = engine_options_for(settings, specs)
-    engine = make_engine(options)
+    reuse = previous is not None and previous.engine_options == options
+    engine = previous.engine if reuse else make_engine(options)
+    known_modules = previous.modules if reuse else {}
     cache = CompileCache(settings.cache_dir, options)
     registry = PolicyRegistry(engine=engine, engine_options=options)
     report = BootReport()
@@ -107,14 +111,14 @@ def build_registry(settings: ServerSettings) -> tuple[PolicyRegistry, BootReport
         except SourceError as exc:
             by_reference[reference] = exc
             continue
-        compiled = registry.modules.get(fetched.digest)
+        compiled = registry.modules.get(fetched.digest) or known_modules.get(fetched.digest)
         if compiled is None:
             try:
                 compiled = compile_module(engine, cache, fetched.wasm, fetched.digest, str(fetched.path), report)
             except (MetadataError, wasmtime.WasmtimeError) as exc:
                 by_reference[reference] = exc
                 continue
-            registry.modules[fetched.digest] = compiled
+        registry.modules[fetched.digest] = compiled
         by_reference[reference] = compiled
     report.unique_modules = len(registry.modules)
     report.cache_hits, report.cache_misses = cache.hits, cache.misses

@@ -32,7 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Load, compile and validate a configuration exactly as `serve` would, then report."""
     from kwserver.bootstrap import BootError, build_registry
-    from kwserver.daemon import configure_logging
+    from kwserver.logs import configure_logging
 
     settings = settings_from_args(args)
     configure_logging(ServerSettings.from_env(log_level="warn"))

@@ -99,6 +99,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fresh_instance_per_request", "KWSERVER_FRESH_INSTANCE_PER_REQUEST", False,
             "Never reuse instances: every evaluation gets a new one (strict isolation)", parse_bool),
     Setting("threads", "KWSERVER_THREADS", 1, "Request threads per worker process", int),
+    Setting("metrics_port", "KWSERVER_METRICS_PORT", 9090,
+            "Port of the Prometheus /metrics and JSON /status endpoints (0: disabled)", int),
+    Setting("min_workers", "KWSERVER_MIN_WORKERS", None,
+            "Fewest workers when the pool shrinks (default: --workers)", int),
+    Setting("max_workers", "KWSERVER_MAX_WORKERS", None,
+            "Most workers when the pool grows (default: --workers); above min, the pool follows the load", int),
+    Setting("scale_up_after_seconds", "KWSERVER_SCALE_UP_AFTER_SECONDS", 3,
+            "Add a worker after the workers were this long busier than 75%", int),
+    Setting("scale_down_after_seconds", "KWSERVER_SCALE_DOWN_AFTER_SECONDS", 30,
+            "Remove a worker after the workers were this long less than 25% busy", int),
+    Setting("worker_max_uss_mib", "KWSERVER_WORKER_MAX_USS_MIB", 0,
+            "Recycle a worker gracefully once its own memory (USS) exceeds this (0: never)", int),
+    Setting("worker_max_requests", "KWSERVER_WORKER_MAX_REQUESTS", 0,
+            "Recycle a worker gracefully after this many requests, with 10% jitter (0: never)", int),
+    Setting("pid_file", "KWSERVER_PID_FILE", None, "Write the master's pid here (used by `kwserver reload`)"),
 )
 
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
@@ -128,6 +143,14 @@ class ServerSettings:
     worker_instance_budget_mib: int = 512
     fresh_instance_per_request: bool = False
     threads: int = 1
+    metrics_port: int = 9090
+    min_workers: int | None = None
+    max_workers: int | None = None
+    scale_up_after_seconds: int = 3
+    scale_down_after_seconds: int = 30
+    worker_max_uss_mib: int = 0
+    worker_max_requests: int = 0
+    pid_file: str | None = None
 
     def __post_init__(self) -> None:
         if bool(self.cert_file) != bool(self.key_file):
@@ -141,12 +164,32 @@ class ServerSettings:
         for name in ("policy_memory_limit_mib", "threads", "policy_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError("workers must be at least 1")
+        for name in ("workers", "min_workers", "max_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.pool_min > self.pool_max:
+            raise ConfigError(f"min_workers ({self.pool_min}) is above max_workers ({self.pool_max})")
 
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    @property
+    def pool_min(self) -> int:
+        return self.min_workers or min(self.worker_count, self.max_workers or self.worker_count)
+
+    @property
+    def pool_max(self) -> int:
+        return self.max_workers or max(self.worker_count, self.min_workers or self.worker_count)
+
+    @property
+    def initial_workers(self) -> int:
+        return max(self.pool_min, min(self.worker_count, self.pool_max))
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.pool_max > self.pool_min
 
     @property
     def global_timeout(self) -> int | None:

@@ -1,8 +1,8 @@
 """The gunicorn pre-fork daemon: one class owns the process lifecycle; gunicorn hooks are thin.
 
 Master: parse settings, build the policy registry (fetch, compile, validate settings), bind the
-listeners, serve readiness, fork. Worker (after fork): close what belongs to the master, start the
-epoch ticker (threads do not survive fork), set a process title, serve.
+listeners, serve readiness and metrics, fork, watch the pool. Worker (after fork): close what belongs
+to the master, start the epoch ticker (threads do not survive fork), set a process title, serve.
 
 Worker class: `gthread` with one thread. The Kubernetes API server calls webhooks over TLS with
 keep-alive; gunicorn's `sync` worker answers `Connection: close`, so every request would pay a full
@@ -13,24 +13,28 @@ hand-offs around many short native calls), so concurrency comes from processes.
 from __future__ import annotations
 
 import gc
-import http.server
 import logging
 import os
-import socket
+import signal
 import ssl
 import sys
-import threading
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-import falcon
 import orjson
+import psutil
 from gunicorn.app.base import BaseApplication
 
 from kwserver import __version__
 from kwserver.api import create_app
+from kwserver.autoscaler import PoolController, ScalingPolicy
 from kwserver.bootstrap import BootError, BootReport, build_registry
 from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
+from kwserver.logs import configure_logging, gunicorn_log_level
+from kwserver.observability import memory, metrics
+from kwserver.observability.endpoints import EndpointServer, Readiness
 from kwserver.runtime.engine import EpochTicker
 from kwserver.service import AdmissionService
 from kwserver.tls import TlsContextCache
@@ -40,6 +44,9 @@ log = logging.getLogger(__name__)
 WORKER_CLASS = "gthread"
 # Idle keep-alive connections stay open this long; the API server reuses its webhook connections.
 KEEPALIVE_SECONDS = 75
+# Workers get this long to finish in-flight requests when retired (reload, shrink, recycle, shutdown).
+GRACEFUL_TIMEOUT_SECONDS = 30
+TITLE_EVERY_REQUESTS = 100
 MIB = 1024 * 1024
 
 
@@ -52,81 +59,25 @@ def set_process_title(title: str) -> None:
         pass
 
 
-# --- logging ----------------------------------------------------------------------------------------
+class ServedCounter:
+    """WSGI middleware of the workers: counts requests and busy time (the pool's utilisation)."""
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, shaped like the reference server's `--log-fmt json`."""
+    def __init__(self, app: Callable, served: Callable[[float], None], every: Callable[[int], None]):
+        self.app = app
+        self.served = served
+        self.every = every
+        self.requests = 0
 
-    def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = {"message": record.getMessage()}
-        for key in ("policy_id", "data"):
-            if hasattr(record, key):
-                fields[key] = getattr(record, key)
-        if record.exc_info:
-            fields["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps({
-            "timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.replace("WARNING", "WARN"),
-            "target": record.name,
-            "pid": record.process,
-            "fields": fields,
-        }).decode()
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        started = time.perf_counter()
+        try:
+            return self.app(environ, start_response)
+        finally:
+            self.served(time.perf_counter() - started)
+            self.requests += 1
+            if self.requests % TITLE_EVERY_REQUESTS == 1:
+                self.every(self.requests)
 
-
-_LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
-               "warn": logging.WARNING, "error": logging.ERROR}
-
-
-def configure_logging(settings: ServerSettings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(_LOG_LEVELS[settings.log_level])
-
-
-# --- readiness (served by the master, plain HTTP, on its own port) --------------------------------
-
-class _ReadinessHandler(http.server.BaseHTTPRequestHandler):
-    ready = threading.Event()
-
-    def do_GET(self) -> None:
-        ok = self.path.split("?", 1)[0] == "/readiness"
-        status = (200 if self.ready.is_set() else 503) if ok else 404
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class ReadinessServer:
-    def __init__(self, addr: str, port: int):
-        handler = type("ReadinessHandler", (_ReadinessHandler,), {"ready": threading.Event()})
-        http.server.ThreadingHTTPServer.address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        self.server = http.server.ThreadingHTTPServer((addr, port), handler)
-        self.ready = handler.ready
-        self.thread = threading.Thread(target=self.server.serve_forever, name="kwserver-readiness", daemon=True)
-
-    def start(self) -> None:
-        self.ready.set()
-        self.thread.start()
-
-    def close_inherited(self) -> None:
-        """In a forked worker: drop the copy of the master's listening socket."""
-        self.server.socket.close()
-
-    def stop(self) -> None:
-        self.ready.clear()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-# --- the daemon ------------------------------------------------------------------------------------
 
 class Daemon:
     """Owns the lifecycle of the master and its workers; gunicorn's hooks delegate here."""
@@ -136,12 +87,18 @@ class Daemon:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.registry: PolicyRegistry | None = None
-        self.pool: InstancePool | None = None
         self.boot_report: BootReport | None = None
-        self.readiness: ReadinessServer | None = None
+        self.service: AdmissionService | None = None
+        self.pool: InstancePool | None = None
+        self.metrics_dir = metrics.prepare_directory(None)
+        self.metrics = metrics.WorkerMetrics()
+        self.readiness = Readiness()
+        self.endpoints: list[EndpointServer] = []
+        self.controller: PoolController | None = None
+        self.arbiter: Any = None
         self.ticker: EpochTicker | None = None
         self.tls: TlsContextCache | None = None
-        self.worker_index = 0
+        self.worker_age = 0
         Daemon.current = self
 
     @classmethod
@@ -161,67 +118,166 @@ class Daemon:
         settings = self.settings
         options: dict[str, Any] = {
             "bind": self.bind,
-            "workers": settings.worker_count,
+            "workers": settings.initial_workers,
             "worker_class": WORKER_CLASS,
             "threads": settings.threads,
             "keepalive": KEEPALIVE_SECONDS,
+            "graceful_timeout": GRACEFUL_TIMEOUT_SECONDS,
+            "max_requests": settings.worker_max_requests,
+            "max_requests_jitter": settings.worker_max_requests // 10,
             "preload_app": True,
             "proc_name": "kwserver",
-            "loglevel": "debug" if settings.log_level in ("trace", "debug") else settings.log_level,
-            "when_ready": when_ready,
-            "pre_fork": pre_fork,
-            "post_fork": post_fork,
-            "on_exit": on_exit,
+            "pidfile": settings.pid_file,
+            "loglevel": gunicorn_log_level(settings),
+            **HOOKS,
         }
         if settings.tls:
             options.update(certfile=settings.cert_file, keyfile=settings.key_file, ssl_context=ssl_context)
         return options
 
-    # master ---------------------------------------------------------------------------------------
-    def load(self) -> falcon.App:
+    # master: loading ------------------------------------------------------------------------------
+    def load(self) -> Callable:
         """Build the registry and the WSGI app; runs in the master, before the fork."""
         try:
             registry, report = build_registry(self.settings)
         except (BootError, ConfigError) as exc:
             log.error("%s", exc)
             sys.exit(1)
+        evaluator = self._install(registry, report)
+        self.service = AdmissionService(
+            registry, evaluator, observe=self.metrics.observe,
+            always_accept_namespace=self.settings.always_accept_admission_reviews_on_namespace,
+        )
+        app = ServedCounter(create_app(self.service), self.metrics.served, self._title_worker)
+        self._freeze_heap()
+        return app
+
+    def _install(self, registry: PolicyRegistry, report: BootReport) -> Evaluator:
+        settings = self.settings
         self.registry, self.boot_report = registry, report
+        self.pool = InstancePool(
+            registry, reuse=not settings.fresh_instance_per_request,
+            keep_bytes=settings.instance_keep_memory_mib * MIB,
+            budget_bytes=settings.worker_instance_budget_mib * MIB,
+            observer=self.metrics,
+        )
         compiled = sum(m.compiled_size for m in registry.modules.values())
         log.info(
             "loaded %d policies and %d groups over %d unique modules (%.1f MiB compiled, cache %d hit / "
             "%d miss) in %.2fs", len(registry.specs), len(registry.groups), report.unique_modules,
             compiled / MIB, report.cache_hits, report.cache_misses, report.seconds,
         )
-        settings = self.settings
-        self.pool = InstancePool(
-            registry, reuse=not settings.fresh_instance_per_request,
-            keep_bytes=settings.instance_keep_memory_mib * MIB,
-            budget_bytes=settings.worker_instance_budget_mib * MIB,
-        )
-        service = AdmissionService(
-            registry, Evaluator(registry, self.pool),
-            always_accept_namespace=settings.always_accept_admission_reviews_on_namespace,
-        )
-        app = create_app(service)
+        return Evaluator(registry, self.pool)
+
+    @staticmethod
+    def _freeze_heap() -> None:
         # Everything allocated so far is shared with the workers. Freezing it keeps the workers' garbage
         # collector from writing to those objects, which would copy their pages into every worker.
         gc.collect()
         gc.freeze()
-        return app
 
-    def on_ready(self) -> None:
-        self.readiness = ReadinessServer(self.settings.addr, self.settings.readiness_probe_port)
-        self.readiness.start()
-        log.info("ready: API on %s, readiness on port %d", ", ".join(self.bind),
-                 self.settings.readiness_probe_port)
+    def reload(self) -> None:
+        """SIGHUP: load the configuration again; switch only if all of it is valid.
+
+        gunicorn then forks new workers from this master and retires the old ones gracefully. When the
+        new configuration is refused, the new workers serve the old one.
+        """
+        try:
+            registry, report = build_registry(self.settings, previous=self.registry)
+        except (BootError, ConfigError) as exc:
+            log.error("reload refused, the running configuration stays in service: %s", exc)
+            return
+        self.service.use(registry, self._install(registry, report))
+        self._freeze_heap()
+        log.info("reloaded %s", self.settings.policies)
+
+    # master: running ------------------------------------------------------------------------------
+    def on_ready(self, arbiter: Any) -> None:
+        self.arbiter = arbiter
+        settings = self.settings
+        self.endpoints = [EndpointServer(settings.addr, settings.readiness_probe_port,
+                                         {"/readiness": self.readiness.route}, "readiness")]
+        if settings.metrics_port:
+            registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(self.status)])
+            self.endpoints.append(EndpointServer(settings.addr, settings.metrics_port, {
+                "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics.render(registry)),
+                "/status": lambda: (200, "application/json", orjson.dumps(self.status())),
+            }, "metrics"))
+        for endpoint in self.endpoints:
+            endpoint.start()
+        self._unready_on_term()
+        self.readiness.ready.set()
+        self._start_controller()
+        log.info("ready: API on %s, readiness on port %d, metrics on port %s", ", ".join(self.bind),
+                 settings.readiness_probe_port, settings.metrics_port or "(disabled)")
+
+    def _unready_on_term(self) -> None:
+        """On SIGTERM, readiness turns unready before gunicorn drains the workers."""
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum: int, frame: Any) -> None:
+            self.readiness.ready.clear()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_term)
+
+    def _start_controller(self) -> None:
+        settings = self.settings
+        scaling = None
+        if settings.autoscaling:
+            scaling = ScalingPolicy(settings.pool_min, settings.pool_max, settings.scale_up_after_seconds,
+                                    settings.scale_down_after_seconds)
+        if scaling is None and not settings.worker_max_uss_mib:
+            return
+        self.controller = PoolController(
+            policy=scaling, max_uss_bytes=settings.worker_max_uss_mib * MIB,
+            busy_seconds=lambda: metrics.metric_total(self.metrics_dir, "kwserver_worker_busy_seconds"),
+            workers=lambda: {pid: worker.age for pid, worker in list(self.arbiter.WORKERS.items())},
+            uss=_uss,
+        )
+        self.controller.start()
+
+    def status(self) -> dict[str, Any]:
+        """What `kwserver top` and the memory gauges show: every process, and what the workers hold."""
+        processes = memory.server_processes(os.getpid())
+        requests = metrics.per_process_values(self.metrics_dir, "kwserver_worker_requests")
+        instances = metrics.per_process_values(self.metrics_dir, "kwserver_policy_instances")
+        instance_bytes = metrics.per_process_values(self.metrics_dir, "kwserver_policy_instance_memory_bytes")
+        for process in processes:
+            pid = process["pid"]
+            process["requests"] = int(sum(requests.get(pid, {}).values()))
+            process["instances"] = {dict(labels)["policy_name"]: int(count)
+                                    for labels, count in instances.get(pid, {}).items() if count}
+            process["instance_bytes"] = int(sum(instance_bytes.get(pid, {}).values()))
+        registry, report = self.registry, self.boot_report
+        return {
+            "version": __version__,
+            "processes": processes,
+            "totals": memory.totals(processes),
+            "workers": sum(1 for p in processes if p["role"] == "worker"),
+            "policies": len(registry.top_level_names) if registry else 0,
+            "modules": len(registry.modules) if registry else 0,
+            "compiled_module_bytes": sum(m.compiled_size for m in registry.modules.values()) if registry else 0,
+            "boot_seconds": report.seconds if report else 0.0,
+            "compile_cache_hits": report.cache_hits if report else 0,
+            "compile_cache_misses": report.cache_misses if report else 0,
+        }
 
     def before_fork(self) -> None:
         # gunicorn titles the master once its loop starts; forks come after that.
         set_process_title(f"kwserver: master [{self._describe()}]")
 
+    def worker_exited(self, pid: int) -> None:
+        metrics.archive_dead_worker(self.metrics_dir, pid)
+
     def on_exit(self) -> None:
-        if self.readiness is not None:
-            self.readiness.stop()
+        self.readiness.ready.clear()
+        if self.controller is not None:
+            self.controller.stop()
+        for endpoint in self.endpoints:
+            endpoint.stop()
+        metrics.remove_directory(self.metrics_dir)
 
     def _describe(self) -> str:
         registry = self.registry
@@ -238,14 +294,25 @@ class Daemon:
 
     # worker ---------------------------------------------------------------------------------------
     def after_fork(self, worker_age: int) -> None:
-        self.worker_index = worker_age
-        if self.readiness is not None:
-            self.readiness.close_inherited()
-            self.readiness = None
+        self.worker_age = worker_age
+        for endpoint in self.endpoints:
+            endpoint.close_inherited()
+        self.endpoints = []
+        self.controller = None
         if self.registry is not None and self.registry.engine_options.epoch_interruption:
             self.ticker = EpochTicker(self.registry.engine)
             self.ticker.start()
-        set_process_title(f"kwserver: worker {worker_age} [{self._describe()}]")
+        self._title_worker(0)
+
+    def _title_worker(self, requests: int) -> None:
+        set_process_title(f"kwserver: worker {self.worker_age} [{self._describe()}] {requests} requests")
+
+
+def _uss(pid: int) -> int | None:
+    try:
+        return psutil.Process(pid).memory_full_info().uss
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
 
 
 # --- gunicorn hooks: thin, they only find the daemon and delegate -----------------------------------
@@ -255,14 +322,13 @@ def get_daemon() -> Daemon:
     return Daemon.current or Daemon.from_env()
 
 
-
-def wsgi_app() -> falcon.App:
+def wsgi_app() -> Callable:
     """WSGI factory for `gunicorn -c gunicorn.conf.py` (settings from KUBEWARDEN_*/KWSERVER_* env)."""
     return get_daemon().load()
 
 
 def when_ready(server: Any) -> None:
-    get_daemon().on_ready()
+    get_daemon().on_ready(server)
 
 
 def pre_fork(server: Any, worker: Any) -> None:
@@ -273,12 +339,24 @@ def post_fork(server: Any, worker: Any) -> None:
     get_daemon().after_fork(worker.age)
 
 
+def child_exit(server: Any, worker: Any) -> None:
+    get_daemon().worker_exited(worker.pid)
+
+
+def on_reload(server: Any) -> None:
+    get_daemon().reload()
+
+
 def on_exit(server: Any) -> None:
     get_daemon().on_exit()
 
 
 def ssl_context(config: Any, default_ssl_context_factory: Any) -> ssl.SSLContext:
     return get_daemon().make_ssl_context()
+
+
+HOOKS = {"when_ready": when_ready, "pre_fork": pre_fork, "post_fork": post_fork, "child_exit": child_exit,
+         "on_reload": on_reload, "on_exit": on_exit}
 
 
 class KwserverApplication(BaseApplication):
@@ -295,12 +373,12 @@ class KwserverApplication(BaseApplication):
         if self.gunicorn_config:
             self.load_config_from_file(self.gunicorn_config)
 
-    def load(self) -> falcon.App:
+    def load(self) -> Callable:
         return self.daemon.load()
 
 
 def serve(settings: ServerSettings, gunicorn_config: str | None = None) -> None:
     configure_logging(settings)
-    log.info("kwserver %s starting with %d worker(s)", __version__, settings.worker_count)
+    log.info("kwserver %s starting with %d worker(s)", __version__, settings.initial_workers)
     os.environ.update(settings.to_env())  # so a gunicorn config file sees the same settings
     KwserverApplication(Daemon(settings), gunicorn_config).run()

@@ -83,6 +83,16 @@ class PolicyRegistry:
         return [*self.specs, *self.groups]
 
 
+class PoolObserver:
+    """Where an InstancePool reports what it does (metrics); the default ignores it."""
+
+    def event(self, name: str, count: int = 1) -> None:
+        pass
+
+    def idle(self, policy_name: str, count: int, memory_bytes: int) -> None:
+        pass
+
+
 class InstancePool:
     """Per-process cache of linked modules and idle instances.
 
@@ -91,8 +101,10 @@ class InstancePool:
     memories; the least recently used go first.
     """
 
-    def __init__(self, registry: PolicyRegistry, *, reuse: bool, keep_bytes: int, budget_bytes: int):
+    def __init__(self, registry: PolicyRegistry, *, reuse: bool, keep_bytes: int, budget_bytes: int,
+                 observer: PoolObserver | None = None):
         self.registry = registry
+        self.observer = observer or PoolObserver()
         self.reuse = reuse
         self.keep_bytes = keep_bytes
         self.budget_bytes = budget_bytes
@@ -118,6 +130,7 @@ class InstancePool:
                 return None
             _, instance, size = self._idle.pop(keys.pop())
             self._idle_bytes -= size
+            self._idle_changed(policy_name)
             return instance
 
     def _put_idle(self, policy_name: str, instance: PolicyInstance, size: int) -> None:
@@ -127,14 +140,24 @@ class InstancePool:
             self._idle[key] = (policy_name, instance, size)
             self._by_policy.setdefault(policy_name, []).append(key)
             self._idle_bytes += size
+            changed = {policy_name}
             while self._idle_bytes > self.budget_bytes and self._idle:
                 old_key, (old_policy, old_instance, old_size) = self._idle.popitem(last=False)
                 self._by_policy[old_policy].remove(old_key)
                 self._idle_bytes -= old_size
                 evicted.append(old_instance)
+                changed.add(old_policy)
             self.evictions += len(evicted)
+            for name in changed:
+                self._idle_changed(name)
+        if evicted:
+            self.observer.event("eviction", len(evicted))
         for old in evicted:
             old.close()
+
+    def _idle_changed(self, policy_name: str) -> None:
+        keys = self._by_policy.get(policy_name, [])
+        self.observer.idle(policy_name, len(keys), sum(self._idle[key][2] for key in keys))
 
     def new_instance(self, policy: LoadedPolicy) -> PolicyInstance:
         return self.linked(policy.module).instantiate(policy.limits, policy.capabilities, label=policy.name)
@@ -144,9 +167,11 @@ class InstancePool:
         instance = self._take_idle(policy.name) if self.reuse else None
         if instance is None:
             self.misses += 1
+            self.observer.event("miss")
             instance = self.new_instance(policy)
         else:
             self.hits += 1
+            self.observer.event("hit")
         reusable = False
         try:
             yield instance
@@ -157,6 +182,8 @@ class InstancePool:
                 self._put_idle(policy.name, instance, size)
             else:
                 self.discards += 1
+                if self.reuse:
+                    self.observer.event("discard")
                 instance.close()
 
     def stats(self) -> dict[str, Any]:

@@ -44,6 +44,11 @@ class AdmissionService:
         self.always_accept_namespace = always_accept_namespace
         self.observe = observe or (lambda record: None)
 
+    def use(self, registry: PolicyRegistry, evaluator: Evaluator) -> None:
+        """Serve a new configuration (after a reload, in the master, before new workers fork)."""
+        self.registry = registry
+        self.evaluator = evaluator
+
     def review(self, policy_id: str, request: EvaluationRequest, origin: str) -> dict[str, Any]:
         """The AdmissionResponse for one request; raises UnknownPolicy or EvaluationError."""
         mode = self.registry.policy_mode(policy_id)

@@ -59,6 +59,7 @@ class Server:
     process: subprocess.Popen
     port: int
     readiness_port: int
+    metrics_port: int
     scheme: str = "http"
     log_path: Path | None = None
     session: requests.Session = field(default_factory=requests.Session)
@@ -83,7 +84,7 @@ def start_server(tmp_path: Path, policies: dict[str, Any], compile_cache: Path, 
                  wait: bool = True) -> Server:
     config = tmp_path / "policies.yml"
     config.write_text(yaml.safe_dump(policies))
-    port, readiness = free_port(), free_port()
+    port, readiness, metrics_port = free_port(), free_port(), free_port()
     log_path = tmp_path / f"server-{port}.log"
     full_env = {
         **os.environ,
@@ -91,6 +92,7 @@ def start_server(tmp_path: Path, policies: dict[str, Any], compile_cache: Path, 
         "KUBEWARDEN_BIND_ADDRESS": "127.0.0.1",
         "KUBEWARDEN_PORT": str(port),
         "KUBEWARDEN_READINESS_PROBE_PORT": str(readiness),
+        "KWSERVER_METRICS_PORT": str(metrics_port),
         "KUBEWARDEN_POLICIES": str(config),
         "KUBEWARDEN_WORKERS": "2",
         **(env or {}),
@@ -98,7 +100,7 @@ def start_server(tmp_path: Path, policies: dict[str, Any], compile_cache: Path, 
     command = command or [sys.executable, "-m", "kwserver", "serve", *args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    server = Server(process, port, readiness, scheme, log_path)
+    server = Server(process, port, readiness, metrics_port, scheme, log_path)
     if wait:
         wait_ready(server)
     return server

@@ -1,0 +1,113 @@
+"""The worker pool follows the load, and workers that grew too big are recycled.
+
+A thread in the master samples, once a second, how busy the workers were (the busy seconds they
+count into the shared metrics) and their own memory (USS). It changes the pool only through
+gunicorn's own mechanisms: SIGTTIN / SIGTTOU to the master grow or shrink the pool (gunicorn retires
+the oldest worker gracefully), SIGTERM to a worker retires it gracefully and gunicorn replaces it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+GROW_ABOVE = 0.75  # mean utilisation of the workers
+SHRINK_BELOW = 0.25
+COOLDOWN_SECONDS = 5.0
+SAMPLE_SECONDS = 1.0
+
+
+@dataclass
+class ScalingPolicy:
+    """Pure decision logic, with hysteresis (sustained load) and a cool-down after every change."""
+
+    min_workers: int
+    max_workers: int
+    grow_after: float
+    shrink_after: float
+    busy_since: float | None = None
+    idle_since: float | None = None
+    last_change: float = float("-inf")
+
+    def decide(self, now: float, utilisation: float, workers: int) -> int:
+        """+1 to grow, -1 to shrink, 0 to stay."""
+        self.busy_since = (self.busy_since or now) if utilisation > GROW_ABOVE else None
+        self.idle_since = (self.idle_since or now) if utilisation < SHRINK_BELOW else None
+        if now - self.last_change < COOLDOWN_SECONDS:
+            return 0
+        if workers < self.min_workers:
+            return 1
+        if workers > self.max_workers:
+            return -1
+        if self.busy_since is not None and now - self.busy_since >= self.grow_after and workers < self.max_workers:
+            self._changed(now)
+            return 1
+        if self.idle_since is not None and now - self.idle_since >= self.shrink_after and workers > self.min_workers:
+            self._changed(now)
+            return -1
+        return 0
+
+    def _changed(self, now: float) -> None:
+        self.last_change = now
+        self.busy_since = self.idle_since = None
+
+
+class PoolController:
+    def __init__(self, *, policy: ScalingPolicy | None, max_uss_bytes: int, busy_seconds: Callable[[], float],
+                 workers: Callable[[], dict[int, int]], uss: Callable[[int], int | None]):
+        """`workers()` maps live worker pids to their age; `busy_seconds()` is the pool's running total."""
+        self.policy = policy
+        self.max_uss_bytes = max_uss_bytes
+        self.busy_seconds = busy_seconds
+        self.workers = workers
+        self.uss = uss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kwserver-pool", daemon=True)
+        self._retiring: set[int] = set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        last_busy, last_time = self.busy_seconds(), time.monotonic()
+        while not self._stop.wait(SAMPLE_SECONDS):
+            try:
+                busy, now = self.busy_seconds(), time.monotonic()
+                workers = self.workers()
+                if self.policy is not None and workers:
+                    utilisation = (busy - last_busy) / ((now - last_time) * len(workers))
+                    self._apply(self.policy.decide(now, utilisation, len(workers)), utilisation)
+                last_busy, last_time = busy, now
+                if self.max_uss_bytes:
+                    self._recycle_big_workers(workers)
+            except Exception:  # the controller must never take the master down
+                log.exception("worker pool controller error")
+
+    @staticmethod
+    def _apply(step: int, utilisation: float) -> None:
+        if step:
+            log.info("worker utilisation %.0f%%: %s the pool", utilisation * 100,
+                     "growing" if step > 0 else "shrinking")
+            os.kill(os.getpid(), signal.SIGTTIN if step > 0 else signal.SIGTTOU)
+
+    def _recycle_big_workers(self, workers: dict[int, int]) -> None:
+        self._retiring &= set(workers)
+        for pid in workers:
+            if pid in self._retiring:
+                continue
+            uss = self.uss(pid)
+            if uss is not None and uss > self.max_uss_bytes:
+                log.warning("worker %d uses %.1f MiB (USS), above the %.1f MiB ceiling: recycling it", pid,
+                            uss / 2**20, self.max_uss_bytes / 2**20)
+                self._retiring.add(pid)
+                os.kill(pid, signal.SIGTERM)

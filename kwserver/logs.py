@@ -1,0 +1,46 @@
+"""Logging: text for people, JSON (one object per line, shaped like the reference's) for collectors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import orjson
+
+from kwserver.config import ServerSettings
+
+_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+           "warn": logging.WARNING, "error": logging.ERROR}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {"message": record.getMessage()}
+        for key in ("policy_id", "data"):
+            if hasattr(record, key):
+                fields[key] = getattr(record, key)
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps({
+            "timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.replace("WARNING", "WARN"),
+            "target": record.name,
+            "pid": record.process,
+            "fields": fields,
+        }).decode()
+
+
+def configure_logging(settings: ServerSettings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[settings.log_level])
+
+
+def gunicorn_log_level(settings: ServerSettings) -> str:
+    return "debug" if settings.log_level in ("trace", "debug") else settings.log_level

@@ -1,0 +1,198 @@
+"""Prometheus metrics in gunicorn's multiprocess world.
+
+Workers count into per-process files (prometheus-client multiprocess mode); the master serves the
+merged view. When a worker exits, its counters and histograms are folded into the master's archive
+files and its files are deleted, so totals never go backwards and the directory does not grow with
+every recycled worker. Process memory is read by the master at scrape time.
+
+Metric names and labels of the reference server (`kubewarden_policy_evaluations_total`,
+`kubewarden_policy_evaluation_latency_milliseconds`) are kept. Its attribute sets vary by request
+kind; Prometheus treats an empty label as an absent one, so absent attributes are empty strings.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import prometheus_client
+import prometheus_client.values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from kwserver.evaluation import PoolObserver
+from kwserver.service import EvaluationRecord
+
+LATENCY_BUCKETS_MS = (0, 5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000)
+EVALUATION_LABELS = (
+    "policy_name", "policy_mode", "resource_kind", "resource_request_operation", "accepted", "mutated",
+    "request_origin", "resource_namespace", "error_code", "initialization_error",
+)
+ARCHIVE_ID = "archive"
+
+
+def prepare_directory(directory: str | None) -> str:
+    """Create (or empty) the multiprocess directory and switch prometheus-client to multiprocess mode.
+
+    Must run in the master before any worker exists and before any metric value is created.
+    """
+    path = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="kwserver-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for stale in glob.glob(os.path.join(path, "*.db")):
+        os.unlink(stale)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    # prometheus-client picks its value class when first imported; make sure it is the multiprocess one.
+    prometheus_client.values.ValueClass = prometheus_client.values.get_value_class()
+    return path
+
+
+class WorkerMetrics(PoolObserver):
+    """What workers count. Created in the master (no values yet), used in the workers."""
+
+    def __init__(self) -> None:
+        self.evaluations = Counter(
+            "kubewarden_policy_evaluations", "Policy evaluations", EVALUATION_LABELS, registry=None)
+        self.latency = Histogram(
+            "kubewarden_policy_evaluation_latency_milliseconds", "Policy evaluation latency in milliseconds",
+            EVALUATION_LABELS, buckets=LATENCY_BUCKETS_MS, registry=None)
+        self.requests = Counter("kwserver_worker_requests", "Admission requests served", registry=None)
+        self.busy = Counter("kwserver_worker_busy_seconds", "Time spent serving admission requests",
+                            registry=None)
+        self.instance_events = Counter(
+            "kwserver_instance_cache_events", "Instance cache hits, misses, evictions and discards", ["event"],
+            registry=None)
+        self.instances = Gauge("kwserver_policy_instances", "Idle policy instances kept by the workers",
+                               ["policy_name"], multiprocess_mode="livesum", registry=None)
+        self.instance_memory = Gauge(
+            "kwserver_policy_instance_memory_bytes", "Linear memory of the idle instances of a policy",
+            ["policy_name"], multiprocess_mode="livesum", registry=None)
+
+    def observe(self, record: EvaluationRecord) -> None:
+        request = record.request
+        labels = (
+            record.policy_id, record.policy_mode,
+            "" if request.raw else request.kind,
+            "" if request.raw else (request.operation or ""),
+            "true" if record.accepted else "false",
+            "true" if record.mutated else "false",
+            "" if request.raw else record.origin,
+            (request.namespace or "") if not request.raw else "",
+            "" if record.error_code is None else str(record.error_code),
+            record.initialization_error or "",
+        )
+        self.evaluations.labels(*labels).inc()
+        if record.seconds is not None:
+            self.latency.labels(*labels).observe(int(record.seconds * 1000))
+
+    def served(self, seconds: float) -> None:
+        self.requests.inc()
+        self.busy.inc(seconds)
+
+    def event(self, name: str, count: int = 1) -> None:
+        self.instance_events.labels(name).inc(count)
+
+    def idle(self, policy_name: str, count: int, memory_bytes: int) -> None:
+        self.instances.labels(policy_name).set(count)
+        self.instance_memory.labels(policy_name).set(memory_bytes)
+
+
+def archive_dead_worker(directory: str, pid: int) -> None:
+    """Fold a dead worker's counters and histograms into the archive files, then delete its files."""
+    for path in glob.glob(os.path.join(directory, f"*_{pid}.db")):
+        kind = os.path.basename(path).split("_", 1)[0]
+        if kind in ("counter", "histogram"):
+            archive = MmapedDict(os.path.join(directory, f"{kind}_{ARCHIVE_ID}.db"))
+            try:
+                for key, value, _ in MmapedDict.read_all_values_from_file(path):
+                    current, _ = archive.read_value(key)
+                    archive.write_value(key, current + value, 0.0)
+            finally:
+                archive.close()
+        os.unlink(path)
+
+
+def per_process_values(directory: str, metric: str) -> dict[int, dict[tuple[tuple[str, str], ...], float]]:
+    """One metric's values read from each live process's own file: {pid: {labels: value}}."""
+    result: dict[int, dict[tuple[tuple[str, str], ...], float]] = {}
+    for path in glob.glob(os.path.join(directory, "*.db")):
+        name = os.path.basename(path)[:-3]
+        pid_text = name.rsplit("_", 1)[-1]
+        if not pid_text.isdigit():
+            continue
+        for key, value, _ in MmapedDict.read_all_values_from_file(path):
+            metric_name, sample, labels, _ = _parse_key(key)
+            if metric_name == metric and sample in (metric, metric + "_total"):
+                result.setdefault(int(pid_text), {})[tuple(sorted(labels.items()))] = value
+    return result
+
+
+def metric_total(directory: str, metric: str) -> float:
+    """A counter summed over every process that ever counted it (live files and the archive)."""
+    total = 0.0
+    for pattern in ("counter_*.db",):
+        for path in glob.glob(os.path.join(directory, pattern)):
+            for key, value, _ in MmapedDict.read_all_values_from_file(path):
+                metric_name, sample, _, _ = _parse_key(key)
+                if metric_name == metric and sample == metric + "_total":
+                    total += value
+    return total
+
+
+def _parse_key(key: str) -> tuple[str, str, dict[str, str], str]:
+    metric_name, sample, labels, help_text = json.loads(key)
+    return metric_name, sample, labels, help_text
+
+
+class MasterCollector:
+    """Gauges computed by the master at scrape time: process memory, pool size, boot facts."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]):
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self.snapshot()
+        memory = GaugeMetricFamily("kwserver_process_memory_bytes", "Memory of kwserver processes (psutil)",
+                                   labels=["role", "pid", "kind"])
+        for process in snap["processes"]:
+            for kind in ("rss", "uss", "pss", "shared", "swap"):
+                memory.add_metric([process["role"], str(process["pid"]), kind], process[kind])
+        yield memory
+        yield _gauge("kwserver_workers", "Worker processes alive", snap["workers"])
+        yield _gauge("kwserver_compiled_modules_bytes", "Size of the compiled module artifacts shared by workers",
+                     snap["compiled_module_bytes"])
+        yield _gauge("kwserver_compiled_modules", "Unique compiled policy modules", snap["modules"])
+        yield _gauge("kwserver_policies", "Policies and policy groups loaded", snap["policies"])
+        yield _gauge("kwserver_boot_seconds", "Time spent loading policies at the last (re)load",
+                     snap["boot_seconds"])
+        cache = GaugeMetricFamily("kwserver_compile_cache_lookups", "Compile cache lookups at the last (re)load",
+                                  labels=["result"])
+        cache.add_metric(["hit"], snap["compile_cache_hits"])
+        cache.add_metric(["miss"], snap["compile_cache_misses"])
+        yield cache
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def master_registry(directory: str, extra: Iterable[Any] = ()) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    for collector in extra:
+        registry.register(collector)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return prometheus_client.generate_latest(registry)
+
+
+def remove_directory(directory: str) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
