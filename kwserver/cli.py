@@ -17,9 +17,11 @@ from kwserver.metadata import MetadataError, WasmFormatError, annotate, parse_me
 
 def _version_text() -> str:
     from kwserver.runtime.engine import WASMTIME_VERSION
+    from kwserver.runtime.opa_builtins import implemented_names
 
+    builtins = "\n".join(f"  - {name}" for name in implemented_names())
     return (f"kwserver {__version__} (Kubewarden policy-server {KUBEWARDEN_COMPAT_VERSION} compatible, "
-            f"wasmtime {WASMTIME_VERSION})")
+            f"wasmtime {WASMTIME_VERSION})\n\nOpen Policy Agent/Gatekeeper implemented builtins:\n{builtins}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -81,12 +83,59 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from kwserver.observability.top import run
+
+    return run(args.url, once=args.once or args.json, as_json=args.json, interval=args.interval)
+
+
+def _master_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if title.startswith("kwserver: master"):
+            pids.append(process.pid)
+    return pids
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask a running server to reload policies.yml (SIGHUP to its master)."""
+    import os
+    import signal
+
+    if args.pid:
+        pid = args.pid
+    elif args.pid_file:
+        try:
+            pid = int(Path(args.pid_file).read_text().strip())
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot read pid file {args.pid_file}: {exc}", file=sys.stderr)
+            return 1
+    else:
+        pids = _master_pids()
+        if len(pids) != 1:
+            print(f"error: found {len(pids)} kwserver masters; name one with --pid or --pid-file", file=sys.stderr)
+            return 1
+        pid = pids[0]
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"error: cannot signal process {pid}: {exc}", file=sys.stderr)
+        return 1
+    print(f"asked kwserver master {pid} to reload; the outcome is in its log")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kwserver", description="Kubewarden-compatible admission policy server")
+    parser = argparse.ArgumentParser(prog="kwserver", description="Kubewarden-compatible admission policy server",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version_text())
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the policy server")
+    serve = commands.add_parser("serve", help="run the policy server",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_arguments(serve)
     serve.add_argument("--version", action="version", version=_version_text())
     serve.add_argument("--gunicorn-config", metavar="FILE",
@@ -106,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_cmd = commands.add_parser("inspect", help="print the Kubewarden metadata of a policy module")
     inspect_cmd.add_argument("module")
     inspect_cmd.set_defaults(func=cmd_inspect)
+
+    top = commands.add_parser("top", help="live memory and activity of a running server's processes")
+    top.add_argument("--url", default="http://127.0.0.1:9090", help="the server's metrics endpoint")
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.set_defaults(func=cmd_top)
+
+    reload_cmd = commands.add_parser("reload", help="reload policies.yml in a running server (SIGHUP)")
+    reload_cmd.add_argument("--pid", type=int, help="pid of the master")
+    reload_cmd.add_argument("--pid-file", help="pid file written with --pid-file by `kwserver serve`")
+    reload_cmd.set_defaults(func=cmd_reload)
     return parser
 
 

@@ -195,14 +195,19 @@ class Daemon:
     def on_ready(self, arbiter: Any) -> None:
         self.arbiter = arbiter
         settings = self.settings
-        self.endpoints = [EndpointServer(settings.addr, settings.readiness_probe_port,
-                                         {"/readiness": self.readiness.route}, "readiness")]
+        routes = {settings.readiness_probe_port: ({"/readiness": self.readiness.route}, "readiness")}
         if settings.metrics_port:
             registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(self.status)])
-            self.endpoints.append(EndpointServer(settings.addr, settings.metrics_port, {
+            routes[settings.metrics_port] = ({
                 "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics.render(registry)),
                 "/status": lambda: (200, "application/json", orjson.dumps(self.status())),
-            }, "metrics"))
+            }, "metrics")
+        for port, (paths, name) in routes.items():
+            try:
+                self.endpoints.append(EndpointServer(settings.addr, port, paths, name))
+            except OSError as exc:
+                log.error("cannot serve %s on %s:%d: %s", name, settings.addr, port, exc)
+                sys.exit(1)
         for endpoint in self.endpoints:
             endpoint.start()
         self._unready_on_term()

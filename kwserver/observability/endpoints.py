@@ -7,10 +7,13 @@ any time; the master is always there).
 from __future__ import annotations
 
 import http.server
+import logging
 import socket
 import threading
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # A route answers (status, content type, body).
 Route = Callable[[], tuple[int, str, bytes]]
@@ -21,7 +24,11 @@ class EndpointServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 route = routes.get(self.path.split("?", 1)[0])
-                status, content_type, body = route() if route else (404, "text/plain", b"")
+                try:
+                    status, content_type, body = route() if route else (404, "text/plain", b"")
+                except Exception:
+                    log.exception("error serving %s", self.path)
+                    status, content_type, body = 500, "text/plain", b"internal error"
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))

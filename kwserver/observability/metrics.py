@@ -110,7 +110,7 @@ def archive_dead_worker(directory: str, pid: int) -> None:
         if kind in ("counter", "histogram"):
             archive = MmapedDict(os.path.join(directory, f"{kind}_{ARCHIVE_ID}.db"))
             try:
-                for key, value, _ in MmapedDict.read_all_values_from_file(path):
+                for key, value, *_ in MmapedDict.read_all_values_from_file(path):
                     current, _ = archive.read_value(key)
                     archive.write_value(key, current + value, 0.0)
             finally:
@@ -126,7 +126,7 @@ def per_process_values(directory: str, metric: str) -> dict[int, dict[tuple[tupl
         pid_text = name.rsplit("_", 1)[-1]
         if not pid_text.isdigit():
             continue
-        for key, value, _ in MmapedDict.read_all_values_from_file(path):
+        for key, value, *_ in MmapedDict.read_all_values_from_file(path):
             metric_name, sample, labels, _ = _parse_key(key)
             if metric_name == metric and sample in (metric, metric + "_total"):
                 result.setdefault(int(pid_text), {})[tuple(sorted(labels.items()))] = value
@@ -138,7 +138,7 @@ def metric_total(directory: str, metric: str) -> float:
     total = 0.0
     for pattern in ("counter_*.db",):
         for path in glob.glob(os.path.join(directory, pattern)):
-            for key, value, _ in MmapedDict.read_all_values_from_file(path):
+            for key, value, *_ in MmapedDict.read_all_values_from_file(path):
                 metric_name, sample, _, _ = _parse_key(key)
                 if metric_name == metric and sample == metric + "_total":
                     total += value

@@ -1,0 +1,232 @@
+"""Operating the daemon: metrics, `kwserver top`, a pool that follows the load, reloads and recycling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import wasmtime
+import yaml
+
+from kwserver.metadata import annotate
+from tests.conftest import SERVER_FIXTURES, TEST_POLICIES, load_json, policy_path
+
+pytestmark = pytest.mark.integration
+
+PRIVILEGED = load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json")
+UNPRIVILEGED = load_json(SERVER_FIXTURES / "pod_without_privileged_containers.json")
+RAW_REVIEW = load_json(SERVER_FIXTURES / "raw_review.json")
+SLEEP_100MS = load_json(SERVER_FIXTURES / "pod_sleep_100ms.json")
+POD_PRIVILEGED = {"module": policy_path("pod-privileged")}
+
+
+def workers_of(server) -> list[psutil.Process]:
+    return psutil.Process(server.process.pid).children()
+
+
+def metrics_text(server) -> str:
+    return requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the sample `name` whose labels include `labels` (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") and not labels:
+            total += float(line.rsplit(" ", 1)[1])
+        if not line.startswith(name + "{"):
+            continue
+        label_text = line[len(name) + 1:line.rindex("}")]
+        found = dict(part.split("=", 1) for part in label_text.split('",') if "=" in part)
+        found = {k: v.strip('"') for k, v in found.items()}
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for(condition, timeout: float = 30.0, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def test_metrics_have_the_reference_names_and_survive_a_dead_worker(run_server):
+    server = run_server({
+        "pod-privileged": POD_PRIVILEGED,
+        "raw-validation": {"module": policy_path("raw-validation"), "policyMode": "monitor",
+                           "settings": {"validUsers": ["x"], "validActions": ["x"], "validResources": ["x"]}},
+        "broken": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": "abc"}},
+    }, args=["--continue-on-errors"], env={"KUBEWARDEN_WORKERS": "2"})
+    for _ in range(3):
+        assert server.post("/validate/pod-privileged", PRIVILEGED).status_code == 200
+    assert server.post("/audit/pod-privileged", UNPRIVILEGED).status_code == 200
+    assert server.post("/validate_raw/raw-validation", RAW_REVIEW).status_code == 200
+    assert server.post("/validate/broken", SLEEP_100MS).status_code == 200
+
+    text = metrics_text(server)
+    evaluations = "kubewarden_policy_evaluations_total"
+    assert sample(text, evaluations, policy_name="pod-privileged", policy_mode="protect", resource_kind="Pod",
+                  resource_request_operation="CREATE", accepted="false", mutated="false",
+                  request_origin="validate", resource_namespace="default") == 3
+    assert sample(text, evaluations, policy_name="pod-privileged", accepted="true", request_origin="audit") == 1
+    # Monitor mode records the policy's own (vanilla) decision; raw requests have no kind or origin.
+    assert sample(text, evaluations, policy_name="raw-validation", policy_mode="monitor", accepted="false",
+                  resource_kind="", request_origin="") == 1
+    assert sample(text, evaluations, policy_name="broken", initialization_error="") == 0
+    assert sample(text, evaluations, policy_name="broken") == 1
+    assert "Policy settings are invalid" in next(
+        line for line in text.splitlines() if line.startswith(evaluations + "{") and 'policy_name="broken"' in line)
+    assert sample(text, "kubewarden_policy_evaluation_latency_milliseconds_count", policy_name="pod-privileged") == 4
+    assert sample(text, "kubewarden_policy_evaluation_latency_milliseconds_bucket", policy_name="pod-privileged",
+                  le="10000.0") == 4
+    assert sample(text, "kwserver_workers") == 2
+    assert sample(text, "kwserver_process_memory_bytes", role="master", kind="pss") > 0
+    assert sample(text, "kwserver_instance_cache_events_total", event="miss") >= 1
+
+    # A worker dies: its counts stay, its files go, gunicorn replaces it.
+    victim = workers_of(server)[0]
+    victim.kill()
+    wait_for(lambda: len(workers_of(server)) == 2 and victim.pid not in {p.pid for p in workers_of(server)})
+    wait_for(lambda: not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"kwserver-metrics-*/*_{victim.pid}.db")))
+    text = metrics_text(server)
+    assert sample(text, evaluations, policy_name="pod-privileged", request_origin="validate") == 3
+    assert sample(text, "kwserver_policy_instances", policy_name="pod-privileged") <= 1
+
+
+def test_top_once_json(run_server):
+    server = run_server({"pod-privileged": POD_PRIVILEGED}, env={"KUBEWARDEN_WORKERS": "2"})
+    server.post("/validate/pod-privileged", PRIVILEGED)
+    result = subprocess.run(
+        [sys.executable, "-m", "kwserver", "top", "--once", "--json", "--url", f"http://127.0.0.1:{server.metrics_port}"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    roles = sorted(p["role"] for p in status["processes"])
+    assert roles == ["master", "worker", "worker"]
+    assert status["totals"]["pss"] == sum(p["pss"] for p in status["processes"])
+    assert sum(p["requests"] for p in status["processes"]) == 1
+    assert status["modules"] == 1 and status["compiled_module_bytes"] > 0
+    text = subprocess.run(
+        [sys.executable, "-m", "kwserver", "top", "--once", "--url", f"http://127.0.0.1:{server.metrics_port}"],
+        capture_output=True, text=True, timeout=60).stdout
+    assert "total PSS" in text and "master" in text
+
+
+def _load(server, path, body, stop: threading.Event, failures: list, count: list, threads: int = 4):
+    def run():
+        while not stop.is_set():
+            try:
+                reply = requests.post(server.url + path, json=body, timeout=30)  # a new connection each time
+                if reply.status_code != 200:
+                    failures.append(reply.status_code)
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+            count.append(1)
+
+    workers = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
+def test_pool_grows_under_load_and_shrinks_back_when_idle(run_server):
+    slow_pod = json.loads(json.dumps(SLEEP_100MS))
+    slow_pod["request"]["object"]["metadata"]["annotations"]["kubewarden.sleep_duration_milliseconds"] = 150
+    server = run_server({"sleep": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": 1}}},
+                        env={"KUBEWARDEN_WORKERS": "1", "KWSERVER_MIN_WORKERS": "1", "KWSERVER_MAX_WORKERS": "3",
+                             "KWSERVER_SCALE_UP_AFTER_SECONDS": "1", "KWSERVER_SCALE_DOWN_AFTER_SECONDS": "2"})
+    assert len(workers_of(server)) == 1
+    stop, failures, count = threading.Event(), [], []
+    threads = _load(server, "/validate/sleep", slow_pod, stop, failures, count, threads=4)
+    try:
+        wait_for(lambda: len(workers_of(server)) >= 2, timeout=40)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    wait_for(lambda: len(workers_of(server)) == 1, timeout=40)
+    assert failures == []
+    assert "growing the pool" in server.log() and "shrinking the pool" in server.log()
+
+
+def test_reload_under_load_loses_nothing_and_refuses_an_invalid_config(run_server, tmp_path):
+    server = run_server({"pod-privileged": POD_PRIVILEGED}, env={"KUBEWARDEN_WORKERS": "2"})
+    config = Path(server.log_path).parent / "policies.yml"
+    master = server.process.pid
+    stop, failures, count = threading.Event(), [], []
+    threads = _load(server, "/validate/pod-privileged", PRIVILEGED, stop, failures, count, threads=2)
+    try:
+        assert server.post("/validate/pod-privileged-2", PRIVILEGED).status_code == 404
+        config.write_text(yaml.safe_dump({"pod-privileged": POD_PRIVILEGED, "pod-privileged-2": POD_PRIVILEGED}))
+        reload = subprocess.run([sys.executable, "-m", "kwserver", "reload", "--pid", str(master)],
+                                capture_output=True, text=True, timeout=30)
+        assert reload.returncode == 0, reload.stderr
+        wait_for(lambda: requests.post(server.url + "/validate/pod-privileged-2", json=PRIVILEGED,
+                                       timeout=10).status_code == 200)
+        served_before_invalid = len(count)
+        config.write_text(yaml.safe_dump({"pod-privileged": POD_PRIVILEGED,
+                                          "group": {"expression": "nope(", "message": "m",
+                                                    "policies": {"a": POD_PRIVILEGED}}}))
+        os.kill(master, signal.SIGHUP)
+        wait_for(lambda: "reload refused" in server.log())
+        wait_for(lambda: len(count) > served_before_invalid + 20)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert failures == []
+    assert requests.post(server.url + "/validate/pod-privileged-2", json=PRIVILEGED, timeout=10).status_code == 200
+    assert len(count) > 50
+
+
+@pytest.fixture
+def leaky_policy(tmp_path) -> str:
+    source = TEST_POLICIES / "leaky"
+    wasm = wasmtime.wat2wasm((source / "leaky.wat").read_text())
+    path = tmp_path / "leaky.wasm"
+    path.write_bytes(annotate(wasm, yaml.safe_load((source / "metadata.yml").read_text())))
+    return str(path)
+
+
+def test_workers_over_the_memory_ceiling_are_recycled_without_failed_requests(run_server, leaky_policy):
+    server = run_server({"leaky": {"module": leaky_policy}}, env={
+        "KUBEWARDEN_WORKERS": "1", "KWSERVER_WORKER_MAX_USS_MIB": "80",
+        "KWSERVER_INSTANCE_KEEP_MEMORY_MIB": "1024", "KWSERVER_POLICY_MEMORY_LIMIT_MIB": "1024"})
+    first = workers_of(server)[0].pid
+    session = requests.Session()
+    for _ in range(60):
+        reply = session.post(server.url + "/validate_raw/leaky", json=RAW_REVIEW, timeout=30)
+        assert reply.status_code == 200 and reply.json()["response"]["allowed"] is True
+        time.sleep(0.05)
+    wait_for(lambda: workers_of(server) and workers_of(server)[0].pid != first)
+    assert "above the 80.0 MiB ceiling: recycling it" in server.log()
+    reply = session.post(server.url + "/validate_raw/leaky", json=RAW_REVIEW, timeout=30)
+    assert reply.status_code == 200
+
+
+def test_unready_on_sigterm_and_in_flight_requests_complete(run_server):
+    server = run_server({"sleep": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": 1}}},
+                        env={"KUBEWARDEN_WORKERS": "1"})
+    slow = json.loads(json.dumps(SLEEP_100MS))
+    slow["request"]["object"]["metadata"]["annotations"]["kubewarden.sleep_duration_milliseconds"] = 1500
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(reply=server.post("/validate/sleep", slow)))
+    thread.start()
+    time.sleep(0.5)
+    server.process.send_signal(signal.SIGTERM)
+    thread.join(timeout=30)
+    assert result["reply"].status_code == 200 and result["reply"].json()["response"]["allowed"] is True
+    assert server.process.wait(timeout=30) == 0
