@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,6 +96,11 @@ def test_metrics_have_the_reference_names_and_survive_a_dead_worker(run_server):
     assert sample(text, "kwserver_workers") == 2
     assert sample(text, "kwserver_process_memory_bytes", role="master", kind="pss") > 0
     assert sample(text, "kwserver_instance_cache_events_total", event="miss") >= 1
+
+    dashboard = (Path(__file__).parent.parent / "deploy/grafana/kwserver-dashboard.json").read_text()
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    for name in set(re.findall(r"\b(?:kubewarden|kwserver)_[a-z_]+", dashboard)) - {"kwserver"}:
+        assert name in exported, f"the dashboard uses {name}, which the server does not export"
 
     # A worker dies: its counts stay, its files go, gunicorn replaces it.
     victim = workers_of(server)[0]
