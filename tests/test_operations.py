@@ -71,6 +71,7 @@ def test_metrics_have_the_reference_names_and_survive_a_dead_worker(run_server):
                            "settings": {"validUsers": ["x"], "validActions": ["x"], "validResources": ["x"]}},
         "broken": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": "abc"}},
     }, args=["--continue-on-errors"], env={"KUBEWARDEN_WORKERS": "2"})
+    wait_for(lambda: len(workers_of(server)) == 2)  # readiness comes as soon as the listener is bound
     for _ in range(3):
         assert server.post("/validate/pod-privileged", PRIVILEGED).status_code == 200
     assert server.post("/audit/pod-privileged", UNPRIVILEGED).status_code == 200
