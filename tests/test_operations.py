@@ -115,6 +115,7 @@ def test_metrics_have_the_reference_names_and_survive_a_dead_worker(run_server):
 
 def test_top_once_json(run_server):
     server = run_server({"pod-privileged": POD_PRIVILEGED}, env={"KUBEWARDEN_WORKERS": "2"})
+    wait_for(lambda: len(workers_of(server)) == 2)
     server.post("/validate/pod-privileged", PRIVILEGED)
     result = subprocess.run(
         [sys.executable, "-m", "kwserver", "top", "--once", "--json", "--url", f"http://127.0.0.1:{server.metrics_port}"],
