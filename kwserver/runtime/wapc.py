@@ -20,6 +20,7 @@ from kwserver.runtime import (
     InstantiationFailure,
     ProcExit,
     current_guest,
+    fastcall,
     running,
 )
 from kwserver.runtime.engine import deadline_ticks
@@ -138,7 +139,7 @@ class WapcModule:
         self.epoch_interruption = epoch_interruption
         linker = wasmtime.Linker(engine)
         for name, (func, functype) in _HOST_FUNCTIONS.items():
-            linker.define_func(WAPC_MODULE, name, functype, func)
+            fastcall.define(linker, WAPC_MODULE, name, functype, func)
         define_wasi(linker, module)
         try:
             self.pre = linker.instantiate_pre(module)
@@ -188,7 +189,7 @@ class WapcInstance:
             guest_call = exports.get("__guest_call")
             if not isinstance(guest_call, wasmtime.Func):
                 raise InstantiationFailure("Guest call function (__guest_call) not exported by wasm module.")
-            self._guest_call = guest_call
+            self._guest_call = fastcall.I32Call(self.store, guest_call)
             for init in ("_start", "wapc_init"):
                 func = exports.get(init)
                 if isinstance(func, wasmtime.Func):
@@ -227,7 +228,7 @@ class WapcInstance:
         self._arm_deadline()
         try:
             with running(self):
-                ok = self._guest_call(self.store, len(self.op), len(payload))
+                ok = self._guest_call(len(self.op), len(payload))
         except (wasmtime.Trap, GuestTimeout) as exc:
             self.broken = True
             if _interrupted(exc):

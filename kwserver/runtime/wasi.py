@@ -11,6 +11,7 @@ capabilities should say.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 import wasmtime
 
-from kwserver.runtime import GuestTimeout, ProcExit, current_guest
+from kwserver.runtime import GuestTimeout, ProcExit, current_guest, fastcall
 from kwserver.runtime.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,7 @@ _IMPLEMENTED: dict[str, Callable[..., int | None]] = {
 }
 
 
+@functools.cache
 def _unsupported(name: str, result_count: int) -> Callable[..., int | None]:
     def unsupported(*_args: int) -> int:
         log.debug("guest called unsupported WASI function %s", name)
@@ -271,4 +273,4 @@ def define_wasi(linker: wasmtime.Linker, module: wasmtime.Module) -> None:
         if item.module != WASI_MODULE or not isinstance(item.type, wasmtime.FuncType):
             continue
         func = _IMPLEMENTED.get(item.name) or _unsupported(item.name, len(item.type.results))
-        linker.define_func(WASI_MODULE, item.name, item.type, func)
+        fastcall.define(linker, WASI_MODULE, item.name, item.type, func)
