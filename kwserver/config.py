@@ -106,13 +106,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_workers", "KWSERVER_MAX_WORKERS", None,
             "Most workers when the pool grows (default: --workers); above min, the pool follows the load", int),
     Setting("scale_up_after_seconds", "KWSERVER_SCALE_UP_AFTER_SECONDS", 3,
-            "Add a worker after the workers were this long busier than 75%", int),
+            "Add a worker after the workers were this long busier than 75%%", int),
     Setting("scale_down_after_seconds", "KWSERVER_SCALE_DOWN_AFTER_SECONDS", 30,
-            "Remove a worker after the workers were this long less than 25% busy", int),
+            "Remove a worker after the workers were this long less than 25%% busy", int),
     Setting("worker_max_uss_mib", "KWSERVER_WORKER_MAX_USS_MIB", 0,
             "Recycle a worker gracefully once its own memory (USS) exceeds this (0: never)", int),
     Setting("worker_max_requests", "KWSERVER_WORKER_MAX_REQUESTS", 0,
-            "Recycle a worker gracefully after this many requests, with 10% jitter (0: never)", int),
+            "Recycle a worker gracefully after this many requests, with 10%% jitter (0: never)", int),
     Setting("pid_file", "KWSERVER_PID_FILE", None, "Write the master's pid here (used by `kwserver reload`)"),
 )
 

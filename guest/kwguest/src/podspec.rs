@@ -80,6 +80,26 @@ pub fn containers<'a>(
         .chain(list("ephemeralContainers", include_ephemeral))
 }
 
+/// The `securityContext` of a container (or the Pod-level one, when given a
+/// Pod spec): `None` when absent or null, an error when it is not an object.
+pub fn security_context(holder: &Value) -> Result<Option<&Value>, crate::json::TypeMismatch> {
+    match holder.get("securityContext") {
+        None | Some(Value::Null) => Ok(None),
+        Some(sc @ Value::Object(_)) => Ok(Some(sc)),
+        Some(_) => Err(crate::json::TypeMismatch {
+            key: "securityContext".to_string(),
+            expected: "a map",
+        }),
+    }
+}
+
+/// Mutable access to the `securityContext` object of a container or Pod
+/// spec, created (or replacing a null) when missing. `None` when `holder` is
+/// not an object or its `securityContext` is not an object.
+pub fn security_context_mut(holder: &mut Value) -> Option<&mut Map<String, Value>> {
+    crate::json::object_entry(holder, "securityContext")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
