@@ -206,19 +206,29 @@ def json_patch(base: Any, mutated: Any) -> str | None:
 
 
 def response_from_validation(request: EvaluationRequest, raw_response: bytes) -> dict[str, Any]:
-    """A policy's ValidationResponse (waPC and WASI protocol) as an AdmissionResponse."""
+    """A policy's ValidationResponse (waPC protocol) as an AdmissionResponse."""
     uid = request.uid
     try:
         answer = orjson.loads(raw_response)
     except orjson.JSONDecodeError as exc:
         return internal_error(uid, f"invalid response from policy: {_json_error_text(exc)}")
+    problem = _validation_response_problem(answer)
+    if problem is not None:
+        return internal_error(uid, f"invalid response from policy: {problem}")
+    return _admission_from_validation(request, answer)
+
+
+def _validation_response_problem(answer: Any) -> str | None:
     if not isinstance(answer, dict):
-        return internal_error(uid, f"invalid response from policy: invalid type: {_json_type(answer)}, "
-                                   "expected struct ValidationResponse")
+        return f"invalid type: {_json_type(answer)}, expected struct ValidationResponse"
     accepted = answer.get("accepted")
     if not isinstance(accepted, bool):
-        problem = "missing field `accepted`" if accepted is None else "invalid type for `accepted`"
-        return internal_error(uid, f"invalid response from policy: {problem}")
+        return "missing field `accepted`" if accepted is None else "invalid type for `accepted`"
+    return None
+
+
+def _admission_from_validation(request: EvaluationRequest, answer: dict[str, Any]) -> dict[str, Any]:
+    uid = request.uid
     patch = None
     mutated = answer.get("mutated_object")
     if mutated is not None:
@@ -230,12 +240,129 @@ def response_from_validation(request: EvaluationRequest, raw_response: bytes) ->
             return internal_error(uid, f"invalid response format: {exc}")
     message, code = answer.get("message"), answer.get("code")
     return admission_response(
-        uid, accepted,
+        uid, answer["accepted"],
         status=status(message, code) if message is not None or code is not None else None,
         patch=patch,
         audit_annotations=answer.get("audit_annotations"),
         warnings=answer.get("warnings"),
     )
+
+
+# --- WASI, OPA and Gatekeeper results (spec §4, §5.3-5.4) -------------------------------------------
+
+GATEKEEPER_RAW_UNSUPPORTED = "Gatekeeper does not support raw validation requests"
+REGO_CONTEXT_AWARE_UNSUPPORTED = (
+    "context-aware OPA and Gatekeeper policies are not supported yet: no Kubernetes inventory to inject as data"
+)
+OPA_UNINTERPRETABLE = "cannot interpret OPA policy result"
+GATEKEEPER_UNINTERPRETABLE = "cannot interpret Gatekeeper policy result"
+
+
+def response_from_wasi(request: EvaluationRequest, stdout: bytes) -> dict[str, Any]:
+    """The stdout of a WASI policy's `validate` run (one ValidationResponse) as an AdmissionResponse."""
+    try:
+        answer = orjson.loads(stdout)
+    except orjson.JSONDecodeError as exc:
+        problem: str | None = _json_error_text(exc)
+    else:
+        problem = _validation_response_problem(answer)
+    if problem is not None:
+        return internal_error(request.uid, f"Cannot deserialize policy validation response: {problem}")
+    return _admission_from_validation(request, answer)
+
+
+def wasi_interrupted_message(stderr: str) -> str:
+    """A WASI timeout says so, and keeps what the policy wrote to stderr (the reference gave stderr only)."""
+    stderr = stderr.strip()
+    return f"{INTERRUPTED_MESSAGE}; policy stderr: {stderr}" if stderr else INTERRUPTED_MESSAGE
+
+
+def wasi_settings_error(stdout: bytes) -> str | None:
+    """The stdout of a WASI policy's `validate-settings` run: None when valid, else the reason."""
+    try:
+        answer = orjson.loads(stdout)
+        if not isinstance(answer, dict):
+            raise TypeError(f"invalid type: {_json_type(answer)}, expected struct SettingsValidationResponse")
+        valid = answer.get("valid")
+        if not isinstance(valid, bool):
+            raise TypeError("missing field `valid`" if valid is None else "invalid type for `valid`")
+    except (orjson.JSONDecodeError, TypeError) as exc:
+        return f"Cannot deserialize settings validation response: {_json_error_text(exc)}"
+    return None if valid else (answer.get("message") or "no message")
+
+
+def opa_documents(request: EvaluationRequest, settings_json: bytes) -> tuple[bytes, bytes]:
+    """OPA mode: input `{"request": <request>}`, data = the settings."""
+    return b'{"request":' + request.json + b"}", settings_json
+
+
+def gatekeeper_documents(request: EvaluationRequest, settings_json: bytes) -> tuple[bytes, bytes]:
+    """Gatekeeper mode: input `{"parameters": <settings>, "review": <request>}`, data `{}`."""
+    return b'{"parameters":' + settings_json + b',"review":' + request.json + b"}", b"{}"
+
+
+_STATUS_KEYS = ("status", "message", "reason", "details", "code")
+
+
+def response_from_opa(request: EvaluationRequest, result: bytes) -> dict[str, Any]:
+    """`result[0].result.response` of an OPA-mode policy, with the request's uid."""
+    uid = request.uid
+    try:
+        response = orjson.loads(result)[0]["result"]["response"]
+    except (orjson.JSONDecodeError, LookupError, TypeError):
+        return internal_error(uid, OPA_UNINTERPRETABLE)
+    if not isinstance(response, dict):
+        return internal_error(uid, f"invalid type: {_json_type(response)}, expected struct AdmissionResponse")
+    for key, check, expected in (("uid", str, "a string"), ("allowed", bool, "a boolean")):
+        if key not in response or response[key] is None:
+            return internal_error(uid, f"missing field `{key}`")
+        if not isinstance(response[key], check):
+            return internal_error(uid, f"invalid type: {_json_type(response[key])}, expected {expected}")
+    given = response.get("status")
+    if given is not None and not isinstance(given, dict):
+        return internal_error(uid, f"invalid type: {_json_type(given)}, expected struct Status")
+    patch = response.get("patch")
+    if patch is not None and not isinstance(patch, str):
+        return internal_error(uid, f"invalid type: {_json_type(patch)}, expected a base64 string")
+    return admission_response(
+        uid, response["allowed"],
+        status={k: given[k] for k in _STATUS_KEYS if given.get(k) is not None} if given else None,
+        patch=patch,
+        audit_annotations=response.get("auditAnnotations"),
+        warnings=response.get("warnings"),
+    )
+
+
+def gatekeeper_violations(result: bytes) -> list[dict[str, Any]]:
+    """The violations `result[0].result` of a Gatekeeper policy; ValueError when it is not one."""
+    try:
+        value = orjson.loads(result)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {_json_error_text(exc)}") from exc
+    if not isinstance(value, list) or not value or not isinstance(value[0], dict) or "result" not in value[0]:
+        raise ValueError("the entrypoint is undefined (it produced no result)")
+    violations = value[0]["result"]
+    if not isinstance(violations, list):
+        raise ValueError(f"expected a set of violations, got {_json_type(violations)}")
+    for violation in violations:
+        if not isinstance(violation, dict):
+            raise ValueError(f"a violation must be an object, got {_json_type(violation)}")
+        if violation.get("msg") is not None and not isinstance(violation["msg"], str):
+            raise ValueError(f"a violation's `msg` must be a string, got {_json_type(violation['msg'])}")
+    return violations
+
+
+def response_from_gatekeeper(request: EvaluationRequest, result: bytes) -> dict[str, Any]:
+    """No violations: allowed; otherwise rejected with the `msg`s joined by ", ". A result that is not
+    a list of violations is a rejection with code 500 (fail closed; the reference accepted it)."""
+    try:
+        violations = gatekeeper_violations(result)
+    except ValueError as exc:
+        return internal_error(request.uid, f"{GATEKEEPER_UNINTERPRETABLE}: {exc}")
+    if not violations:
+        return admission_response(request.uid, True)
+    messages = [v["msg"] for v in violations if v.get("msg") is not None]
+    return admission_response(request.uid, False, status=status(", ".join(messages)))
 
 
 # --- post-processing (validate and validate_raw; never audit) ------------------------------------

@@ -29,6 +29,8 @@ from kwserver.runtime.engine import (
     make_engine,
     malloc_trim,
 )
+from kwserver.runtime.modes import REGO_MODES
+from kwserver.runtime.opa import OpaModule, rego_entrypoint_warning
 from kwserver.sources import SourceError, fetch
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,7 @@ def build_registry(settings: ServerSettings,
         )
 
     _validate_all_settings(registry, options)
+    _check_rego_entrypoints(registry, report)
     report.seconds = time.monotonic() - started
     if registry.init_errors and not settings.continue_on_errors:
         raise BootError(registry.init_errors)
@@ -171,3 +174,25 @@ def _validate_all_settings(registry: PolicyRegistry, options: EngineOptions) -> 
     finally:
         ticker.stop()  # no thread may outlive the boot: the master forks next
         pool.clear()
+
+
+def _check_rego_entrypoints(registry: PolicyRegistry, report: BootReport) -> None:
+    """OPA/Gatekeeper: resolve each policy's entrypoint now, and warn when Gatekeeper's is not `violation`."""
+    linked: dict[str, OpaModule] = {}
+    for name, policy in list(registry.policies.items()):
+        mode = policy.module.execution_mode
+        if mode not in REGO_MODES:
+            continue
+        try:
+            module = linked.get(policy.module.digest) or OpaModule(
+                registry.engine, policy.module.module, epoch_interruption=registry.engine_options.epoch_interruption
+            )
+            linked[policy.module.digest] = module
+            warning = rego_entrypoint_warning(module, mode, policy.entrypoint)
+        except RuntimeFailure as exc:
+            registry.init_errors[name] = f"bootstrap failure: {name}: {exc}"
+            del registry.policies[name]
+            continue
+        if warning:
+            log.warning("policy %s: %s", name, warning)
+            report.warnings.append(f"policy {name}: {warning}")

@@ -17,9 +17,11 @@ from kwserver.metadata import MetadataError, WasmFormatError, annotate, parse_me
 
 def _version_text() -> str:
     from kwserver.runtime.engine import WASMTIME_VERSION
+    from kwserver.runtime.opa_builtins import implemented_names
 
+    builtins = "\n".join(f"  - {name}" for name in implemented_names())
     return (f"kwserver {__version__} (Kubewarden policy-server {KUBEWARDEN_COMPAT_VERSION} compatible, "
-            f"wasmtime {WASMTIME_VERSION})")
+            f"wasmtime {WASMTIME_VERSION})\n\nOpen Policy Agent/Gatekeeper implemented builtins:\n{builtins}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -275,6 +275,7 @@ class PolicySpec:
     context_aware_resources: tuple[ContextAwareResource, ...] = ()
     message: str | None = None
     timeout_eval_seconds: int | None = None
+    entrypoint: str | None = None  # OPA/Gatekeeper: the entrypoint to evaluate, by name (an extension)
 
 
 @dataclass(frozen=True)
@@ -290,8 +291,8 @@ class PolicyGroupSpec:
 PolicyEntry = PolicySpec | PolicyGroupSpec
 
 _POLICY_KEYS = {"module", "policyMode", "allowedToMutate", "settings", "contextAwareResources", "message",
-                "timeoutEvalSeconds"}
-_MEMBER_KEYS = {"module", "settings", "contextAwareResources", "timeoutEvalSeconds"}
+                "timeoutEvalSeconds", "entrypoint"}
+_MEMBER_KEYS = {"module", "settings", "contextAwareResources", "timeoutEvalSeconds", "entrypoint"}
 
 
 def _settings(value: Any) -> dict[str, Any]:
@@ -333,6 +334,12 @@ def _resources(value: Any) -> tuple[ContextAwareResource, ...]:
     return tuple(resources)
 
 
+def _entrypoint(value: Any, where: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{where}: `entrypoint` must be a non-empty string (an OPA entrypoint name)")
+    return value
+
+
 def _module(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: `module` must be a non-empty string")
@@ -355,6 +362,7 @@ def _parse_policy(name: str, doc: dict[str, Any]) -> PolicySpec:
         context_aware_resources=_resources(doc.get("contextAwareResources")),
         message=message,
         timeout_eval_seconds=_timeout(doc.get("timeoutEvalSeconds")),
+        entrypoint=_entrypoint(doc.get("entrypoint"), f"policy '{name}'"),
     )
 
 
@@ -388,6 +396,7 @@ def _parse_group(name: str, doc: dict[str, Any]) -> PolicyGroupSpec:
             settings=_settings(member_doc.get("settings")),
             context_aware_resources=_resources(member_doc.get("contextAwareResources")),
             timeout_eval_seconds=_timeout(member_doc.get("timeoutEvalSeconds")),
+            entrypoint=_entrypoint(member_doc.get("entrypoint"), f"policy group '{name}' member '{member}'"),
         )
     expression, message = doc["expression"], doc["message"]
     if not isinstance(expression, str) or not isinstance(message, str):

@@ -25,7 +25,9 @@ from kwserver.config import PolicyGroupSpec, PolicySpec
 from kwserver.expressions import ExpressionError, evaluate
 from kwserver.runtime import GuestCallFailure, GuestTimeout, InstanceLimits, InstantiationFailure
 from kwserver.runtime.engine import CompiledModule, EngineOptions
-from kwserver.runtime.modes import LinkedModule, PolicyInstance, link
+from kwserver.runtime.modes import REGO_MODES, LinkedModule, PolicyInstance, link
+from kwserver.runtime.opa import OpaInstance, OpaModule
+from kwserver.runtime.wasi_command import WasiCommandFailure, WasiCommandPolicy, WasiCommandTimeout
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,11 @@ class LoadedPolicy:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def entrypoint(self) -> str | None:
+        """OPA/Gatekeeper: the entrypoint chosen by name (policies.yml, then metadata); None: id 0."""
+        return self.spec.entrypoint or self.module.metadata.entrypoint
 
 
 @dataclass
@@ -214,6 +221,10 @@ def rust_debug_string(text: str) -> str:
 
 def settings_error(instance: PolicyInstance, settings_json: bytes) -> str | None:
     """Run the policy's `validate_settings`; the error text, or None when the settings are valid."""
+    if isinstance(instance, OpaInstance):
+        return None  # OPA and Gatekeeper policies have no settings validation: always valid (spec §5.4)
+    if isinstance(instance, WasiCommandPolicy):
+        return _wasi_settings_error(instance, settings_json)
     try:
         raw = instance.call("validate_settings", settings_json)
     except GuestTimeout as exc:
@@ -232,6 +243,17 @@ def settings_error(instance: PolicyInstance, settings_json: bytes) -> str | None
     return answer.get("message") or "no message"
 
 
+def _wasi_settings_error(instance: WasiCommandPolicy, settings_json: bytes) -> str | None:
+    """`validate-settings` run of a WASI policy: a failed run is invalid settings, with its stderr."""
+    try:
+        stdout = instance.call("validate_settings", settings_json)
+    except WasiCommandTimeout as exc:
+        return admission.wasi_interrupted_message(exc.stderr)
+    except WasiCommandFailure as exc:
+        return exc.message
+    return admission.wasi_settings_error(stdout)
+
+
 class Evaluator:
     """Computes the vanilla response of a policy or group for one request (before post-processing)."""
 
@@ -240,6 +262,11 @@ class Evaluator:
         self.pool = pool
 
     def evaluate_policy(self, policy: LoadedPolicy, request: EvaluationRequest) -> dict[str, Any]:
+        mode = policy.module.execution_mode
+        if mode == "wasi":
+            return self._evaluate_wasi(policy, request)
+        if mode in REGO_MODES:
+            return self._evaluate_rego(policy, request, mode)
         payload = admission.validation_payload(request, policy.settings_json)
         try:
             with self.pool.instance(policy) as instance:
@@ -252,6 +279,46 @@ class Evaluator:
         except InstantiationFailure as exc:
             raise EvaluationError(f"policy {policy.name}: {exc}") from exc
         return admission.response_from_validation(request, raw)
+
+    def _evaluate_wasi(self, policy: LoadedPolicy, request: EvaluationRequest) -> dict[str, Any]:
+        """A WASI command run: stdout is the ValidationResponse; a failed run rejects with code 500."""
+        payload = admission.validation_payload(request, policy.settings_json)
+        try:
+            with self.pool.instance(policy) as instance:
+                stdout = instance.call("validate", payload)
+        except WasiCommandTimeout as exc:
+            log.warning("policy %s: evaluation interrupted, execution deadline exceeded", policy.name)
+            return admission.reject(request.uid, admission.wasi_interrupted_message(exc.stderr), 500)
+        except WasiCommandFailure as exc:
+            return admission.reject(request.uid, exc.message, 500)
+        except InstantiationFailure as exc:
+            raise EvaluationError(f"policy {policy.name}: {exc}") from exc
+        return admission.response_from_wasi(request, stdout)
+
+    def _evaluate_rego(self, policy: LoadedPolicy, request: EvaluationRequest, mode: str) -> dict[str, Any]:
+        """OPA and Gatekeeper: build input and data, evaluate the entrypoint, map the result set."""
+        uid = request.uid
+        if mode == "gatekeeper" and request.raw:
+            return admission.internal_error(uid, admission.GATEKEEPER_RAW_UNSUPPORTED)
+        if policy.spec.context_aware_resources:
+            return admission.internal_error(uid, admission.REGO_CONTEXT_AWARE_UNSUPPORTED)
+        documents = admission.gatekeeper_documents if mode == "gatekeeper" else admission.opa_documents
+        input_json, data_json = documents(request, policy.settings_json)
+        try:
+            linked = self.pool.linked(policy.module)
+            entrypoint = linked.entrypoint_id(policy.entrypoint) if isinstance(linked, OpaModule) else 0
+            with self.pool.instance(policy) as instance:
+                result = instance.evaluate(entrypoint, input_json, data_json)
+        except GuestTimeout as exc:
+            log.warning("policy %s: evaluation interrupted, execution deadline exceeded", policy.name)
+            return admission.internal_error(uid, str(exc))
+        except GuestCallFailure as exc:
+            return admission.internal_error(uid, str(exc))
+        except InstantiationFailure as exc:
+            raise EvaluationError(f"policy {policy.name}: {exc}") from exc
+        if mode == "gatekeeper":
+            return admission.response_from_gatekeeper(request, result)
+        return admission.response_from_opa(request, result)
 
     def evaluate_group(self, group: PolicyGroupSpec, request: EvaluationRequest) -> dict[str, Any]:
         results: dict[str, dict[str, Any]] = {}

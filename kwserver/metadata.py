@@ -42,6 +42,7 @@ class PolicyMetadata:
     annotations: dict[str, str] = field(default_factory=dict)
     context_aware_resources: list[dict[str, str]] = field(default_factory=list)
     minimum_kubewarden_version: str | None = None
+    entrypoint: str | None = None  # OPA/Gatekeeper: entrypoint name to evaluate (kwserver extension)
     # True when the module carried no metadata section and the mode was inferred from its exports.
     inferred: bool = False
 
@@ -71,6 +72,7 @@ class PolicyMetadata:
             annotations=raw.get("annotations") or {},
             context_aware_resources=raw.get("contextAwareResources") or [],
             minimum_kubewarden_version=raw.get("minimumKubewardenVersion"),
+            entrypoint=raw.get("entrypoint") if isinstance(raw.get("entrypoint"), str) else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -84,6 +86,7 @@ class PolicyMetadata:
             "executionMode": self.execution_mode,
             "policyType": self.policy_type,
             "minimumKubewardenVersion": self.minimum_kubewarden_version,
+            "entrypoint": self.entrypoint,
         }
         return {k: v for k, v in doc.items() if v is not None}
 

@@ -108,3 +108,20 @@ def test_endless_init_is_an_initialization_failure(engine):
     with pytest.raises(InstantiationFailure,
                        match="Initialization failed: wapc_init init interrupted, execution deadline exceeded"):
         module.instantiate(InstanceLimits(memory_bytes=1 << 20, timeout_seconds=1))
+
+
+def test_modules_on_two_engines_in_one_process():
+    # A reload with different engine options builds a second engine next to the first.
+    path = CONFORMANCE / "wasm/wapc-test-guests/wasm_basic.wasm"
+    for _ in range(2):
+        engine = make_engine(EngineOptions(epoch_interruption=False))
+        module = WapcModule(engine, wasmtime.Module.from_file(engine, str(path)), epoch_interruption=False)
+        instance = module.instantiate(InstanceLimits(memory_bytes=64 << 20, timeout_seconds=None), lambda *a: b"")
+        assert instance.call("ping", b"hi") == b"hi"
+
+
+def test_wrong_import_signature_is_refused_at_link_time(engine):
+    wasm = wasmtime.wat2wasm("""(module (import "wapc" "__guest_response" (func (param i32)))
+        (memory (export "memory") 1) (func (export "__guest_call") (param i32 i32) (result i32) (i32.const 0)))""")
+    with pytest.raises(InstantiationFailure):
+        WapcModule(engine, wasmtime.Module(engine, wasm), epoch_interruption=True)

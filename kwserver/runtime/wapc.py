@@ -106,24 +106,24 @@ def __console_log(ptr: int, length: int) -> None:
     log.info("Guest module %s: %s", guest.label, guest.memory.read(ptr, length).decode("utf-8", "replace"))
 
 
+# name -> (function, number of i32 parameters, number of i32 results)
+_HOST_FUNCTIONS: dict[str, tuple[Callable[..., int | None], int, int]] = {
+    "__guest_request": (__guest_request, 2, 0),
+    "__guest_response": (__guest_response, 2, 0),
+    "__guest_error": (__guest_error, 2, 0),
+    "__host_call": (__host_call, 8, 1),
+    "__host_response_len": (__host_response_len, 0, 1),
+    "__host_response": (__host_response, 1, 0),
+    "__host_error_len": (__host_error_len, 0, 1),
+    "__host_error": (__host_error, 1, 0),
+    "__console_log": (__console_log, 2, 0),
+}
 _I32 = wasmtime.ValType.i32()
 
 
-def _functype(params: int, results: int) -> wasmtime.FuncType:
-    return wasmtime.FuncType([_I32] * params, [_I32] * results)
-
-
-_HOST_FUNCTIONS: dict[str, tuple[Callable[..., int | None], wasmtime.FuncType]] = {
-    "__guest_request": (__guest_request, _functype(2, 0)),
-    "__guest_response": (__guest_response, _functype(2, 0)),
-    "__guest_error": (__guest_error, _functype(2, 0)),
-    "__host_call": (__host_call, _functype(8, 1)),
-    "__host_response_len": (__host_response_len, _functype(0, 1)),
-    "__host_response": (__host_response, _functype(1, 0)),
-    "__host_error_len": (__host_error_len, _functype(0, 1)),
-    "__host_error": (__host_error, _functype(1, 0)),
-    "__console_log": (__console_log, _functype(2, 0)),
-}
+def _declares(functype: wasmtime.FuncType, params: int, results: int) -> bool:
+    return [t == _I32 for t in functype.params] == [True] * params and \
+        [t == _I32 for t in functype.results] == [True] * results
 
 
 def _first_line(exc: BaseException) -> str:
@@ -138,8 +138,12 @@ class WapcModule:
         self.engine = engine
         self.epoch_interruption = epoch_interruption
         linker = wasmtime.Linker(engine)
-        for name, (func, functype) in _HOST_FUNCTIONS.items():
-            fastcall.define(linker, WAPC_MODULE, name, functype, func)
+        # Linked with the signatures the module declares (a FuncType belongs to one engine); a wrong
+        # signature or an unknown import fails right here, at boot.
+        for item in module.imports:
+            host = _HOST_FUNCTIONS.get(item.name) if item.module == WAPC_MODULE else None
+            if host is not None and isinstance(item.type, wasmtime.FuncType) and _declares(item.type, *host[1:]):
+                fastcall.define(linker, WAPC_MODULE, item.name, item.type, host[0])
         define_wasi(linker, module)
         try:
             self.pre = linker.instantiate_pre(module)

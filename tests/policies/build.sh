@@ -1,5 +1,5 @@
 #!/bin/sh
-# Rebuilds kwserver's four test policies and annotates them with their
+# Rebuilds kwserver's test policies and annotates them with their
 # Kubewarden metadata, producing tests/policies/<name>.wasm.
 #
 #   tests/policies/build.sh                # build + annotate
@@ -32,12 +32,13 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x /work/venv/bin/python ]; then PYTHON=/work/venv/bin/python; else PYTHON=python3; fi
 fi
 
-# policy name, rust target. Only `sleeping` needs WASI (it reads the clock);
-# the others are plain wasm32 modules that import nothing but waPC.
+# policy name, rust target. `sleeping` needs WASI (it reads the clock) and
+# `wasi-testbed` is a WASI command; the others import nothing but waPC.
 policies="pod-privileged:wasm32-unknown-unknown
 raw-mutation:wasm32-unknown-unknown
 raw-validation:wasm32-unknown-unknown
-sleeping:wasm32-wasi"
+sleeping:wasm32-wasi
+wasi-testbed:wasm32-wasi"
 
 cargo_build() {
     # $1 = rust target, rest = cargo args. A rustup toolchain may be first on
