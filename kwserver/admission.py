@@ -41,10 +41,6 @@ class EvaluationRequest:
     operation: str | None = None
     kind: str = ""  # requestKind.kind, for metrics
 
-    @property
-    def reviewed_object(self) -> Any:
-        return self.base_object if self.has_base_object else None
-
 
 # --- parsing ------------------------------------------------------------------------------------
 

@@ -227,9 +227,7 @@ def settings_error(instance: PolicyInstance, settings_json: bytes) -> str | None
         return _wasi_settings_error(instance, settings_json)
     try:
         raw = instance.call("validate_settings", settings_json)
-    except GuestTimeout as exc:
-        return f"Error invoking settings validation callback: GuestCallFailure({rust_debug_string(str(exc))})"
-    except GuestCallFailure as exc:
+    except (GuestTimeout, GuestCallFailure) as exc:
         return f"Error invoking settings validation callback: GuestCallFailure({rust_debug_string(str(exc))})"
     try:
         answer = orjson.loads(raw)

@@ -8,7 +8,6 @@ reports failures as the exceptions below.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 
 
@@ -45,18 +44,6 @@ class InstanceLimits:
 
     memory_bytes: int
     timeout_seconds: int | None  # None: the evaluation is never interrupted
-
-
-class Deadline:
-    """Wall-clock deadline of the evaluation in progress, for host functions that block (sleep, poll)."""
-
-    __slots__ = ("at",)
-
-    def __init__(self, timeout_seconds: int | None):
-        self.at = None if timeout_seconds is None else time.monotonic() + timeout_seconds
-
-    def remaining(self) -> float | None:
-        return None if self.at is None else self.at - time.monotonic()
 
 
 # The guest running on this thread. Host functions are linked once per module and shared by all of

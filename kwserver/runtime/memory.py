@@ -59,9 +59,6 @@ class GuestMemory:
             pos += len(chunk)
         raise GuestMemoryError("unterminated string in guest memory")
 
-    def read_u32(self, ptr: int) -> int:
-        return _U32.unpack(self.read(ptr, 4))[0]
-
     def write_u32(self, ptr: int, value: int) -> None:
         self.write(ptr, _U32.pack(value & 0xFFFFFFFF))
 
