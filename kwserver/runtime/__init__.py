@@ -38,6 +38,16 @@ class ProcExit(Exception):
         self.code = code
 
 
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a guest failed: a trap's cause (`wasm trap: ...`), not wasmtime's backtrace."""
+    text = str(exc).strip()
+    if "Caused by:" in text:
+        causes = [line.strip() for line in text.split("Caused by:", 1)[1].splitlines() if line.strip()]
+        if causes:
+            return causes[-1].split(": ", 1)[1] if causes[-1][:1].isdigit() else causes[-1]
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 @dataclass(frozen=True)
 class InstanceLimits:
     """Per-evaluation limits applied to one instance's store."""

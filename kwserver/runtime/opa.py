@@ -36,6 +36,7 @@ from kwserver.runtime import (
     InstanceLimits,
     InstantiationFailure,
     current_guest,
+    failure_reason,
     fastcall,
     opa_builtins,
     running,
@@ -70,14 +71,6 @@ class _Abort(Exception):
     """Raised by the `opa_abort` import to unwind the guest."""
 
 
-def _first_line(exc: BaseException) -> str:
-    """A one-line reason: a trap's cause (`wasm trap: ...`), not wasmtime's backtrace header."""
-    text = str(exc).strip()
-    if "Caused by:" in text:
-        causes = [line.strip() for line in text.split("Caused by:", 1)[1].splitlines() if line.strip()]
-        if causes:
-            return causes[-1].split(": ", 1)[1] if causes[-1][:1].isdigit() else causes[-1]
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- host functions (module "env") -----------------------------------------------------------------
@@ -271,7 +264,7 @@ class OpaInstance:
             instance, memory = module.new_instance(self.store)
         except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
             self.store.close()
-            raise InstantiationFailure(_first_line(exc)) from exc
+            raise InstantiationFailure(failure_reason(exc)) from exc
         self.memory = GuestMemory(self.store, memory)
         self.exports = exports = instance.exports(self.store)
         fast_path = getattr(module, "fast_path", False)
@@ -300,7 +293,7 @@ class OpaInstance:
                 self._base_heap = self._heap_get()
         except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
             self.store.close()
-            raise InstantiationFailure(_first_line(exc)) from exc
+            raise InstantiationFailure(failure_reason(exc)) from exc
 
     def _arm_deadline(self) -> None:
         if self.module.epoch_interruption:
@@ -384,7 +377,7 @@ class OpaInstance:
             self.broken = True
             if isinstance(exc, GuestTimeout) or exc.trap_code == wasmtime.TrapCode.INTERRUPT:
                 raise GuestTimeout(INTERRUPTED) from exc
-            raise RegoEvaluationError(_first_line(exc)) from exc
+            raise RegoEvaluationError(failure_reason(exc)) from exc
         except _Abort as exc:
             self.broken = True
             raise RegoEvaluationError(f"opa_abort: {exc}") from exc
@@ -396,7 +389,7 @@ class OpaInstance:
             raise
         except (wasmtime.WasmtimeError, GuestMemoryError, UnicodeDecodeError, ValueError) as exc:
             self.broken = True
-            raise RegoEvaluationError(_first_line(exc)) from exc
+            raise RegoEvaluationError(failure_reason(exc)) from exc
 
     def evaluate_value(self, entrypoint: int, input_value: Any, data_value: Any = None) -> Any:
         """`evaluate` on Python values (a convenience for tools and tests)."""

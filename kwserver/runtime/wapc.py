@@ -20,6 +20,7 @@ from kwserver.runtime import (
     InstantiationFailure,
     ProcExit,
     current_guest,
+    failure_reason,
     fastcall,
     running,
 )
@@ -126,9 +127,6 @@ def _declares(functype: wasmtime.FuncType, params: int, results: int) -> bool:
         [t == _I32 for t in functype.results] == [True] * results
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class WapcModule:
@@ -148,7 +146,7 @@ class WapcModule:
         try:
             self.pre = linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
-            raise InstantiationFailure(_first_line(exc)) from exc
+            raise InstantiationFailure(failure_reason(exc)) from exc
 
     def instantiate(self, limits: InstanceLimits, host_call: HostCall | None = None,
                     label: str = "guest") -> WapcInstance:
@@ -183,7 +181,7 @@ class WapcInstance:
             try:
                 instance = module.pre.instantiate(self.store)
             except (wasmtime.WasmtimeError, wasmtime.Trap, GuestMemoryError, GuestTimeout) as exc:
-                raise InstantiationFailure(_first_line(exc)) from exc
+                raise InstantiationFailure(failure_reason(exc)) from exc
             exports = instance.exports(self.store)
             memory = exports.get("memory")
             if not isinstance(memory, wasmtime.Memory):
@@ -219,9 +217,9 @@ class WapcInstance:
                 raise InstantiationFailure(
                     f"Initialization failed: {name} init interrupted, execution deadline exceeded"
                 ) from exc
-            raise InstantiationFailure(f"Initialization failed: {_first_line(exc)}") from exc
+            raise InstantiationFailure(f"Initialization failed: {failure_reason(exc)}") from exc
         except (wasmtime.WasmtimeError, GuestMemoryError, UnicodeDecodeError) as exc:
-            raise InstantiationFailure(f"Initialization failed: {_first_line(exc)}") from exc
+            raise InstantiationFailure(f"Initialization failed: {failure_reason(exc)}") from exc
 
     def call(self, operation: str, payload: bytes) -> bytes:
         """Run one waPC invocation; raise GuestTimeout or GuestCallFailure("<guest error>")."""
@@ -237,13 +235,13 @@ class WapcInstance:
             self.broken = True
             if _interrupted(exc):
                 raise GuestTimeout(INTERRUPTED) from exc
-            self.guest_error, ok = _first_line(exc), 0
+            self.guest_error, ok = failure_reason(exc), 0
         except ProcExit as exit_:
             self.broken = True
             self.guest_error, ok = str(exit_), 0
         except (wasmtime.WasmtimeError, GuestMemoryError, UnicodeDecodeError) as exc:
             self.broken = True
-            self.guest_error, ok = _first_line(exc), 0
+            self.guest_error, ok = failure_reason(exc), 0
         finally:
             self.payload = b""
         if ok == 1:

@@ -25,6 +25,7 @@ from kwserver.runtime import (
     InstantiationFailure,
     ProcExit,
     current_guest,
+    failure_reason,
     fastcall,
     running,
 )
@@ -85,14 +86,6 @@ def _host_call(bd_ptr: int, bd_len: int, ns_ptr: int, ns_len: int, op_ptr: int, 
     return status
 
 
-def _first_line(exc: BaseException) -> str:
-    """A one-line reason: a trap's cause (`wasm trap: ...`), not wasmtime's backtrace header."""
-    text = str(exc).strip()
-    if "Caused by:" in text:
-        causes = [line.strip() for line in text.split("Caused by:", 1)[1].splitlines() if line.strip()]
-        if causes:
-            return causes[-1].split(": ", 1)[1] if causes[-1][:1].isdigit() else causes[-1]
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Run:
@@ -130,7 +123,7 @@ class WasiCommandModule:
         try:
             self.pre = linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
-            raise InstantiationFailure(_first_line(exc)) from exc
+            raise InstantiationFailure(failure_reason(exc)) from exc
 
     def instantiate(self, limits: InstanceLimits, host_call: HostCall | None = None,
                     label: str = "guest") -> WasiCommandPolicy:
@@ -178,9 +171,9 @@ class WasiCommandPolicy:
                 except (wasmtime.Trap, GuestTimeout) as exc:
                     if isinstance(exc, GuestTimeout) or exc.trap_code == wasmtime.TrapCode.INTERRUPT:
                         raise WasiCommandTimeout(_text(wasi.stderr)) from exc
-                    exit_code, reason = None, f"the policy trapped: {_first_line(exc)}"
+                    exit_code, reason = None, f"the policy trapped: {failure_reason(exc)}"
                 except (wasmtime.WasmtimeError, GuestMemoryError, UnicodeDecodeError) as exc:
-                    exit_code, reason = None, f"the policy failed: {_first_line(exc)}"
+                    exit_code, reason = None, f"the policy failed: {failure_reason(exc)}"
         finally:
             store.close()
         stderr = _text(wasi.stderr)
