@@ -29,6 +29,8 @@ graceful_timeout = kwserver.GRACEFUL_TIMEOUT_SECONDS
 max_requests = kw.settings.worker_max_requests
 max_requests_jitter = kw.settings.worker_max_requests // 10
 pidfile = kw.settings.pid_file
+# kwserver's own control surface is the metrics port (`kwserver top`) and `kwserver reload`.
+control_socket_disable = True
 
 # Required: the master downloads, validates and compiles every policy before forking.
 preload_app = True

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import orjson
 import psutil
-from gunicorn.app.base import BaseApplication
+from gunicorn.app.base import Application
 
 from kwserver import __version__
 from kwserver.api import create_app
@@ -128,6 +128,9 @@ class Daemon:
             "preload_app": True,
             "proc_name": "kwserver",
             "pidfile": settings.pid_file,
+            # kwserver has its own control surface (metrics port, `kwserver top`, `kwserver reload`);
+            # gunicorn's control socket sits at one path per user and collides between instances.
+            "control_socket_disable": True,
             "loglevel": gunicorn_log_level(settings),
             **HOOKS,
         }
@@ -364,8 +367,11 @@ HOOKS = {"when_ready": when_ready, "pre_fork": pre_fork, "post_fork": post_fork,
          "on_reload": on_reload, "on_exit": on_exit}
 
 
-class KwserverApplication(BaseApplication):
-    """`kwserver serve`: gunicorn with kwserver's settings, optionally tuned by a gunicorn config file."""
+class KwserverApplication(Application):
+    """`kwserver serve`: gunicorn with kwserver's settings, optionally tuned by a gunicorn config file.
+
+    Configured from kwserver's settings, never from gunicorn's command line (argv is kwserver's).
+    """
 
     def __init__(self, daemon: Daemon, gunicorn_config: str | None = None):
         self.daemon = daemon

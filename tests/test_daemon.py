@@ -137,3 +137,12 @@ def test_check_rejects_an_unparsable_file(tmp_path):
     result = _check(tmp_path, {"g": {"expression": "nope(", "message": "m",
                                      "policies": {"a": {"module": policy_path("sleeping")}}}})
     assert result.returncode == 1 and "invalid expression" in result.stderr
+
+
+def test_serve_with_a_gunicorn_config_file(run_server, tmp_path):
+    tuning = tmp_path / "tuning.py"
+    tuning.write_text("keepalive = 5\nproc_name = 'tuned'\n")
+    server = run_server(POLICIES, args=["--gunicorn-config", str(tuning)], env={"KUBEWARDEN_WORKERS": "1"})
+    assert _post(http.client.HTTPConnection("127.0.0.1", server.port, timeout=30),
+                 *REQUESTS[0])["response"]["allowed"] is False
+    assert "Control socket" not in server.log()

@@ -1,0 +1,556 @@
+"""The scenarios of `python -m bench <scenario>`; each writes bench/results/<scenario>/."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import workloads as wl
+from bench.harness import MIB, Options, ScenarioRun
+from bench.report import cpu_ratio_of, median_rps, ratio_of
+from bench.sampler import snapshot
+from bench.stats import fmt, fmt_ratio, fmt_spread, linear_fit, spread
+
+KIB = 1024
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    description: str
+    run: Callable[[Options], None]
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def scenario(name: str, title: str, description: str) -> Callable[[Callable[[ScenarioRun], None]], Callable]:
+    def register(body: Callable[[ScenarioRun], None]) -> Callable:
+        def run(options: Options) -> None:
+            with ScenarioRun(name, options, title, description) as r:
+                body(r)
+
+        SCENARIOS[name] = Scenario(name, title, description, run)
+        return body
+
+    return register
+
+
+# --- shared pieces ---------------------------------------------------------------------------------
+
+def config_dir(run: ScenarioRun) -> Path:
+    return run.options.results / "configs"
+
+
+def config10(run: ScenarioRun) -> wl.ConfigChoice:
+    choice = wl.choose_config(run.options.config10, wl.DEFAULT_CONFIG_10, 10, config_dir(run))
+    run.configs["ten"] = choice.to_json()
+    if choice.fallback:
+        run.notes.append(f"Measured on the {choice.label}: the policy library's config did not exist yet.")
+    return choice
+
+
+def config61(run: ScenarioRun) -> wl.ConfigChoice:
+    choice = wl.choose_config(run.options.config61, wl.DEFAULT_CONFIG_61, 61, config_dir(run))
+    run.configs["sixty-one"] = choice.to_json()
+    if choice.fallback:
+        run.notes.append(f"Measured on the {choice.label}: the policy library's config did not exist yet.")
+    return choice
+
+
+def single_config(run: ScenarioRun) -> Path:
+    path = wl.single_policy_config(config_dir(run) / "policies-pod-privileged.yml")
+    run.configs["one"] = {"path": str(path), "label": "pod-privileged alone (tests/policies/pod-privileged.wasm)",
+                          "fallback": False, "policies": 1}
+    return path
+
+
+def pod_privileged_policy(config: Path) -> str:
+    """The policy of a config that runs pod-privileged (the one-policy workload), else the first Kubernetes one."""
+    infos = wl.describe_config(config)
+    entries = wl.load_policies(config)
+    for info in infos:
+        entry = entries[info.name]
+        module = getattr(entry, "module", "")
+        if not info.group and "pod-privileged" in module:
+            return info.name
+    for info in infos:
+        if not info.group and not info.raw:
+            return info.name
+    raise ValueError(f"{config} has no Kubernetes policy")
+
+
+def plain_policies(config: Path) -> set[str]:
+    return {i.name for i in wl.describe_config(config) if not i.group}
+
+
+def workdir(run: ScenarioRun, name: str) -> Path:
+    path = run.work / "workloads" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_outcomes(run: ScenarioRun, server: Any, workload: wl.Workload, expect: str | None = None) -> None:
+    outcomes = run.preflight(server, workload)
+    if expect is not None and set(outcomes) != {expect}:
+        raise RuntimeError(f"{server.name} answered {dict(outcomes)} to `{workload.name}`, expected only {expect}")
+
+
+def ratio_headline(run: ScenarioRun, figure: str, series: str, label: str, baseline: str, **numbers: Any) -> None:
+    r = ratio_of(run, series, label, baseline)
+    c = cpu_ratio_of(run, series, label, baseline)
+    a, b = median_rps(run, series, label), median_rps(run, series, baseline)
+    cpu_a = spread([p.server_cpu_ms_per_request for p in run.select(series=series, label=label)]).median
+    cpu_b = spread([p.server_cpu_ms_per_request for p in run.select(series=series, label=baseline)]).median
+    run.headline(figure, f"{fmt_ratio(r)}; CPU-cost ratio {fmt_ratio(c)}",
+                 f"{fmt(a.median)} vs {fmt(b.median)} req/s; {fmt(cpu_a, 3)} vs {fmt(cpu_b, 3)} server CPU ms/req",
+                 ratio=r.median, ratio_low=r.low, ratio_high=r.high, cpu_ratio=c.median, rps=a.median,
+                 baseline_rps=b.median, **numbers)
+
+
+def interleaved(run: ScenarioRun, plan: list[tuple[Any, wl.Workload, str, str]], repeats: int,
+                duration: float | None = None) -> None:
+    """Run (server, workload, label, series) points `repeats` times, interleaved repeat by repeat."""
+    for repeat in range(repeats):
+        for server, workload, label, series in plan:
+            run.load(server, workload, label=label, series=series, repeat=repeat, duration=duration)
+
+
+# --- 1. ceiling ------------------------------------------------------------------------------------
+
+@scenario("ceiling", "kwserver vs the HTTP ceiling",
+          "The HTTP ceiling is a minimal falcon app (bench/canned.py) answering a canned AdmissionReview "
+          "under the same gunicorn settings as kwserver (gthread, 1 thread, keep-alive, same workers); it "
+          "reads the request body and returns fixed bytes. kwserver serves `/validate/pod-privileged` "
+          "(tests/policies/pod-privileged.wasm) with the ~5 KB pods of the reference server's tests: one "
+          "accepted (no privileged container), one rejected. Plain HTTP and TLS with keep-alive.")
+def ceiling(run: ScenarioRun) -> None:
+    o = run.options
+    config = single_config(run)
+    policy = "pod-privileged"
+    d = workdir(run, "ceiling")
+    accept = wl.single_request(d, "pod-accept-5k", policy, wl.POD_UNPRIVILEGED, "5.4 KB Pod, accepted")
+    reject = wl.single_request(d, "pod-reject-5k", policy, wl.POD_PRIVILEGED, "5.3 KB Pod, rejected")
+    run.data["baselines"] = {}
+    for transport in o.transports:
+        tls = transport == "https"
+        canned = run.canned(f"canned-{transport}", tls=tls)
+        kw = run.kwserver(f"kwserver-{transport}", config, tls=tls)
+        check_outcomes(run, kw, accept, "accept")
+        check_outcomes(run, kw, reject, "reject")
+        for server, workload in ((canned, reject), (kw, accept), (kw, reject)):
+            run.warmup(server, workload)
+        run.data["baselines"][transport] = "canned (ceiling)"
+        interleaved(run, [(canned, reject, "canned (ceiling)", transport),
+                          (kw, accept, "kwserver accept", transport),
+                          (kw, reject, "kwserver reject", transport)], o.repeats)
+        run.stop(canned)
+        run.stop(kw)
+        for outcome in ("accept", "reject"):
+            ratio_headline(run, f"ceiling ratio, {transport}, {outcome} (kwserver / canned)", transport,
+                           f"kwserver {outcome}", "canned (ceiling)", transport=transport, outcome=outcome)
+
+
+# --- 2. instances ----------------------------------------------------------------------------------
+
+@scenario("instances", "reused instances vs a fresh instance per request",
+          "The same kwserver and config twice: default mode (instances are reused per worker and policy) and "
+          "`KWSERVER_FRESH_INSTANCE_PER_REQUEST=true` (every evaluation gets a new instance). Two workloads: "
+          "one policy (pod-privileged, the 5.4 KB accepted Pod) and the realistic mix fanned out over the "
+          "ten-policy config. Plain HTTP and TLS with keep-alive.")
+def instances(run: ScenarioRun) -> None:
+    o = run.options
+    ten = config10(run)
+    policy = pod_privileged_policy(ten.path)
+    d = workdir(run, "instances")
+    one = wl.single_request(d, "one-policy", policy, wl.POD_UNPRIVILEGED, f"5.4 KB Pod to `{policy}`")
+    mix = wl.mix_workload(d, "ten-policy-mix", ten.path, "realistic mix over the ten-policy config")
+    run.data["baselines"] = {}
+    for transport in o.transports:
+        tls = transport == "https"
+        reuse = run.kwserver(f"reuse-{transport}", ten.path, tls=tls)
+        fresh = run.kwserver(f"fresh-{transport}", ten.path, tls=tls,
+                             env={"KWSERVER_FRESH_INSTANCE_PER_REQUEST": "true"})
+        for server in (reuse, fresh):
+            check_outcomes(run, server, one)
+            run.preflight(server, mix)
+            run.warmup(server, one)
+            run.warmup(server, mix)
+        s1, s10 = f"{transport} one policy", f"{transport} ten-policy mix"
+        run.data["baselines"][s1] = run.data["baselines"][s10] = "reuse"
+        interleaved(run, [(reuse, one, "reuse", s1), (fresh, one, "fresh", s1),
+                          (reuse, mix, "reuse", s10), (fresh, mix, "fresh", s10)], o.repeats)
+        run.stop(reuse)
+        run.stop(fresh)
+        ratio_headline(run, f"fresh/reuse ratio, {transport}, one policy", s1, "fresh", "reuse")
+        ratio_headline(run, f"fresh/reuse ratio, {transport}, ten-policy mix", s10, "fresh", "reuse")
+
+
+# --- 3. naive --------------------------------------------------------------------------------------
+
+@scenario("naive", "kwserver vs the naive design",
+          "The naive baseline (bench/naive.py): no preload, every worker compiles its modules itself, a new "
+          "Store and `Linker.instantiate` per request (no InstancePre, no compile cache, no instance reuse), "
+          "waPC host functions over wasmtime-py's public API; request parsing and responses are kwserver's "
+          "own code, so only the wasm execution design differs. Same policies (the plain policies of the "
+          "ten-policy config) and workloads as `instances`. Plain HTTP and TLS with keep-alive.")
+def naive(run: ScenarioRun) -> None:
+    o = run.options
+    ten = config10(run)
+    policy = pod_privileged_policy(ten.path)
+    d = workdir(run, "naive")
+    one = wl.single_request(d, "one-policy", policy, wl.POD_UNPRIVILEGED, f"5.4 KB Pod to `{policy}`")
+    only = plain_policies(ten.path)
+    mix = wl.mix_workload(d, "ten-policy-mix", ten.path, "realistic mix over the plain policies of the "
+                          "ten-policy config", only=only)
+    run.data["baselines"] = {}
+    for transport in o.transports:
+        tls = transport == "https"
+        nv = run.naive(f"naive-{transport}", ten.path, tls=tls)
+        kw = run.kwserver(f"kwserver-{transport}", ten.path, tls=tls)
+        run.data.setdefault("ready_after_s", {})[transport] = {"naive": nv.ready_after_s,
+                                                               "kwserver (warm cache)": kw.ready_after_s}
+        answers = {}
+        for server in (nv, kw):
+            check_outcomes(run, server, one)
+            run.preflight(server, mix)
+            answers[server.kind] = dict(mix.expected)
+            run.warmup(server, one)
+            run.warmup(server, mix)
+        differ = {k: (v, answers["kwserver"].get(k)) for k, v in answers["naive"].items()
+                  if answers["kwserver"].get(k) != v}
+        run.data.setdefault("answers_differ", {})[transport] = differ
+        if differ:
+            run.notes.append(f"{transport}: the naive server answers {len(differ)} request kind(s) differently "
+                             f"from kwserver (naive, kwserver), e.g. {next(iter(differ.items()))}")
+        s1, s10 = f"{transport} one policy", f"{transport} ten-policy mix"
+        run.data["baselines"][s1] = run.data["baselines"][s10] = "naive"
+        interleaved(run, [(nv, one, "naive", s1), (kw, one, "kwserver", s1),
+                          (nv, mix, "naive", s10), (kw, mix, "kwserver", s10)], o.repeats)
+        run.stop(nv)
+        run.stop(kw)
+        ratio_headline(run, f"kwserver/naive ratio, {transport}, one policy", s1, "kwserver", "naive")
+        ratio_headline(run, f"kwserver/naive ratio, {transport}, ten-policy mix", s10, "kwserver", "naive")
+    times = run.data["ready_after_s"]
+    run.tables.append(("Time to ready (spawn to all workers serving)", ["transport", "naive s", "kwserver s"],
+                       [[t, fmt(v["naive"], 2), fmt(v["kwserver (warm cache)"], 2)] for t, v in times.items()]))
+
+
+# --- 4. workers ------------------------------------------------------------------------------------
+
+@scenario("workers", "memory and throughput vs worker count",
+          "kwserver with the ten-policy config and 1, 2, 4 and 8 workers, one server at a time (PSS splits "
+          "shared pages among every process mapping them, so servers must not overlap). Each server gets an "
+          "unmeasured warm-up with 4 connections per worker so that every worker has instances of every "
+          "policy (short rounds until each worker has had connections), then the realistic mix with "
+          "max(8, 2xworkers) connections. Memory: total PSS (master + "
+          "workers) right after each load point; the slope of a linear fit is the cost of one more worker.")
+def workers(run: ScenarioRun) -> None:
+    o = run.options
+    ten = config10(run)
+    d = workdir(run, "workers")
+    mix = wl.mix_workload(d, "ten-policy-mix", ten.path, "realistic mix over the ten-policy config")
+    run.data["baselines"] = {"ten-policy mix": f"{o.worker_counts[0]} worker(s)"}
+    xs, ys, uss = [], [], []
+    rows = []
+    for count in o.worker_counts:
+        server = run.kwserver(f"kwserver-{count}w", ten.path, workers=count)
+        time.sleep(0.5)
+        idle = [s.uss / MIB for s in snapshot(server.name, server.pid) if s.role == "worker"]
+        run.preflight(server, mix)
+        run.warm_every_worker(server, mix, connections=4 * count)
+        points = [run.load(server, mix, label=f"{count} worker(s)", series="ten-policy mix", repeat=r,
+                           connections=max(o.connections, 2 * count)) for r in range(o.repeats)]
+        run.stop(server)
+        pss = statistics.median(p.memory["pss"] for p in points) / MIB
+        uss_total = statistics.median(p.memory["uss"] for p in points) / MIB
+        worker_uss = [proc["uss"] / MIB for p in points[-1:] for proc in p.memory["processes"]
+                      if proc["role"] == "worker"]
+        master = [proc["pss"] / MIB for proc in points[-1].memory["processes"] if proc["role"] == "master"]
+        xs.append(count)
+        ys.append(pss)
+        uss.append(uss_total)
+        rows.append([str(count), fmt(pss, 1), fmt(uss_total, 1), fmt(master[0] if master else math.nan, 1),
+                     fmt(statistics.median(idle) if idle else math.nan, 1),
+                     fmt(statistics.median(worker_uss) if worker_uss else math.nan, 1),
+                     fmt_spread(spread([p.rps for p in points]))])
+    fit = linear_fit(xs, ys)
+    fit_uss = linear_fit(xs, uss)
+    run.tables.append(("Memory per worker count (after load)",
+                       ["workers", "total PSS MiB", "total USS MiB", "master PSS MiB",
+                        "median worker USS before any request, MiB", "median worker USS after load, MiB",
+                        "req/s"], rows))
+    run.data["fits"] = [{"file": "pss_vs_workers.png", "title": "total PSS vs workers (ten-policy config)",
+                         "x_label": "workers", "y_label": "total PSS (MiB)", "xs": xs, "ys": ys,
+                         "slope_unit": "MiB/worker", **fit.to_json()}]
+    run.data["pss_fit"] = fit.to_json()
+    run.data["uss_fit"] = fit_uss.to_json()
+    raw = ", ".join(f"{x}w: {y:.1f} MiB" for x, y in zip(xs, ys, strict=True))
+    run.headline("per-worker PSS slope (linear fit of total PSS)", f"{fit.slope:.2f} MiB/worker",
+                 f"{raw}; r²={fit.r2:.3f}; USS slope {fit_uss.slope:.2f} MiB/worker",
+                 slope_mib=fit.slope, r2=fit.r2, intercept_mib=fit.intercept)
+    base = f"{o.worker_counts[0]} worker(s)"
+    for count in o.worker_counts[1:]:
+        ratio_headline(run, f"req/s with {count} workers / {o.worker_counts[0]}", "ten-policy mix",
+                       f"{count} worker(s)", base)
+
+
+# --- 5. policies -----------------------------------------------------------------------------------
+
+@scenario("policies", "memory vs number of policies",
+          "kwserver with 4 workers and the ten-policy config, then the 61-policy config (same modules, varied "
+          "settings), one server at a time. Each gets an unmeasured warm-up of the realistic mix fanned out "
+          "over all its policies with 16 connections, in short rounds until every worker has had connections, "
+          "so that every worker holds an instance of every policy; "
+          "then measured load points. The per-policy slope is (PSS(61) - PSS(10)) / 51.")
+def policies(run: ScenarioRun) -> None:
+    o = run.options
+    ten, sixty_one = config10(run), config61(run)
+    d = workdir(run, "policies")
+    count_workers = 4
+    results = {}
+    run.data["baselines"] = {"mix": f"{ten.policies} policies"}
+    for choice in (ten, sixty_one):
+        mix = wl.mix_workload(d, f"mix-{choice.policies}", choice.path,
+                              f"realistic mix over all {choice.policies} policies")
+        server = run.kwserver(f"kwserver-{choice.policies}p", choice.path, workers=count_workers)
+        run.preflight(server, mix)
+        run.warm_every_worker(server, mix, connections=16)
+        points = [run.load(server, mix, label=f"{choice.policies} policies", series="mix", repeat=r,
+                           connections=16) for r in range(o.repeats)]
+        run.stop(server)
+        results[choice.policies] = {
+            "pss_mib": statistics.median(p.memory["pss"] for p in points) / MIB,
+            "uss_mib": statistics.median(p.memory["uss"] for p in points) / MIB,
+            "rps": statistics.median(p.rps for p in points),
+        }
+    n10, n61 = ten.policies, sixty_one.policies
+    a, b = results[n10], results[n61]
+    slope_kib = (b["pss_mib"] - a["pss_mib"]) * KIB / (n61 - n10) if n61 != n10 else math.nan
+    slope_uss = (b["uss_mib"] - a["uss_mib"]) * KIB / (n61 - n10) if n61 != n10 else math.nan
+    run.data["memory"] = results
+    run.data["fits"] = [{"file": "pss_vs_policies.png", "title": "total PSS vs policies (4 workers)",
+                         "x_label": "policies", "y_label": "total PSS (MiB)", "xs": [n10, n61],
+                         "ys": [a["pss_mib"], b["pss_mib"]], "slope_unit": "MiB/policy",
+                         **linear_fit([n10, n61], [a["pss_mib"], b["pss_mib"]]).to_json()}]
+    run.tables.append(("Memory per configuration (4 workers, after load)",
+                       ["policies", "total PSS MiB", "total USS MiB", "req/s (median)"],
+                       [[str(n), fmt(r["pss_mib"], 1), fmt(r["uss_mib"], 1), fmt(r["rps"])]
+                        for n, r in results.items()]))
+    run.headline("per-policy PSS slope (4 workers)", f"{slope_kib:.0f} KiB/policy",
+                 f"{n10} policies: {a['pss_mib']:.1f} MiB, {n61} policies: {b['pss_mib']:.1f} MiB; "
+                 f"USS slope {slope_uss:.0f} KiB/policy", slope_kib=slope_kib, slope_uss_kib=slope_uss)
+    ratio_headline(run, f"req/s {n61} / {n10} policies (different mixes: more policies per object)", "mix",
+                   f"{n61} policies", f"{n10} policies")
+
+
+# --- 6. startup ------------------------------------------------------------------------------------
+
+_BOOT_LINE = re.compile(r"loaded (\d+) policies .*cache (\d+) hit / (\d+) miss\) in ([0-9.]+)s")
+
+
+@scenario("startup", "time to ready, cold vs warm compile cache",
+          "Spawn of `kwserver serve` (2 workers) to the first 200 from the readiness probe, with an empty "
+          "compile cache (every module compiled in the master) and with the cache the cold start left "
+          "(modules loaded with `Module.deserialize_file`), for the ten- and the 61-policy configs, "
+          "interleaved cold/warm. The floor is the same with an empty policies.yml (interpreter, imports, "
+          "gunicorn). `boot` is kwserver's own figure from its log (policies loaded, before gunicorn binds).")
+def startup(run: ScenarioRun) -> None:
+    o = run.options
+    ten, sixty_one = config10(run), config61(run)
+    empty = config_dir(run) / "policies-empty.yml"
+    empty.parent.mkdir(parents=True, exist_ok=True)
+    empty.write_text("{}\n")
+    env = {"KUBEWARDEN_LOG_LEVEL": "info"}
+    measurements: dict[str, dict[str, list[dict[str, float]]]] = {}
+
+    def start(label: str, config: Path, cache: Path, kind: str) -> None:
+        server = run.kwserver(f"{label}-{kind}-{len(measurements.get(label, {}).get(kind, []))}", config,
+                              cache_dir=cache, env=env)
+        ready = server.ready_after_s
+        snap = snapshot(server.name, server.pid)
+        run.stop(server)
+        match = _BOOT_LINE.search(server.log())
+        measurements.setdefault(label, {}).setdefault(kind, []).append({
+            "ready_s": ready,
+            "boot_s": float(match.group(4)) if match else math.nan,
+            "cache_hits": int(match.group(2)) if match else -1,
+            "cache_misses": int(match.group(3)) if match else -1,
+            "master_rss_mib": sum(s.rss for s in snap if s.role == "master") / MIB,
+            "total_pss_mib": sum(s.pss for s in snap) / MIB,
+        })
+
+    for r in range(o.startup_repeats):
+        start("empty", empty, run.work / f"cache-empty-{r}", "floor")
+        for choice in (ten, sixty_one):
+            cache = run.work / f"cache-{choice.policies}-{r}"
+            start(f"{choice.policies} policies", choice.path, cache, "cold")
+            start(f"{choice.policies} policies", choice.path, cache, "warm")
+    run.data["startup"] = measurements
+    bars: dict[str, Any] = {"file": "ready_times.png", "title": "spawn to ready (median, min-max)",
+                            "y_label": "seconds", "labels": [], "medians": [], "lows": [], "highs": []}
+    for label, kinds in measurements.items():
+        for kind, values in kinds.items():
+            s = spread([v["ready_s"] for v in values])
+            bars["labels"].append(f"{label}, {kind}")
+            bars["medians"].append(s.median)
+            bars["lows"].append(s.low)
+            bars["highs"].append(s.high)
+    run.data["bars"] = [bars]
+    rows = []
+    for label, kinds in measurements.items():
+        for kind, values in kinds.items():
+            rows.append([label, kind, fmt_spread(spread([v["ready_s"] for v in values]), 2),
+                         fmt_spread(spread([v["boot_s"] for v in values]), 2),
+                         f"{values[0]['cache_hits']}/{values[0]['cache_misses']}",
+                         fmt(statistics.median(v["master_rss_mib"] for v in values), 1),
+                         fmt(statistics.median(v["total_pss_mib"] for v in values), 1)])
+    run.tables.append(("Time to ready", ["config", "cache", "ready s median (min-max)", "boot s (kwserver log)",
+                                         "cache hit/miss", "master RSS MiB", "total PSS MiB (idle)"], rows))
+    floor = spread([v["ready_s"] for v in measurements["empty"]["floor"]]).median
+    for choice in (ten, sixty_one):
+        kinds = measurements[f"{choice.policies} policies"]
+        cold = spread([v["ready_s"] for v in kinds["cold"]])
+        warm = spread([v["ready_s"] for v in kinds["warm"]])
+        pairs = spread([c["ready_s"] / w["ready_s"] for c, w in zip(kinds["cold"], kinds["warm"], strict=True)])
+        run.headline(f"startup, {choice.policies} policies: cold vs warm cache",
+                     f"cold {cold.median:.2f} s, warm {warm.median:.2f} s ({fmt_ratio(pairs)} faster warm)",
+                     f"floor (no policies) {floor:.2f} s; cold {fmt_spread(cold, 2)} s, warm {fmt_spread(warm, 2)} s",
+                     cold_s=cold.median, warm_s=warm.median, floor_s=floor, policies=choice.policies)
+
+
+# --- 7. soak ---------------------------------------------------------------------------------------
+
+@scenario("soak", "memory over a long run",
+          "kwserver (2 workers, ten-policy config, plain HTTP) under the realistic mix for at least "
+          "`soak_requests` requests after a warm-up, in back-to-back wrk segments. After each segment the total "
+          "PSS (and each worker's USS) is recorded; the slope of a linear fit against the cumulative requests "
+          "after warm-up must be ~0; PSS also moves when unrelated processes map or unmap the same shared "
+          "libraries, so the total USS (private memory of master and workers) is fitted too. Throughput "
+          "drift: median req/s of the last fifth of the segments over the first fifth.")
+def soak(run: ScenarioRun) -> None:
+    o = run.options
+    ten = config10(run)
+    d = workdir(run, "soak")
+    mix = wl.mix_workload(d, "ten-policy-mix", ten.path, "realistic mix over the ten-policy config")
+    server = run.kwserver("kwserver-soak", ten.path)
+    run.preflight(server, mix)
+    warm_requests = 0
+    warm_start = run.clock.now()
+    while warm_requests < o.soak_warmup_requests and run.clock.now() - warm_start < o.soak_max_seconds / 4:
+        point = run.load(server, mix, label="warm-up", series="warm-up", duration=o.soak_segment, record=False)
+        warm_requests += point.requests
+    run.event("warm-up done")
+    measured = 0
+    xs: list[float] = []
+    pss: list[float] = []
+    uss: list[float] = []
+    worker_uss: dict[str, list[tuple[float, float]]] = {}
+    start = run.clock.now()
+    segment = 0
+    while measured < o.soak_requests and run.clock.now() - start < o.soak_max_seconds:
+        point = run.load(server, mix, label="soak segment", series="soak", repeat=segment, duration=o.soak_segment)
+        measured += point.requests
+        xs.append(measured)
+        pss.append(point.memory["pss"] / KIB)
+        uss.append(point.memory["uss"] / KIB)
+        for proc in point.memory["processes"]:
+            if proc["role"] == "worker":
+                worker_uss.setdefault(str(proc["pid"]), []).append((measured, proc["uss"] / KIB))
+        segment += 1
+    run.stop(server)
+    fit = linear_fit(xs, pss)
+    fit_uss = linear_fit(xs, uss)
+    per_10k = fit.slope * 10_000
+    uss_per_10k = fit_uss.slope * 10_000
+    worker_slopes = {pid: linear_fit([x for x, _ in v], [y for _, y in v]).slope * 10_000
+                     for pid, v in worker_uss.items() if len(v) > 1}
+    run.data["soak"] = {"warmup_requests": warm_requests, "measured_requests": measured, "segments": segment,
+                        "pss_fit_kib_per_request": fit.to_json(), "uss_fit_kib_per_request": fit_uss.to_json(),
+                        "worker_uss_slope_kib_per_10k": worker_slopes}
+    run.data["fits"] = [
+        {"file": "pss_vs_requests.png", "title": "total PSS vs requests after warm-up",
+         "x_label": "requests after warm-up", "y_label": "total PSS (KiB)", "xs": xs, "ys": pss,
+         "slope_unit": "KiB/request", **fit.to_json()},
+        {"file": "uss_vs_requests.png", "title": "total USS (private memory of master + workers) vs requests",
+         "x_label": "requests after warm-up", "y_label": "total USS (KiB)", "xs": xs, "ys": uss,
+         "slope_unit": "KiB/request", **fit_uss.to_json()},
+    ]
+    if measured < o.soak_requests:
+        run.notes.append(f"only {measured:,} requests after warm-up within {o.soak_max_seconds:.0f} s "
+                         f"(asked for {o.soak_requests:,})")
+    rps = [p.rps for p in run.select(series="soak")]
+    fifth = max(1, len(rps) // 5)
+    drift = statistics.median(rps[-fifth:]) / statistics.median(rps[:fifth]) if rps else math.nan
+    run.data["baselines"] = {"soak": "soak segment"}
+    run.headline("soak memory slope after warm-up (total PSS; total USS)",
+                 f"PSS {per_10k:+.1f} KiB per 10,000 requests; USS {uss_per_10k:+.1f} KiB per 10,000",
+                 f"{measured:,} requests after {warm_requests:,} warm-up, {segment} segments; PSS "
+                 f"{pss[0] / KIB:.1f} -> {pss[-1] / KIB:.1f} MiB (r²={fit.r2:.2f}), USS {uss[0] / KIB:.1f} -> "
+                 f"{uss[-1] / KIB:.1f} MiB; worker USS slopes "
+                 + ", ".join(f"{v:+.1f}" for v in worker_slopes.values()) + " KiB/10k",
+                 slope_kib_per_10k=per_10k, uss_slope_kib_per_10k=uss_per_10k, requests=measured)
+    run.headline("soak throughput drift (last fifth / first fifth of segments)", f"{drift:.2f}x",
+                 f"{statistics.median(rps[:fifth]):,.0f} -> {statistics.median(rps[-fifth:]):,.0f} req/s" if rps
+                 else "", drift=drift)
+
+
+# --- 8. mix ----------------------------------------------------------------------------------------
+
+@scenario("mix", "a realistic mix of AdmissionReviews over the ten policies",
+          "Pods, Deployments and Services (and raw requests where the config has raw policies), each sent to "
+          "every policy whose rules match it, as the API server fans objects out to webhooks: accepted, "
+          "rejected and mutated answers (see the preflight counts). The whole mix is measured against the "
+          "HTTP ceiling (the canned app with the same mix); then each policy alone with its share of the mix, "
+          "over one connection, for its latency.")
+def mix(run: ScenarioRun) -> None:
+    o = run.options
+    ten = config10(run)
+    d = workdir(run, "mix")
+    workload = wl.mix_workload(d, "ten-policy-mix", ten.path, "realistic mix over the ten-policy config")
+    canned = run.canned("canned")
+    kw = run.kwserver("kwserver", ten.path)
+    run.preflight(kw, workload)
+    run.warmup(canned, workload)
+    run.warmup(kw, workload)
+    run.data["baselines"] = {"mix": "canned (ceiling)", "per policy": None}
+    interleaved(run, [(canned, workload, "canned (ceiling)", "mix"), (kw, workload, "kwserver", "mix")], o.repeats)
+    run.stop(canned)
+    ratio_headline(run, "mix: kwserver / HTTP ceiling", "mix", "kwserver", "canned (ceiling)")
+    # per policy
+    by_policy: dict[str, list[tuple[str, wl.RequestObject]]] = {}
+    objects = {obj.name: obj for obj in wl.mix_objects()}
+    for url_path, obj_name in workload.entries:
+        policy = url_path.rsplit("/", 1)[1]
+        by_policy.setdefault(policy, []).append((url_path, objects[obj_name]))
+    rows = []
+    # One connection: the latency of one evaluation at a time (service time plus the loopback round trip),
+    # without queueing behind other connections on the same worker.
+    per_policy_duration = max(1.0, o.duration / 2)
+    for policy, requests in by_policy.items():
+        part = wl.write_workload(d, f"policy-{policy}", f"`{policy}`'s share of the mix", requests)
+        part.expected = {k: v for k, v in workload.expected.items() if k.split(" ", 1)[0].endswith(f"/{policy}")}
+        point = run.load(kw, part, label=policy, series="per policy", duration=per_policy_duration,
+                         connections=1)
+        outcomes: dict[str, int] = {}
+        for url_path, obj in requests:
+            outcome = workload.expected.get(f"{url_path} {obj.name}", "?")
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        rows.append([policy, str(len(requests)), ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())),
+                     fmt(point.rps), fmt(point.latency_ms["p50"], 2), fmt(point.latency_ms["p95"], 2),
+                     fmt(point.latency_ms["p99"], 2), fmt(point.server_cpu_ms_per_request, 3)])
+    run.stop(kw)
+    run.tables.append((f"Per-policy latency (one connection, {per_policy_duration:g} s each)",
+                       ["policy", "requests in mix", "answers", "req/s", "p50 ms", "p95 ms", "p99 ms",
+                        "server CPU ms/req"], rows))
+    slowest = max(rows, key=lambda r: float(r[4].replace(",", "")) if r[4] != "n/a" else 0) if rows else None
+    if slowest:
+        run.headline("mix: slowest policy (p50 alone)", f"{slowest[0]}: p50 {slowest[4]} ms, p99 {slowest[6]} ms",
+                     f"{len(rows)} policies measured")
