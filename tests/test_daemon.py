@@ -84,6 +84,7 @@ def _total_pss_after_full_use(run_server, workers: int) -> float:
 def test_memory_is_shared_across_workers(run_server):
     one = _total_pss_after_full_use(run_server, 1)
     four = _total_pss_after_full_use(run_server, 4)
+    print(f"PSS ratio {four / one:.3f}: 1 worker {one / 2**20:.1f} MiB, 4 workers {four / 2**20:.1f} MiB")
     assert four < 1.5 * one, f"4 workers: {four / 2**20:.1f} MiB, 1 worker: {one / 2**20:.1f} MiB"
 
 
