@@ -18,7 +18,8 @@ bind = kw.bind
 workers = kw.settings.initial_workers
 
 # gthread keeps client connections alive (the API server reuses TLS connections to webhooks); one
-# thread per worker measured best: concurrency comes from processes. See kwserver/daemon.py.
+# thread per worker measured best: concurrency comes from processes. kwserver's variant stops a busy
+# worker from taking every new connection. See kwserver/daemon.py and kwserver/worker.py.
 worker_class = kwserver.WORKER_CLASS
 threads = kw.settings.threads
 keepalive = kwserver.KEEPALIVE_SECONDS

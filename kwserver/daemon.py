@@ -4,10 +4,12 @@ Master: parse settings, build the policy registry (fetch, compile, validate sett
 listeners, serve readiness and metrics, fork, watch the pool. Worker (after fork): close what belongs
 to the master, start the epoch ticker (threads do not survive fork), set a process title, serve.
 
-Worker class: `gthread` with one thread. The Kubernetes API server calls webhooks over TLS with
-keep-alive; gunicorn's `sync` worker answers `Connection: close`, so every request would pay a full
-TLS handshake (measured: ~350 vs ~2,900 requests/s). More threads per worker measured *worse* (GIL
-hand-offs around many short native calls), so concurrency comes from processes.
+Worker class: `gthread` with one thread, in kwserver's balanced variant (kwserver/worker.py). The
+Kubernetes API server calls webhooks over TLS with keep-alive; gunicorn's `sync` worker answers
+`Connection: close`, so every request would pay a full TLS handshake (measured: ~350 vs ~2,900
+requests/s). More threads per worker measured *worse* (GIL hand-offs around many short native
+calls), so concurrency comes from processes; the balanced variant keeps a burst of connections from
+piling onto one of them.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from kwserver.tls import TlsContextCache
 
 log = logging.getLogger(__name__)
 
-WORKER_CLASS = "gthread"
+WORKER_CLASS = "kwserver.worker.BalancedThreadWorker"
 # Idle keep-alive connections stay open this long; the API server reuses its webhook connections.
 KEEPALIVE_SECONDS = 75
 # Workers get this long to finish in-flight requests when retired (reload, shrink, recycle, shutdown).

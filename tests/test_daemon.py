@@ -147,3 +147,24 @@ def test_serve_with_a_gunicorn_config_file(run_server, tmp_path):
     assert _post(http.client.HTTPConnection("127.0.0.1", server.port, timeout=30),
                  *REQUESTS[0])["response"]["allowed"] is False
     assert "Control socket" not in server.log()
+
+
+def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(run_server):
+    import threading
+
+    slow = json.loads(json.dumps(SLEEP_100MS))
+    server = run_server(POLICIES, env={"KUBEWARDEN_WORKERS": "2"})
+    _connection_per_worker(server, 2)  # both workers are up
+    connections = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=30) for _ in range(16)]
+    for conn in connections:  # all in the listen backlog at once, as in a reconnect storm
+        conn.connect()
+    threads = [threading.Thread(target=_post, args=(conn, "/validate/sleep", slow)) for conn in connections]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    held = [sum(1 for c in worker.net_connections() if c.status == "ESTABLISHED" and c.laddr.port == server.port)
+            for worker in _server_processes(server)[1:]]
+    for conn in connections:
+        conn.close()
+    assert sum(held) >= 16 and max(held) <= 12, held
