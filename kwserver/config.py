@@ -38,6 +38,11 @@ def parse_bool(text: str) -> bool:
     raise ConfigError(f"invalid boolean value {text!r}")
 
 
+def parse_present(text: str) -> bool:
+    """NO_COLOR convention: set to anything non-empty means yes."""
+    return bool(text)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One server setting, declared once: its flag, its environment variable, its default and its doc."""
@@ -55,7 +60,7 @@ class Setting:
 
     @property
     def is_bool(self) -> bool:
-        return self.kind is parse_bool
+        return self.kind in (parse_bool, parse_present)
 
 
 MIB = 1024 * 1024
@@ -114,6 +119,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker_max_requests", "KWSERVER_WORKER_MAX_REQUESTS", 0,
             "Recycle a worker gracefully after this many requests, with 10%% jitter (0: never)", int),
     Setting("pid_file", "KWSERVER_PID_FILE", None, "Write the master's pid here (used by `kwserver reload`)"),
+    # Accepted so that existing policy-server deployments start unchanged; see ServerSettings.ignored().
+    Setting("sources_path", "KUBEWARDEN_SOURCES_PATH", None,
+            "Registry sources (sources.yml); unused: this build loads local modules only"),
+    Setting("verification_path", "KUBEWARDEN_VERIFICATION_CONFIG_PATH", None,
+            "Signature verification config; not supported by this build: refuses to start when set"),
+    Setting("docker_config_json_path", "KUBEWARDEN_DOCKER_CONFIG_JSON_PATH", None,
+            "Registry credentials; unused: this build loads local modules only"),
+    Setting("sigstore_cache_dir", "KUBEWARDEN_SIGSTORE_CACHE_DIR", None, "Sigstore cache; unused by this build"),
+    Setting("enable_metrics", "KUBEWARDEN_ENABLE_METRICS", False,
+            "OTLP metrics push; kwserver serves Prometheus metrics on --metrics-port instead", parse_bool),
+    Setting("enable_pprof", "KUBEWARDEN_ENABLE_PPROF", False, "Go-style profiling endpoints; not available",
+            parse_bool),
+    Setting("log_no_color", "NO_COLOR", False, "No colours in text logs (kwserver never colours them)",
+            parse_present),
+    Setting("daemon", "KUBEWARDEN_DAEMON", False,
+            "Detach from the terminal; not supported: run in the foreground (container, systemd)", parse_bool),
 )
 
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
@@ -151,8 +172,21 @@ class ServerSettings:
     worker_max_uss_mib: int = 0
     worker_max_requests: int = 0
     pid_file: str | None = None
+    sources_path: str | None = None
+    verification_path: str | None = None
+    docker_config_json_path: str | None = None
+    sigstore_cache_dir: str | None = None
+    enable_metrics: bool = False
+    enable_pprof: bool = False
+    log_no_color: bool = False
+    daemon: bool = False
 
     def __post_init__(self) -> None:
+        if self.verification_path:
+            # Starting without the requested verification would silently accept unverified policies.
+            raise ConfigError("policy signature verification (--verification-path) is not supported by this build")
+        if self.daemon:
+            raise ConfigError("--daemon is not supported: run kwserver in the foreground (container, systemd)")
         if bool(self.cert_file) != bool(self.key_file):
             raise ConfigError("both certificate and key must be provided together")
         if self.client_ca_file and not self.cert_file:
@@ -174,6 +208,17 @@ class ServerSettings:
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    def ignored(self) -> list[str]:
+        """Reference-server settings that are set but have no effect here, for a startup warning each."""
+        notes = {
+            "sources_path": "registry sources are not used: this build loads local modules only",
+            "docker_config_json_path": "registry credentials are not used: this build loads local modules only",
+            "sigstore_cache_dir": "there is no sigstore support in this build",
+            "enable_metrics": f"metrics are not pushed over OTLP; Prometheus serves them on port {self.metrics_port}",
+            "enable_pprof": "profiling endpoints are not available",
+        }
+        return [f"{name.replace('_', '-')}: {note}" for name, note in notes.items() if getattr(self, name)]
 
     @property
     def pool_min(self) -> int:
@@ -228,6 +273,8 @@ class ServerSettings:
         env = {}
         for setting in SETTINGS:
             value = getattr(self, setting.name)
+            if setting.kind is parse_present and not value:
+                continue  # for NO_COLOR, being set at all means yes
             if value is not None:
                 env[setting.env] = ("true" if value else "false") if isinstance(value, bool) else str(value)
         return env

@@ -393,5 +393,7 @@ class KwserverApplication(Application):
 def serve(settings: ServerSettings, gunicorn_config: str | None = None) -> None:
     configure_logging(settings)
     log.info("kwserver %s starting with %d worker(s)", __version__, settings.initial_workers)
+    for ignored in settings.ignored():
+        log.warning("ignoring --%s", ignored)
     os.environ.update(settings.to_env())  # so a gunicorn config file sees the same settings
     KwserverApplication(Daemon(settings), gunicorn_config).run()

@@ -97,3 +97,30 @@ def test_tls_argument_rules():
 def test_global_timeout_disabled():
     assert ServerSettings(disable_timeout_protection=True).global_timeout is None
     assert ServerSettings(policy_timeout=7).global_timeout == 7
+
+
+def test_reference_flags_are_accepted():
+    settings = ServerSettings.from_env({"KUBEWARDEN_SOURCES_PATH": "sources.yml", "KUBEWARDEN_ENABLE_METRICS": "1",
+                                        "NO_COLOR": "anything", "KUBEWARDEN_SIGSTORE_CACHE_DIR": "x"})
+    assert settings.log_no_color is True
+    assert [note.split(":")[0] for note in settings.ignored()] == ["sources-path", "sigstore-cache-dir",
+                                                                   "enable-metrics"]
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"KUBEWARDEN_VERIFICATION_CONFIG_PATH": "verification.yml"}, "signature verification"),
+    ({"KUBEWARDEN_DAEMON": "true"}, "--daemon is not supported"),
+])
+def test_reference_flags_that_cannot_be_honoured_refuse_to_start(env, message):
+    with pytest.raises(ConfigError, match=message):
+        ServerSettings.from_env(env)
+
+
+def test_reference_flags_on_the_command_line():
+    from kwserver.cli import build_parser
+    from kwserver.config import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--sources-path", "s.yml", "--enable-metrics", "--log-no-color",
+                                      "--docker-config-json-path", "d", "--enable-pprof"])
+    settings = settings_from_args(args, environ={})
+    assert settings.sources_path == "s.yml" and settings.enable_metrics and settings.log_no_color
