@@ -15,3 +15,22 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert "wasmtime" in capsys.readouterr().out
+
+
+def test_kubernetes_manifest_runs_kwserver_with_valid_flags():
+    from pathlib import Path
+
+    import yaml
+
+    from kwserver.cli import build_parser
+    from kwserver.config import settings_from_args
+
+    manifest = Path(__file__).parent.parent / "deploy/kubernetes/kwserver.yaml"
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(manifest.read_text())}
+    container = documents["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    settings = settings_from_args(build_parser().parse_args(["serve", *container["args"]]), environ={})
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert (ports["https"], ports["readiness"], ports["metrics"]) == (
+        settings.port, settings.readiness_probe_port, settings.metrics_port)
+    assert settings.tls and settings.autoscaling
+    assert yaml.safe_load(documents["ConfigMap"]["data"]["policies.yml"])
