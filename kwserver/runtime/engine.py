@@ -100,17 +100,30 @@ class CompileCache:
         self.misses = 0
 
     @staticmethod
-    def _usable(directory: Path) -> Path | None:
+    def _private(directory: Path) -> bool:
+        info = directory.stat()
+        return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+    @classmethod
+    def _usable(cls, directory: Path) -> Path | None:
+        """The directory itself if only we can write to it, else a private subdirectory of it.
+
+        A shared directory (a Kubernetes emptyDir is world-writable) gets a `kwserver-<uid>` subdirectory
+        with mode 0700, which nobody else can fill with native code.
+        """
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            info = directory.stat()
+            if cls._private(directory):
+                return directory
+            private = directory / f"kwserver-{os.getuid()}"
+            private.mkdir(mode=0o700, exist_ok=True)
+            if cls._private(private):
+                return private
         except OSError as exc:
             log.warning("compiled-module cache %s is not usable (%s); compiling in memory", directory, exc)
             return None
-        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            log.warning("compiled-module cache %s is writable by others or not ours; not using it", directory)
-            return None
-        return directory
+        log.warning("compiled-module cache %s is writable by others or not ours; compiling in memory", directory)
+        return None
 
     def path_for(self, digest: str) -> Path | None:
         if self.directory is None:
