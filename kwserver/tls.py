@@ -2,7 +2,7 @@
 
 gunicorn asks for an SSL context on every new connection (its `ssl_context` hook); this cache answers
 with the current one and rebuilds it when the files change, like the reference server:
-- the certificate and key are reloaded once *both* files have been rewritten since the last load
+- the certificate and key are reloaded once *both* files have changed since the last load
   (a half-rotated pair is never used);
 - client CA files are reloaded when any of them changes;
 - a reload that fails is logged and the previous context keeps serving.
@@ -11,6 +11,7 @@ New handshakes use the new context; established connections keep theirs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import ssl
@@ -21,15 +22,17 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-Stamp = tuple[int, int, int] | None  # (inode, size, mtime_ns) or None when the file is missing
+Stamp = bytes | None  # digest of the file's content, None when it cannot be read
 
 
 def _stamp(path: str) -> Stamp:
+    # By content, not by timestamp: robust to coarse mtimes and to Kubernetes secret volumes, which
+    # swap a symlink rather than rewrite the file. The files are small and read once per new connection.
     try:
-        info = os.stat(path)
+        with open(path, "rb") as stream:
+            return hashlib.sha256(stream.read()).digest()
     except OSError:
         return None
-    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _read(path: str) -> bytes:
