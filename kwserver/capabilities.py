@@ -1,13 +1,15 @@
 """Host capabilities: what a guest can ask the server for through `__host_call`.
 
 One dispatcher per policy, so every call knows which policy made it and what that policy may access.
-This build implements `kubewarden/tracing/log`; the Kubernetes callbacks answer as the reference server
-does when it has no cluster connection, and every other name gets the reference's "unknown" errors.
+This build implements `kubewarden/tracing/log` and `kubewarden/net/v1/dns_lookup_host`; the Kubernetes
+callbacks answer as the reference server does when it has no cluster connection, and every other name gets
+the reference's "unknown" errors.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 
 import orjson
@@ -31,6 +33,22 @@ class HostCallError(Exception):
     """A failed host call; its text is the error the guest reads."""
 
 
+def dns_lookup_host(payload: bytes) -> bytes:
+    """`net/v1/dns_lookup_host`: a JSON string naming a host -> `{"ips": [...]}` (IPv4 and IPv6)."""
+    try:
+        host = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise HostCallError(str(exc)) from exc
+    if not isinstance(host, str):
+        raise HostCallError("invalid type: expected a string naming a host")
+    try:
+        answers = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise HostCallError(f"cannot resolve {host}: {exc}") from exc
+    ips = list(dict.fromkeys(info[4][0] for info in answers))
+    return orjson.dumps({"ips": ips})
+
+
 @dataclass(frozen=True)
 class Capabilities:
     policy_id: str
@@ -47,6 +65,10 @@ class Capabilities:
                 if operation not in _KUBERNETES_OPERATIONS:
                     raise HostCallError(f"unknown operation: {operation}")
                 raise HostCallError(NO_KUBERNETES_CLIENT)
+            if namespace == "net":
+                if operation != "v1/dns_lookup_host":
+                    raise HostCallError(f"unknown operation: {operation}")
+                return dns_lookup_host(payload)
             raise HostCallError(f"unknown namespace: {namespace}")
         if binding == "kubernetes":
             if namespace in _LEGACY_KUBERNETES_NAMESPACES:
