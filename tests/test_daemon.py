@@ -167,4 +167,5 @@ def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(run_server):
             for worker in _server_processes(server)[1:]]
     for conn in connections:
         conn.close()
+    print("held", held)
     assert sum(held) >= 16 and max(held) <= 12, held
