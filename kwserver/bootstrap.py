@@ -51,6 +51,7 @@ class BootReport:
     unique_modules: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    reused_modules: int = 0  # on a reload: unchanged modules kept from the running configuration
     warnings: list[str] = field(default_factory=list)
 
 
@@ -113,7 +114,10 @@ def build_registry(settings: ServerSettings,
         except SourceError as exc:
             by_reference[reference] = exc
             continue
-        compiled = registry.modules.get(fetched.digest) or known_modules.get(fetched.digest)
+        compiled = registry.modules.get(fetched.digest)
+        if compiled is None and fetched.digest in known_modules:
+            compiled = known_modules[fetched.digest]
+            report.reused_modules += 1
         if compiled is None:
             try:
                 compiled = compile_module(engine, cache, fetched.wasm, fetched.digest, str(fetched.path), report)

@@ -184,6 +184,8 @@ def test_reload_under_load_loses_nothing_and_refuses_an_invalid_config(run_serve
         assert reload.returncode == 0, reload.stderr
         wait_for(lambda: requests.post(server.url + "/validate/pod-privileged-2", json=PRIVILEGED,
                                        timeout=10).status_code == 200)
+        # The unchanged module was neither compiled nor loaded again.
+        assert "1 unique modules (" in server.log() and "1 reused, compile cache 0 hit / 0 miss" in server.log()
         served_before_invalid = len(count)
         config.write_text(yaml.safe_dump({"pod-privileged": POD_PRIVILEGED,
                                           "group": {"expression": "nope(", "message": "m",
@@ -238,3 +240,14 @@ def test_unready_on_sigterm_and_in_flight_requests_complete(run_server):
     thread.join(timeout=30)
     assert result["reply"].status_code == 200 and result["reply"].json()["response"]["allowed"] is True
     assert server.process.wait(timeout=30) == 0
+
+
+def test_workers_are_recycled_after_max_requests_without_failed_requests(run_server):
+    server = run_server({"pod-privileged": POD_PRIVILEGED},
+                        env={"KUBEWARDEN_WORKERS": "1", "KWSERVER_WORKER_MAX_REQUESTS": "20"})
+    pids = set()
+    for _ in range(100):
+        reply = requests.post(server.url + "/validate/pod-privileged", json=PRIVILEGED, timeout=30)
+        assert reply.status_code == 200 and reply.json()["response"]["allowed"] is False
+        pids.update(p.pid for p in workers_of(server))
+    assert len(pids) >= 4, pids  # 100 requests, recycled every 20-22
