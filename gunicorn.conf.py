@@ -13,8 +13,9 @@ kw = kwserver.get_daemon()
 # master on KUBEWARDEN_READINESS_PROBE_PORT, always plain HTTP.
 bind = kw.bind
 
-# Worker processes (KUBEWARDEN_WORKERS, default: CPUs). Memory per extra worker is small: compiled
-# policies are shared copy-on-write; each worker only adds the instances it keeps.
+# Worker processes (KUBEWARDEN_WORKERS, default: CPUs; KWSERVER_MIN_WORKERS / KWSERVER_MAX_WORKERS let
+# the pool follow the load). Compiled policies are shared; an extra worker costs about 11 MiB of PSS
+# with the ten-policy example (bench/results/workers). More workers than CPUs costs CPU per request.
 workers = kw.settings.initial_workers
 
 # gthread keeps client connections alive (the API server reuses TLS connections to webhooks); one
