@@ -46,6 +46,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Any]:
+    """A wasmtime engine with epoch interruption and its ticker running, for in-process runtime tests."""
+    from kwserver.runtime.engine import EngineOptions, EpochTicker, make_engine
+
+    engine = make_engine(EngineOptions(epoch_interruption=True))
+    ticker = EpochTicker(engine)
+    ticker.start()
+    yield engine
+    ticker.stop()
+
+
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One compile cache for the whole run: servers after the first start warm."""

@@ -10,7 +10,6 @@ import wasmtime
 from kwserver import admission
 from kwserver.admission import parse_admission_review, parse_raw_review
 from kwserver.runtime import GuestTimeout, InstanceLimits, InstantiationFailure
-from kwserver.runtime.engine import EngineOptions, EpochTicker, make_engine
 from kwserver.runtime.opa import OpaModule, RegoEvaluationError, rego_entrypoint_warning
 from tests.conftest import CONFORMANCE, as_review, load_json
 from tests.mode_fixtures import (
@@ -25,15 +24,6 @@ from tests.mode_fixtures import (
 
 CASES = [c for c in load_json(CONFORMANCE / "expectations/runnable-cases.json")["cases"] if c["mode"] == "opa-raw"]
 LIMITS = InstanceLimits(memory_bytes=64 << 20, timeout_seconds=1)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = make_engine(EngineOptions(epoch_interruption=True))
-    ticker = EpochTicker(engine)
-    ticker.start()
-    yield engine
-    ticker.stop()
 
 
 def opa_module(engine, source) -> OpaModule:

@@ -4,20 +4,11 @@ import pytest
 import wasmtime
 
 from kwserver.runtime import GuestCallFailure, GuestTimeout, InstanceLimits, InstantiationFailure
-from kwserver.runtime.engine import EngineOptions, EpochTicker, make_engine
+from kwserver.runtime.engine import EngineOptions, make_engine
 from kwserver.runtime.wapc import WapcModule
 from tests.conftest import CONFORMANCE, load_json
 
 CASES = [c for c in load_json(CONFORMANCE / "expectations/runnable-cases.json")["cases"] if c["mode"] == "wapc-raw"]
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = make_engine(EngineOptions(epoch_interruption=True))
-    ticker = EpochTicker(engine)
-    ticker.start()
-    yield engine
-    ticker.stop()
 
 
 def _payload(case):

@@ -10,18 +10,8 @@ from kwserver.admission import parse_raw_review
 from kwserver.capabilities import Capabilities
 from kwserver.evaluation import settings_error
 from kwserver.runtime import InstanceLimits, InstantiationFailure
-from kwserver.runtime.engine import EngineOptions, EpochTicker, make_engine
 from kwserver.runtime.wasi_command import WasiCommandFailure, WasiCommandModule, WasiCommandTimeout
 from tests.mode_fixtures import WASI_TESTBED, javy_host_call_wat, worker_memory
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = make_engine(EngineOptions(epoch_interruption=True))
-    ticker = EpochTicker(engine)
-    ticker.start()
-    yield engine
-    ticker.stop()
 
 
 @pytest.fixture(scope="module")
