@@ -75,23 +75,21 @@ class _Abort(Exception):
 
 # --- host functions (module "env") -----------------------------------------------------------------
 
-def _opa_abort(addr: int) -> None:
-    guest = current_guest()
+def _guest_message(addr: int, what: str) -> str:
     try:
-        message = guest.memory.read_cstring(addr).decode("utf-8", "replace")
+        return current_guest().memory.read_cstring(addr).decode("utf-8", "replace")
     except GuestMemoryError as exc:
-        message = f"cannot decode opa_abort message: {exc}"
-    log.error("policy %s: opa_abort: %s", guest.label, message)
+        return f"cannot decode {what} message: {exc}"
+
+
+def _opa_abort(addr: int) -> None:
+    message = _guest_message(addr, "opa_abort")
+    log.error("policy %s: opa_abort: %s", current_guest().label, message)
     raise _Abort(message)
 
 
 def _opa_println(addr: int) -> None:
-    guest = current_guest()
-    try:
-        message = guest.memory.read_cstring(addr).decode("utf-8", "replace")
-    except GuestMemoryError as exc:
-        message = f"cannot decode opa_println message: {exc}"
-    log.info("policy %s: %s", guest.label, message)
+    log.info("policy %s: %s", current_guest().label, _guest_message(addr, "opa_println"))
 
 
 def _dispatch(builtin_id: int, _ctx: int, *args: int) -> int:
