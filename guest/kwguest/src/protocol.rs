@@ -202,17 +202,7 @@ pub trait Validatable {
 /// * otherwise → `{"valid":true}`.
 pub fn validate_settings<T: DeserializeOwned + Validatable>(payload: &[u8]) -> CallResult {
     let settings: T = decode_payload(payload)?;
-    let response = match settings.validate() {
-        Ok(()) => SettingsValidationResponse {
-            valid: true,
-            message: None,
-        },
-        Err(message) => SettingsValidationResponse {
-            valid: false,
-            message: Some(message),
-        },
-    };
-    serde_json::to_vec(&response).map_err(|err| err.to_string())
+    crate::settings_response(settings.validate())
 }
 
 /// Handler for the `protocol_version` operation: the JSON string `"v1"`.
