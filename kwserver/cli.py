@@ -37,7 +37,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from kwserver.logs import configure_logging
 
     settings = settings_from_args(args)
-    configure_logging(ServerSettings.from_env(log_level="warn"))
+    configure_logging("warn")
     try:
         registry, report = build_registry(ServerSettings(**{**settings.__dict__, "continue_on_errors": True}))
     except (ConfigError, BootError) as exc:
@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_cmd.set_defaults(func=cmd_inspect)
 
     top = commands.add_parser("top", help="live memory and activity of a running server's processes")
-    top.add_argument("--url", default="http://127.0.0.1:9090", help="the server's metrics endpoint")
+    top.add_argument("--url", default=f"http://127.0.0.1:{ServerSettings.metrics_port}",
+                     help="the server's metrics endpoint")
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
     top.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")

@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
+from kwserver.autoscaler import GROW_ABOVE, SHRINK_BELOW
 from kwserver.expressions import ExpressionError, Node, compile_expression
+from kwserver.logs import LEVELS
 
 
 class ConfigError(ValueError):
@@ -45,13 +47,17 @@ def parse_present(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Setting:
-    """One server setting, declared once: its flag, its environment variable, its default and its doc."""
+    """One server setting: its flag, environment variable, parser, check, default and help.
+
+    Declared once, as a field of `ServerSettings` (see `setting()`); `SETTINGS` lists them all.
+    """
 
     name: str
     env: str
     default: Any
     help: str
-    kind: Callable[[str], Any] = str
+    parse: Callable[[str], Any] = str
+    check: Callable[[Any], str | None] | None = None  # the problem with a value, or None when it is fine
     hidden: bool = False
 
     @property
@@ -60,148 +66,153 @@ class Setting:
 
     @property
     def is_bool(self) -> bool:
-        return self.kind in (parse_bool, parse_present)
+        return self.parse in (parse_bool, parse_present)
+
+    def problem(self, value: Any) -> str | None:
+        if value is None or self.check is None:
+            return None
+        problem = self.check(value)
+        return f"{self.flag.lstrip('-')}: {problem}" if problem else None
+
+
+def setting(default: Any, env: str, help: str, *, parse: Callable[[str], Any] = str,
+            check: Callable[[Any], str | None] | None = None, hidden: bool = False) -> Any:
+    """A `ServerSettings` field that is also a flag and an environment variable."""
+    return field(default=default, metadata={"setting": (env, help, parse, check, hidden)})
+
+
+def at_least(minimum: int) -> Callable[[int], str | None]:
+    return lambda value: None if value >= minimum else f"must be at least {minimum}, got {value}"
+
+
+def port_number(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else f"{value} is not a TCP port number"
+
+
+def one_of(*choices: str) -> Callable[[str], str | None]:
+    return lambda value: None if value in choices else f"invalid value {value!r}, expected one of {', '.join(choices)}"
+
+
+def refused(reason: str) -> Callable[[Any], str | None]:
+    """For reference settings this build cannot honour: starting without them would be wrong."""
+    return lambda value: reason if value else None
 
 
 MIB = 1024 * 1024
-
-SETTINGS: tuple[Setting, ...] = (
-    # Names, variables and defaults of the reference server, so existing deployments carry over.
-    Setting("addr", "KUBEWARDEN_BIND_ADDRESS", "0.0.0.0", "Bind address of the API and readiness listeners"),
-    Setting("port", "KUBEWARDEN_PORT", 3000, "Port of the admission API", int),
-    Setting("readiness_probe_port", "KUBEWARDEN_READINESS_PROBE_PORT", 8081,
-            "Port of the readiness probe (always plain HTTP)", int),
-    Setting("workers", "KUBEWARDEN_WORKERS", None, "Worker processes (default: number of CPUs)", int),
-    Setting("policies", "KUBEWARDEN_POLICIES", "policies.yml", "YAML file holding the policies"),
-    Setting("policies_download_dir", "KUBEWARDEN_POLICIES_DOWNLOAD_DIR", ".",
-            "Download directory for remote policy modules"),
-    Setting("policy_timeout", "KUBEWARDEN_POLICY_TIMEOUT", 2,
-            "Interrupt a policy evaluation after this many seconds", int),
-    Setting("disable_timeout_protection", "KUBEWARDEN_DISABLE_TIMEOUT_PROTECTION", False,
-            "Disable the global evaluation timeout (per-policy timeoutEvalSeconds still apply)", parse_bool),
-    Setting("always_accept_admission_reviews_on_namespace",
-            "KUBEWARDEN_ALWAYS_ACCEPT_ADMISSION_REVIEWS_ON_NAMESPACE", None,
-            "Accept every AdmissionReview for this namespace without evaluating it"),
-    Setting("continue_on_errors", "KUBEWARDEN_CONTINUE_ON_ERRORS", False,
-            "Start even if some policies fail to load; they reject every request", parse_bool),
-    Setting("cert_file", "KUBEWARDEN_CERT_FILE", None, "TLS certificate (PEM) of the API listener"),
-    Setting("key_file", "KUBEWARDEN_KEY_FILE", None, "TLS private key (PEM) of the API listener"),
-    Setting("client_ca_file", "KUBEWARDEN_CLIENT_CA_FILE", None,
-            "Comma-separated PEM files of CAs for mandatory client certificates (mTLS)"),
-    Setting("ignore_kubernetes_connection_failure", "KUBEWARDEN_IGNORE_KUBERNETES_CONNECTION_FAILURE", False,
-            "Start even when the Kubernetes API cannot be reached", parse_bool),
-    Setting("log_level", "KUBEWARDEN_LOG_LEVEL", "info", "trace, debug, info, warn or error"),
-    Setting("log_fmt", "KUBEWARDEN_LOG_FMT", "text", "Log format: text or json"),
-    # kwserver's own settings.
-    Setting("compile_cache_dir", "KWSERVER_COMPILE_CACHE_DIR", None,
-            "Directory of compiled modules (default: $XDG_CACHE_HOME/kwserver or ~/.cache/kwserver)"),
-    Setting("policy_memory_limit_mib", "KWSERVER_POLICY_MEMORY_LIMIT_MIB", 256,
-            "Maximum linear memory of one policy instance during an evaluation", int),
-    Setting("instance_keep_memory_mib", "KWSERVER_INSTANCE_KEEP_MEMORY_MIB", 32,
-            "Discard an instance after use when its memory grew beyond this", int),
-    Setting("worker_instance_budget_mib", "KWSERVER_WORKER_INSTANCE_BUDGET_MIB", 512,
-            "Memory of all idle instances kept by one worker; least recently used ones go first", int),
-    Setting("fresh_instance_per_request", "KWSERVER_FRESH_INSTANCE_PER_REQUEST", False,
-            "Never reuse instances: every evaluation gets a new one (strict isolation)", parse_bool),
-    Setting("threads", "KWSERVER_THREADS", 1, "Request threads per worker process", int),
-    Setting("metrics_port", "KWSERVER_METRICS_PORT", 9090,
-            "Port of the Prometheus /metrics and JSON /status endpoints (0: disabled)", int),
-    Setting("min_workers", "KWSERVER_MIN_WORKERS", None,
-            "Fewest workers when the pool shrinks (default: --workers)", int),
-    Setting("max_workers", "KWSERVER_MAX_WORKERS", None,
-            "Most workers when the pool grows (default: --workers); above min, the pool follows the load", int),
-    Setting("scale_up_after_seconds", "KWSERVER_SCALE_UP_AFTER_SECONDS", 3,
-            "Add a worker after the workers were this long busier than 75%%", int),
-    Setting("scale_down_after_seconds", "KWSERVER_SCALE_DOWN_AFTER_SECONDS", 30,
-            "Remove a worker after the workers were this long less than 25%% busy", int),
-    Setting("worker_max_uss_mib", "KWSERVER_WORKER_MAX_USS_MIB", 0,
-            "Recycle a worker gracefully once its own memory (USS) exceeds this (0: never)", int),
-    Setting("worker_max_requests", "KWSERVER_WORKER_MAX_REQUESTS", 0,
-            "Recycle a worker gracefully after this many requests, with 10%% jitter (0: never)", int),
-    Setting("pid_file", "KWSERVER_PID_FILE", None, "Write the master's pid here (used by `kwserver reload`)"),
-    # Accepted so that existing policy-server deployments start unchanged; see ServerSettings.ignored().
-    Setting("sources_path", "KUBEWARDEN_SOURCES_PATH", None,
-            "Registry sources (sources.yml); unused: this build loads local modules only"),
-    Setting("verification_path", "KUBEWARDEN_VERIFICATION_CONFIG_PATH", None,
-            "Signature verification config; not supported by this build: refuses to start when set"),
-    Setting("docker_config_json_path", "KUBEWARDEN_DOCKER_CONFIG_JSON_PATH", None,
-            "Registry credentials; unused: this build loads local modules only"),
-    Setting("sigstore_cache_dir", "KUBEWARDEN_SIGSTORE_CACHE_DIR", None, "Sigstore cache; unused by this build"),
-    Setting("enable_metrics", "KUBEWARDEN_ENABLE_METRICS", False,
-            "OTLP metrics push; kwserver serves Prometheus metrics on --metrics-port instead", parse_bool),
-    Setting("enable_pprof", "KUBEWARDEN_ENABLE_PPROF", False, "Go-style profiling endpoints; not available",
-            parse_bool),
-    Setting("log_no_color", "NO_COLOR", False, "No colours in text logs (kwserver never colours them)",
-            parse_present),
-    Setting("daemon", "KUBEWARDEN_DAEMON", False,
-            "Detach from the terminal; not supported: run in the foreground (container, systemd)", parse_bool),
-)
-
-LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+LOG_LEVELS = tuple(LEVELS)
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    addr: str = "0.0.0.0"
-    port: int = 3000
-    readiness_probe_port: int = 8081
-    workers: int | None = None
-    policies: str = "policies.yml"
-    policies_download_dir: str = "."
-    policy_timeout: int = 2
-    disable_timeout_protection: bool = False
-    always_accept_admission_reviews_on_namespace: str | None = None
-    continue_on_errors: bool = False
-    cert_file: str | None = None
-    key_file: str | None = None
-    client_ca_file: str | None = None
-    ignore_kubernetes_connection_failure: bool = False
-    log_level: str = "info"
-    log_fmt: str = "text"
-    compile_cache_dir: str | None = None
-    policy_memory_limit_mib: int = 256
-    instance_keep_memory_mib: int = 32
-    worker_instance_budget_mib: int = 512
-    fresh_instance_per_request: bool = False
-    threads: int = 1
-    metrics_port: int = 9090
-    min_workers: int | None = None
-    max_workers: int | None = None
-    scale_up_after_seconds: int = 3
-    scale_down_after_seconds: int = 30
-    worker_max_uss_mib: int = 0
-    worker_max_requests: int = 0
-    pid_file: str | None = None
-    sources_path: str | None = None
-    verification_path: str | None = None
-    docker_config_json_path: str | None = None
-    sigstore_cache_dir: str | None = None
-    enable_metrics: bool = False
-    enable_pprof: bool = False
-    log_no_color: bool = False
-    daemon: bool = False
+    # Names, variables and defaults of the reference server, so existing deployments carry over.
+    addr: str = setting("0.0.0.0", "KUBEWARDEN_BIND_ADDRESS", "Bind address of the API and readiness listeners")
+    port: int = setting(3000, "KUBEWARDEN_PORT", "Port of the admission API", parse=int, check=port_number)
+    readiness_probe_port: int = setting(8081, "KUBEWARDEN_READINESS_PROBE_PORT",
+                                        "Port of the readiness probe (always plain HTTP)",
+                                        parse=int, check=port_number)
+    workers: int | None = setting(None, "KUBEWARDEN_WORKERS", "Worker processes (default: number of CPUs)",
+                                  parse=int, check=at_least(1))
+    policies: str = setting("policies.yml", "KUBEWARDEN_POLICIES", "YAML file holding the policies")
+    policies_download_dir: str = setting(".", "KUBEWARDEN_POLICIES_DOWNLOAD_DIR",
+                                         "Download directory for remote policy modules")
+    policy_timeout: int = setting(2, "KUBEWARDEN_POLICY_TIMEOUT",
+                                  "Interrupt a policy evaluation after this many seconds",
+                                  parse=int, check=at_least(1))
+    disable_timeout_protection: bool = setting(
+        False, "KUBEWARDEN_DISABLE_TIMEOUT_PROTECTION",
+        "Disable the global evaluation timeout (per-policy timeoutEvalSeconds still apply)", parse=parse_bool)
+    always_accept_admission_reviews_on_namespace: str | None = setting(
+        None, "KUBEWARDEN_ALWAYS_ACCEPT_ADMISSION_REVIEWS_ON_NAMESPACE",
+        "Accept every AdmissionReview for this namespace without evaluating it")
+    continue_on_errors: bool = setting(False, "KUBEWARDEN_CONTINUE_ON_ERRORS",
+                                       "Start even if some policies fail to load; they reject every request",
+                                       parse=parse_bool)
+    cert_file: str | None = setting(None, "KUBEWARDEN_CERT_FILE", "TLS certificate (PEM) of the API listener")
+    key_file: str | None = setting(None, "KUBEWARDEN_KEY_FILE", "TLS private key (PEM) of the API listener")
+    client_ca_file: str | None = setting(
+        None, "KUBEWARDEN_CLIENT_CA_FILE", "Comma-separated PEM files of CAs for mandatory client certificates (mTLS)")
+    ignore_kubernetes_connection_failure: bool = setting(
+        False, "KUBEWARDEN_IGNORE_KUBERNETES_CONNECTION_FAILURE",
+        "Start even when the Kubernetes API cannot be reached", parse=parse_bool)
+    log_level: str = setting("info", "KUBEWARDEN_LOG_LEVEL", f"Log level: {', '.join(LOG_LEVELS)}",
+                             check=one_of(*LOG_LEVELS))
+    log_fmt: str = setting("text", "KUBEWARDEN_LOG_FMT", "Log format: text or json", check=one_of("text", "json"))
+    # kwserver's own settings.
+    compile_cache_dir: str | None = setting(
+        None, "KWSERVER_COMPILE_CACHE_DIR",
+        "Directory of compiled modules (default: $XDG_CACHE_HOME/kwserver or ~/.cache/kwserver)")
+    policy_memory_limit_mib: int = setting(256, "KWSERVER_POLICY_MEMORY_LIMIT_MIB",
+                                           "Maximum linear memory of one policy instance during an evaluation",
+                                           parse=int, check=at_least(1))
+    instance_keep_memory_mib: int = setting(32, "KWSERVER_INSTANCE_KEEP_MEMORY_MIB",
+                                            "Discard an instance after use when its memory grew beyond this",
+                                            parse=int, check=at_least(0))
+    worker_instance_budget_mib: int = setting(
+        512, "KWSERVER_WORKER_INSTANCE_BUDGET_MIB",
+        "Memory of all idle instances kept by one worker; least recently used ones go first",
+        parse=int, check=at_least(0))
+    fresh_instance_per_request: bool = setting(
+        False, "KWSERVER_FRESH_INSTANCE_PER_REQUEST",
+        "Never reuse instances: every evaluation gets a new one (strict isolation)", parse=parse_bool)
+    threads: int = setting(1, "KWSERVER_THREADS", "Request threads per worker process", parse=int, check=at_least(1))
+    metrics_port: int = setting(9090, "KWSERVER_METRICS_PORT",
+                                "Port of the Prometheus /metrics and JSON /status endpoints (0: disabled)",
+                                parse=int, check=port_number)
+    min_workers: int | None = setting(None, "KWSERVER_MIN_WORKERS",
+                                      "Fewest workers when the pool shrinks (default: --workers)",
+                                      parse=int, check=at_least(1))
+    max_workers: int | None = setting(
+        None, "KWSERVER_MAX_WORKERS",
+        "Most workers when the pool grows (default: --workers); above min, the pool follows the load",
+        parse=int, check=at_least(1))
+    scale_up_after_seconds: int = setting(
+        3, "KWSERVER_SCALE_UP_AFTER_SECONDS",
+        f"Add a worker after the workers were this long busier than {GROW_ABOVE:.0%}", parse=int, check=at_least(0))
+    scale_down_after_seconds: int = setting(
+        30, "KWSERVER_SCALE_DOWN_AFTER_SECONDS",
+        f"Remove a worker after the workers were this long less than {SHRINK_BELOW:.0%} busy",
+        parse=int, check=at_least(0))
+    worker_max_uss_mib: int = setting(0, "KWSERVER_WORKER_MAX_USS_MIB",
+                                      "Recycle a worker gracefully once its own memory (USS) exceeds this (0: never)",
+                                      parse=int, check=at_least(0))
+    worker_max_requests: int = setting(
+        0, "KWSERVER_WORKER_MAX_REQUESTS",
+        "Recycle a worker gracefully after this many requests, with 10% jitter (0: never)",
+        parse=int, check=at_least(0))
+    pid_file: str | None = setting(None, "KWSERVER_PID_FILE", "Write the master's pid here (used by `kwserver reload`)")
+    # Accepted so that existing policy-server deployments start unchanged; see ServerSettings.ignored().
+    sources_path: str | None = setting(None, "KUBEWARDEN_SOURCES_PATH",
+                                       "Registry sources (sources.yml); unused: this build loads local modules only")
+    verification_path: str | None = setting(
+        None, "KUBEWARDEN_VERIFICATION_CONFIG_PATH",
+        "Signature verification config; not supported by this build: refuses to start when set",
+        check=refused("policy signature verification (--verification-path) is not supported by this build"))
+    docker_config_json_path: str | None = setting(
+        None, "KUBEWARDEN_DOCKER_CONFIG_JSON_PATH",
+        "Registry credentials; unused: this build loads local modules only")
+    sigstore_cache_dir: str | None = setting(None, "KUBEWARDEN_SIGSTORE_CACHE_DIR",
+                                             "Sigstore cache; unused by this build")
+    enable_metrics: bool = setting(
+        False, "KUBEWARDEN_ENABLE_METRICS",
+        "OTLP metrics push; kwserver serves Prometheus metrics on --metrics-port instead", parse=parse_bool)
+    enable_pprof: bool = setting(False, "KUBEWARDEN_ENABLE_PPROF", "Go-style profiling endpoints; not available",
+                                 parse=parse_bool)
+    log_no_color: bool = setting(False, "NO_COLOR", "No colours in text logs (kwserver never colours them)",
+                                 parse=parse_present)
+    daemon: bool = setting(
+        False, "KUBEWARDEN_DAEMON",
+        "Detach from the terminal; not supported: run in the foreground (container, systemd)", parse=parse_bool,
+        check=refused("--daemon is not supported: run kwserver in the foreground (container, systemd)"))
 
     def __post_init__(self) -> None:
-        if self.verification_path:
-            # Starting without the requested verification would silently accept unverified policies.
-            raise ConfigError("policy signature verification (--verification-path) is not supported by this build")
-        if self.daemon:
-            raise ConfigError("--daemon is not supported: run kwserver in the foreground (container, systemd)")
+        for item in SETTINGS:
+            problem = item.problem(getattr(self, item.name))
+            if problem:
+                raise ConfigError(problem)
         if bool(self.cert_file) != bool(self.key_file):
             raise ConfigError("both certificate and key must be provided together")
         if self.client_ca_file and not self.cert_file:
             raise ConfigError("client CA certificate requires server certificate and key to be specified")
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"invalid log level {self.log_level!r}, expected one of {', '.join(LOG_LEVELS)}")
-        if self.log_fmt not in ("text", "json"):
-            raise ConfigError(f"invalid log format {self.log_fmt!r}, expected text or json")
-        for name in ("policy_memory_limit_mib", "threads", "policy_timeout"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        for name in ("workers", "min_workers", "max_workers"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be at least 1")
         if self.pool_min > self.pool_max:
             raise ConfigError(f"min_workers ({self.pool_min}) is above max_workers ({self.pool_max})")
 
@@ -262,7 +273,7 @@ class ServerSettings:
         for setting in SETTINGS:
             if setting.env in environ:
                 try:
-                    values[setting.name] = setting.kind(environ[setting.env])
+                    values[setting.name] = setting.parse(environ[setting.env])
                 except ValueError as exc:
                     raise ConfigError(f"invalid value for {setting.env}: {exc}") from exc
         values.update(overrides)
@@ -273,22 +284,34 @@ class ServerSettings:
         env = {}
         for setting in SETTINGS:
             value = getattr(self, setting.name)
-            if setting.kind is parse_present and not value:
+            if setting.parse is parse_present and not value:
                 continue  # for NO_COLOR, being set at all means yes
             if value is not None:
                 env[setting.env] = ("true" if value else "false") if isinstance(value, bool) else str(value)
         return env
 
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(f.name, f.metadata["setting"][0], f.default, *f.metadata["setting"][1:]) for f in fields(ServerSettings)
+)
 
-def add_setting_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
-    """Declare every setting as a flag whose default comes from its environment variable."""
-    environ = os.environ if environ is None else environ
+
+def help_text(setting: Setting) -> str:
+    """`--help` line of a setting: what it does, its variable and its default."""
+    shown = []
+    if setting.default is not None and not setting.is_bool:
+        shown.append(f"default: {setting.default}")
+    shown.append(f"env: {setting.env}")
+    return f"{setting.help} [{', '.join(shown)}]".replace("%", "%%")
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every setting as a flag. Unset flags stay None, so environment and defaults apply."""
     for setting in SETTINGS:
-        help_text = argparse.SUPPRESS if setting.hidden else f"{setting.help} [env: {setting.env}]"
+        text = argparse.SUPPRESS if setting.hidden else help_text(setting)
         if setting.is_bool:
-            parser.add_argument(setting.flag, dest=setting.name, action="store_true", default=None, help=help_text)
+            parser.add_argument(setting.flag, dest=setting.name, action="store_true", default=None, help=text)
         else:
-            parser.add_argument(setting.flag, dest=setting.name, type=setting.kind, default=None, help=help_text)
+            parser.add_argument(setting.flag, dest=setting.name, type=setting.parse, default=None, help=text)
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerSettings:

@@ -34,9 +34,10 @@ from kwserver.autoscaler import PoolController, ScalingPolicy
 from kwserver.bootstrap import BootError, BootReport, build_registry
 from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
-from kwserver.logs import configure_logging, gunicorn_log_level
-from kwserver.observability import memory, metrics
+from kwserver.logs import configure_logging
+from kwserver.observability import metrics
 from kwserver.observability.endpoints import EndpointServer, Readiness
+from kwserver.observability.status import LoadedFacts, StatusView
 from kwserver.runtime.engine import EpochTicker
 from kwserver.service import AdmissionService
 from kwserver.tls import TlsContextCache
@@ -44,6 +45,8 @@ from kwserver.tls import TlsContextCache
 log = logging.getLogger(__name__)
 
 WORKER_CLASS = "kwserver.worker.BalancedThreadWorker"
+# gunicorn's settings and hooks for kwserver (also imported by the repository's gunicorn.conf.py).
+GUNICORN_CONFIG_MODULE = "kwserver.gunicorn_config"
 # Idle keep-alive connections stay open this long; the API server reuses its webhook connections.
 KEEPALIVE_SECONDS = 75
 # Workers get this long to finish in-flight requests when retired (reload, shrink, recycle, shutdown).
@@ -64,10 +67,10 @@ def set_process_title(title: str) -> None:
 class ServedCounter:
     """WSGI middleware of the workers: counts requests and busy time (the pool's utilisation)."""
 
-    def __init__(self, app: Callable, served: Callable[[float], None], every: Callable[[int], None]):
+    def __init__(self, app: Callable, record: Callable[[float], None], retitle: Callable[[int], None]):
         self.app = app
-        self.served = served
-        self.every = every
+        self.record = record  # called with the seconds each request took
+        self.retitle = retitle  # called with the request count, every TITLE_EVERY_REQUESTS requests
         self.requests = 0
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
@@ -75,10 +78,10 @@ class ServedCounter:
         try:
             return self.app(environ, start_response)
         finally:
-            self.served(time.perf_counter() - started)
+            self.record(time.perf_counter() - started)
             self.requests += 1
             if self.requests % TITLE_EVERY_REQUESTS == 1:
-                self.every(self.requests)
+                self.retitle(self.requests)
 
 
 class Daemon:
@@ -92,8 +95,8 @@ class Daemon:
         self.boot_report: BootReport | None = None
         self.service: AdmissionService | None = None
         self.pool: InstancePool | None = None
-        self.metrics_dir = metrics.prepare_directory(None)
-        self.metrics = metrics.WorkerMetrics()
+        self.metrics_dir: str | None = None  # made when the server loads (metrics.prepare_directory)
+        self.metrics: metrics.WorkerMetrics | None = None
         self.readiness = Readiness()
         self.endpoints: list[EndpointServer] = []
         self.controller: PoolController | None = None
@@ -106,7 +109,7 @@ class Daemon:
     @classmethod
     def from_env(cls) -> Daemon:
         settings = ServerSettings.from_env()
-        configure_logging(settings)
+        configure_logging(settings.log_level, settings.log_fmt)
         return cls(settings)
 
     @property
@@ -115,34 +118,12 @@ class Daemon:
         host = f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
         return [f"{host}:{self.settings.port}"]
 
-    def gunicorn_settings(self) -> dict[str, Any]:
-        """The gunicorn configuration `kwserver serve` uses; gunicorn.conf.py spells out the same."""
-        settings = self.settings
-        options: dict[str, Any] = {
-            "bind": self.bind,
-            "workers": settings.initial_workers,
-            "worker_class": WORKER_CLASS,
-            "threads": settings.threads,
-            "keepalive": KEEPALIVE_SECONDS,
-            "graceful_timeout": GRACEFUL_TIMEOUT_SECONDS,
-            "max_requests": settings.worker_max_requests,
-            "max_requests_jitter": settings.worker_max_requests // 10,
-            "preload_app": True,
-            "proc_name": "kwserver",
-            "pidfile": settings.pid_file,
-            # kwserver has its own control surface (metrics port, `kwserver top`, `kwserver reload`);
-            # gunicorn's control socket sits at one path per user and collides between instances.
-            "control_socket_disable": True,
-            "loglevel": gunicorn_log_level(settings),
-            **HOOKS,
-        }
-        if settings.tls:
-            options.update(certfile=settings.cert_file, keyfile=settings.key_file, ssl_context=ssl_context)
-        return options
-
     # master: loading ------------------------------------------------------------------------------
     def load(self) -> Callable:
         """Build the registry and the WSGI app; runs in the master, before the fork."""
+        # Before any metric value exists: prometheus-client picks its multiprocess value class here.
+        self.metrics_dir = metrics.prepare_directory(None)
+        self.metrics = metrics.WorkerMetrics()
         try:
             registry, report = build_registry(self.settings)
         except (BootError, ConfigError) as exc:
@@ -153,7 +134,7 @@ class Daemon:
             registry, evaluator, observe=self.metrics.observe,
             always_accept_namespace=self.settings.always_accept_admission_reviews_on_namespace,
         )
-        app = ServedCounter(create_app(self.service), self.metrics.served, self._title_worker)
+        app = ServedCounter(create_app(self.service), record=self.metrics.served, retitle=self._title_worker)
         self._freeze_heap()
         return app
 
@@ -202,10 +183,11 @@ class Daemon:
         settings = self.settings
         routes = {settings.readiness_probe_port: ({"/readiness": self.readiness.route}, "readiness")}
         if settings.metrics_port:
-            registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(self.status)])
+            status = StatusView(self.metrics_dir, self._loaded_facts)
+            registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(status.snapshot)])
             routes[settings.metrics_port] = ({
                 "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics.render(registry)),
-                "/status": lambda: (200, "application/json", orjson.dumps(self.status())),
+                "/status": lambda: (200, "application/json", orjson.dumps(status.snapshot())),
             }, "metrics")
         for port, (paths, name) in routes.items():
             try:
@@ -248,38 +230,24 @@ class Daemon:
         )
         self.controller.start()
 
-    def status(self) -> dict[str, Any]:
-        """What `kwserver top` and the memory gauges show: every process, and what the workers hold."""
-        processes = memory.server_processes(os.getpid())
-        requests = metrics.per_process_values(self.metrics_dir, "kwserver_worker_requests")
-        instances = metrics.per_process_values(self.metrics_dir, "kwserver_policy_instances")
-        instance_bytes = metrics.per_process_values(self.metrics_dir, "kwserver_policy_instance_memory_bytes")
-        for process in processes:
-            pid = process["pid"]
-            process["requests"] = int(sum(requests.get(pid, {}).values()))
-            process["instances"] = {dict(labels)["policy_name"]: int(count)
-                                    for labels, count in instances.get(pid, {}).items() if count}
-            process["instance_bytes"] = int(sum(instance_bytes.get(pid, {}).values()))
+    def _loaded_facts(self) -> LoadedFacts:
         registry, report = self.registry, self.boot_report
-        return {
-            "version": __version__,
-            "processes": processes,
-            "totals": memory.totals(processes),
-            "workers": sum(1 for p in processes if p["role"] == "worker"),
-            "policies": len(registry.top_level_names) if registry else 0,
-            "modules": len(registry.modules) if registry else 0,
-            "compiled_module_bytes": sum(m.compiled_size for m in registry.modules.values()) if registry else 0,
-            "boot_seconds": report.seconds if report else 0.0,
-            "compile_cache_hits": report.cache_hits if report else 0,
-            "compile_cache_misses": report.cache_misses if report else 0,
-        }
+        if registry is None or report is None:
+            return LoadedFacts()
+        return LoadedFacts(
+            policies=len(registry.top_level_names), modules=len(registry.modules),
+            compiled_module_bytes=sum(m.compiled_size for m in registry.modules.values()),
+            boot_seconds=report.seconds, compile_cache_hits=report.cache_hits,
+            compile_cache_misses=report.cache_misses,
+        )
 
     def before_fork(self) -> None:
         # gunicorn titles the master once its loop starts; forks come after that.
         set_process_title(f"kwserver: master [{self._describe()}]")
 
     def worker_exited(self, pid: int) -> None:
-        metrics.archive_dead_worker(self.metrics_dir, pid)
+        if self.metrics_dir:
+            metrics.archive_dead_worker(self.metrics_dir, pid)
 
     def on_exit(self) -> None:
         self.readiness.ready.clear()
@@ -287,7 +255,8 @@ class Daemon:
             self.controller.stop()
         for endpoint in self.endpoints:
             endpoint.stop()
-        metrics.remove_directory(self.metrics_dir)
+        if self.metrics_dir:
+            metrics.remove_directory(self.metrics_dir)
 
     def _describe(self) -> str:
         registry = self.registry
@@ -332,43 +301,6 @@ def get_daemon() -> Daemon:
     return Daemon.current or Daemon.from_env()
 
 
-def wsgi_app() -> Callable:
-    """WSGI factory for `gunicorn -c gunicorn.conf.py` (settings from KUBEWARDEN_*/KWSERVER_* env)."""
-    return get_daemon().load()
-
-
-def when_ready(server: Any) -> None:
-    get_daemon().on_ready(server)
-
-
-def pre_fork(server: Any, worker: Any) -> None:
-    get_daemon().before_fork()
-
-
-def post_fork(server: Any, worker: Any) -> None:
-    get_daemon().after_fork(worker.age)
-
-
-def child_exit(server: Any, worker: Any) -> None:
-    get_daemon().worker_exited(worker.pid)
-
-
-def on_reload(server: Any) -> None:
-    get_daemon().reload()
-
-
-def on_exit(server: Any) -> None:
-    get_daemon().on_exit()
-
-
-def ssl_context(config: Any, default_ssl_context_factory: Any) -> ssl.SSLContext:
-    return get_daemon().make_ssl_context()
-
-
-HOOKS = {"when_ready": when_ready, "pre_fork": pre_fork, "post_fork": post_fork, "child_exit": child_exit,
-         "on_reload": on_reload, "on_exit": on_exit}
-
-
 class KwserverApplication(Application):
     """`kwserver serve`: gunicorn with kwserver's settings, optionally tuned by a gunicorn config file.
 
@@ -381,17 +313,16 @@ class KwserverApplication(Application):
         super().__init__()
 
     def load_config(self) -> None:
-        for key, value in self.daemon.gunicorn_settings().items():
-            self.cfg.set(key, value)
+        self.load_config_from_module_name_or_filename(f"python:{GUNICORN_CONFIG_MODULE}")
         if self.gunicorn_config:
-            self.load_config_from_file(self.gunicorn_config)
+            self.load_config_from_module_name_or_filename(self.gunicorn_config)
 
     def load(self) -> Callable:
         return self.daemon.load()
 
 
 def serve(settings: ServerSettings, gunicorn_config: str | None = None) -> None:
-    configure_logging(settings)
+    configure_logging(settings.log_level, settings.log_fmt)
     log.info("kwserver %s starting with %d worker(s)", __version__, settings.initial_workers)
     for ignored in settings.ignored():
         log.warning("ignoring --%s", ignored)

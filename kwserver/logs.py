@@ -8,10 +8,9 @@ from typing import Any
 
 import orjson
 
-from kwserver.config import ServerSettings
-
-_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
-           "warn": logging.WARNING, "error": logging.ERROR}
+# The reference server's log levels (`--log-level`), as Python logging levels.
+LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+          "warn": logging.WARNING, "error": logging.ERROR}
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,16 +30,17 @@ class JsonFormatter(logging.Formatter):
         }).decode()
 
 
-def configure_logging(settings: ServerSettings) -> None:
+def configure_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if settings.log_fmt == "json":
+    if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(_LEVELS[settings.log_level])
+    root.setLevel(LEVELS[level])
 
 
-def gunicorn_log_level(settings: ServerSettings) -> str:
-    return "debug" if settings.log_level in ("trace", "debug") else settings.log_level
+def gunicorn_log_level(level: str) -> str:
+    """gunicorn's names: it has no `trace`, and reads `warn` as `info`."""
+    return {"trace": "debug", "warn": "warning"}.get(level, level)

@@ -124,3 +124,49 @@ def test_reference_flags_on_the_command_line():
                                       "--docker-config-json-path", "d", "--enable-pprof"])
     settings = settings_from_args(args, environ={})
     assert settings.sources_path == "s.yml" and settings.enable_metrics and settings.log_no_color
+
+
+def test_every_setting_is_one_flag_one_variable_and_one_default():
+    from kwserver.cli import build_parser
+    from kwserver.config import SETTINGS, help_text, settings_from_args
+
+    assert len({s.env for s in SETTINGS}) == len({s.flag for s in SETTINGS}) == len(SETTINGS)
+    defaults = ServerSettings()
+    for setting in SETTINGS:
+        assert getattr(defaults, setting.name) == setting.default, setting.name
+        if setting.default is not None and not setting.is_bool:
+            assert f"default: {setting.default}" in help_text(setting), setting.name
+            text = str(setting.default)
+            from_flag = settings_from_args(build_parser().parse_args(["serve", setting.flag, text]), environ={})
+            from_env = ServerSettings.from_env({setting.env: text})
+            assert getattr(from_flag, setting.name) == getattr(from_env, setting.name) == setting.default
+        elif setting.is_bool and setting.problem(True):  # refused (e.g. --daemon): the message says why
+            with pytest.raises(ConfigError, match=setting.flag.lstrip("-")):
+                settings_from_args(build_parser().parse_args(["serve", setting.flag]), environ={})
+        elif setting.is_bool:
+            from_flag = settings_from_args(build_parser().parse_args(["serve", setting.flag]), environ={})
+            assert getattr(from_flag, setting.name) is True
+            assert getattr(ServerSettings.from_env({setting.env: "1"}), setting.name) is True
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"port": 70000}, "port: 70000 is not a TCP port number"),
+    ({"threads": 0}, "threads: must be at least 1, got 0"),
+    ({"workers": 0}, "workers: must be at least 1, got 0"),
+    ({"instance_keep_memory_mib": -1}, "instance-keep-memory-mib: must be at least 0, got -1"),
+    ({"log_level": "verbose"}, "log-level: invalid value 'verbose', expected one of trace, debug, info, warn, error"),
+    ({"log_fmt": "xml"}, "log-fmt: invalid value 'xml', expected one of text, json"),
+    ({"min_workers": 3, "max_workers": 2}, r"min_workers \(3\) is above max_workers \(2\)"),
+])
+def test_each_setting_checks_its_own_range(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ServerSettings(**overrides)
+
+
+def test_help_shows_defaults_and_variables():
+    from kwserver.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    text = " ".join(serve.format_help().split())
+    assert "Port of the admission API [default: 3000, env: KUBEWARDEN_PORT]" in text
+    assert "busier than 75% [default: 3, env: KWSERVER_SCALE_UP_AFTER_SECONDS]" in text

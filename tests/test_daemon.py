@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import subprocess
 import sys
 import time
@@ -169,3 +170,48 @@ def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(run_server):
         conn.close()
     print("held", held)
     assert sum(held) >= 16 and max(held) <= 12, held
+
+
+EFFECTIVE_SETTINGS = r"""
+import json, sys
+from gunicorn.app.base import Application
+from kwserver.config import ServerSettings
+from kwserver.daemon import Daemon, KwserverApplication
+
+daemon = Daemon(ServerSettings.from_env())
+served = KwserverApplication(daemon)
+
+
+class GunicornDashC(Application):
+    # What `gunicorn -c gunicorn.conf.py` loads, without gunicorn's own command line.
+    def load_config(self):
+        self.load_config_from_file(sys.argv[1])
+
+    def load(self):
+        pass
+
+
+direct = GunicornDashC()
+served_values = {k: s.value for k, s in served.cfg.settings.items()}
+direct_values = {k: s.value for k, s in direct.cfg.settings.items()}
+print(json.dumps({
+    "differ": sorted(k for k in served_values if served_values[k] is not direct_values[k]
+                     and served_values[k] != direct_values[k]),
+    "loglevel": served_values["loglevel"], "workers": served_values["workers"],
+    "ssl_context": served_values["ssl_context"].__module__,
+}))
+"""
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_kwserver_serve_and_gunicorn_conf_py_have_identical_settings(tmp_path, tls):
+    env = {**os.environ, "KUBEWARDEN_LOG_LEVEL": "warn", "KUBEWARDEN_WORKERS": "3",
+           "KWSERVER_WORKER_MAX_REQUESTS": "50"}
+    if tls:
+        env.update(KUBEWARDEN_CERT_FILE=str(tmp_path / "c.pem"), KUBEWARDEN_KEY_FILE=str(tmp_path / "k.pem"))
+    out = subprocess.run([sys.executable, "-c", EFFECTIVE_SETTINGS, str(REPO / "gunicorn.conf.py")], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["differ"] == []
+    assert (result["loglevel"], result["workers"]) == ("warning", 3)
+    assert (result["ssl_context"] == "kwserver.gunicorn_config") is tls
