@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--transports", default=None, help="comma-separated: http,https (both)")
     parser.add_argument("--soak-requests", type=int, default=None,
                         help=f"requests after warm-up in `soak` ({d.soak_requests:,})")
-    parser.add_argument("--config", dest="config10", default=None,
+    parser.add_argument("--config", dest="ten_policy_config", default=None,
                         help="the ten-policy config (default: deploy/examples/policies.yml, else a fallback)")
-    parser.add_argument("--config-61", dest="config61", default=None,
+    parser.add_argument("--config-61", dest="sixty_one_policy_config", default=None,
                         help="the 61-policy config (default: deploy/examples/policies-61.yml, else a fallback)")
     parser.add_argument("--no-balance", dest="balance", action="store_false", default=None,
                         help="measure connections as they land on the workers (no restart of a load point "
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from(args: argparse.Namespace) -> Options:
     values: dict = dict(QUICK) if args.quick else {}
     for name in ("duration", "warmup", "repeats", "connections", "workers", "interval", "soak_requests",
-                 "config10", "config61", "balance"):
+                 "ten_policy_config", "sixty_one_policy_config", "balance"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value

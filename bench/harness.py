@@ -8,7 +8,6 @@ runs load points (`run.load`), and adds headline figures; on exit every server i
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import math
 import os
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import report
 from bench import sampler as sampling
 from bench.servers import Server, Tls, make_tls, start_gunicorn_app, start_kwserver
 from bench.workloads import Workload, classify
@@ -58,8 +58,8 @@ class Options:
     # up to `balance_attempts` times; the attempts are recorded and reported.
     balance: bool = True
     balance_attempts: int = 12
-    config10: str | None = None
-    config61: str | None = None
+    ten_policy_config: str | None = None
+    sixty_one_policy_config: str | None = None
     results: Path = RESULTS_DIR
     cache_dir: Path | None = None  # shared warm compile cache (default: a temporary directory)
 
@@ -212,8 +212,6 @@ class ScenarioRun:
             self.stop(server)
         self.sampler.stop()
         self.elapsed = self.clock.now()
-        from bench import report
-
         try:
             report.write_scenario(self)
         finally:
@@ -427,23 +425,3 @@ def _connections(samples: list[sampling.Sample]) -> dict[str, int]:
         if s.role == "worker" and s.connections >= 0:
             out[str(s.pid)] = max(out.get(str(s.pid), 0), s.connections)
     return out
-
-
-def dump_json(path: Path, doc: Any, rows_key: str | None = None) -> None:
-    """Indented JSON; the list under `rows_key` (if any) is written one compact row per line, last."""
-    rows = doc.pop(rows_key, None) if rows_key else None
-    text = json.dumps(doc, indent=1, default=_json_default)
-    if rows is not None:
-        body = ",\n".join(json.dumps(row, default=_json_default, separators=(",", ":")) for row in rows)
-        text = text[:-2] + f',\n "{rows_key}": [\n{body}\n ]\n}}'
-    path.write_text(text + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, set | tuple):
-        return list(value)
-    if hasattr(value, "to_json"):
-        return value.to_json()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

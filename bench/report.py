@@ -245,7 +245,6 @@ def plot_bars(bars: dict[str, Any], path: Path) -> bool:
 # --- per-scenario files --------------------------------------------------------------------------
 
 def write_scenario(run: ScenarioRun) -> None:
-    from bench.harness import dump_json
 
     out = run.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -419,3 +418,23 @@ def write_summary(results: Path, total_seconds: float | None = None) -> Path:
     results.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
+
+
+def dump_json(path: Path, doc: Any, rows_key: str | None = None) -> None:
+    """Indented JSON; the list under `rows_key` (if any) is written one compact row per line, last."""
+    rows = doc.pop(rows_key, None) if rows_key else None
+    text = json.dumps(doc, indent=1, default=_json_default)
+    if rows is not None:
+        body = ",\n".join(json.dumps(row, default=_json_default, separators=(",", ":")) for row in rows)
+        text = text[:-2] + f',\n "{rows_key}": [\n{body}\n ]\n}}'
+    path.write_text(text + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | tuple):
+        return list(value)
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -49,16 +49,16 @@ def config_dir(run: ScenarioRun) -> Path:
     return run.options.results / "configs"
 
 
-def config10(run: ScenarioRun) -> wl.ConfigChoice:
-    choice = wl.choose_config(run.options.config10, wl.DEFAULT_CONFIG_10, 10, config_dir(run))
+def ten_policy_config(run: ScenarioRun) -> wl.ConfigChoice:
+    choice = wl.choose_config(run.options.ten_policy_config, wl.DEFAULT_CONFIG_10, 10, config_dir(run))
     run.configs["ten"] = choice.to_json()
     if choice.fallback:
         run.notes.append(f"Measured on the {choice.label}: the policy library's config did not exist yet.")
     return choice
 
 
-def config61(run: ScenarioRun) -> wl.ConfigChoice:
-    choice = wl.choose_config(run.options.config61, wl.DEFAULT_CONFIG_61, 61, config_dir(run))
+def sixty_one_policy_config(run: ScenarioRun) -> wl.ConfigChoice:
+    choice = wl.choose_config(run.options.sixty_one_policy_config, wl.DEFAULT_CONFIG_61, 61, config_dir(run))
     run.configs["sixty-one"] = choice.to_json()
     if choice.fallback:
         run.notes.append(f"Measured on the {choice.label}: the policy library's config did not exist yet.")
@@ -167,7 +167,7 @@ def ceiling(run: ScenarioRun) -> None:
           "ten-policy config. Plain HTTP and TLS with keep-alive.")
 def instances(run: ScenarioRun) -> None:
     o = run.options
-    ten = config10(run)
+    ten = ten_policy_config(run)
     policy = pod_privileged_policy(ten.path)
     d = workdir(run, "instances")
     one = wl.single_request(d, "one-policy", policy, wl.POD_UNPRIVILEGED, f"5.4 KB Pod to `{policy}`")
@@ -203,7 +203,7 @@ def instances(run: ScenarioRun) -> None:
           "ten-policy config) and workloads as `instances`. Plain HTTP and TLS with keep-alive.")
 def naive(run: ScenarioRun) -> None:
     o = run.options
-    ten = config10(run)
+    ten = ten_policy_config(run)
     policy = pod_privileged_policy(ten.path)
     d = workdir(run, "naive")
     one = wl.single_request(d, "one-policy", policy, wl.POD_UNPRIVILEGED, f"5.4 KB Pod to `{policy}`")
@@ -254,7 +254,7 @@ def naive(run: ScenarioRun) -> None:
           "workers) right after each load point; the slope of a linear fit is the cost of one more worker.")
 def workers(run: ScenarioRun) -> None:
     o = run.options
-    ten = config10(run)
+    ten = ten_policy_config(run)
     d = workdir(run, "workers")
     mix = wl.mix_workload(d, "ten-policy-mix", ten.path, "realistic mix over the ten-policy config")
     run.data["baselines"] = {"ten-policy mix": f"{o.worker_counts[0]} worker(s)"}
@@ -312,7 +312,7 @@ def workers(run: ScenarioRun) -> None:
           "then measured load points. The per-policy slope is (PSS(61) - PSS(10)) / 51.")
 def policies(run: ScenarioRun) -> None:
     o = run.options
-    ten, sixty_one = config10(run), config61(run)
+    ten, sixty_one = ten_policy_config(run), sixty_one_policy_config(run)
     d = workdir(run, "policies")
     count_workers = 4
     results = {}
@@ -364,7 +364,7 @@ _BOOT_LINE = re.compile(r"loaded (\d+) policies .*cache (\d+) hit / (\d+) miss\)
           "gunicorn). `boot` is kwserver's own figure from its log (policies loaded, before gunicorn binds).")
 def startup(run: ScenarioRun) -> None:
     o = run.options
-    ten, sixty_one = config10(run), config61(run)
+    ten, sixty_one = ten_policy_config(run), sixty_one_policy_config(run)
     empty = config_dir(run) / "policies-empty.yml"
     empty.parent.mkdir(parents=True, exist_ok=True)
     empty.write_text("{}\n")
@@ -437,7 +437,7 @@ def startup(run: ScenarioRun) -> None:
           "drift: median req/s of the last fifth of the segments over the first fifth.")
 def soak(run: ScenarioRun) -> None:
     o = run.options
-    ten = config10(run)
+    ten = ten_policy_config(run)
     d = workdir(run, "soak")
     mix = wl.mix_workload(d, "ten-policy-mix", ten.path, "realistic mix over the ten-policy config")
     server = run.kwserver("kwserver-soak", ten.path)
@@ -512,7 +512,7 @@ def soak(run: ScenarioRun) -> None:
           "over one connection, for its latency.")
 def mix(run: ScenarioRun) -> None:
     o = run.options
-    ten = config10(run)
+    ten = ten_policy_config(run)
     d = workdir(run, "mix")
     workload = wl.mix_workload(d, "ten-policy-mix", ten.path, "realistic mix over the ten-policy config")
     canned = run.canned("canned")

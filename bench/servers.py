@@ -180,9 +180,7 @@ def start_kwserver(name: str, config: Path, *, workers: int, work_dir: Path, cac
     }
     if tls:
         full_env.update(KUBEWARDEN_CERT_FILE=str(tls.cert_file), KUBEWARDEN_KEY_FILE=str(tls.key_file))
-    # Not `--gunicorn-config bench/gunicorn_bench.py`: `kwserver serve --gunicorn-config` fails with
-    # "'KwserverApplication' object has no attribute 'load_config_from_file'" (reported), so kwserver
-    # keeps gunicorn's default control socket.
+    # kwserver disables gunicorn's control socket itself (kwserver/gunicorn_config.py).
     argv = [sys.executable, "-m", "kwserver", "serve"]
     log_path = work_dir / f"{name}.log"
     started = time.monotonic()

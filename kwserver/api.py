@@ -27,13 +27,9 @@ MAX_BODY_BYTES = 3 * 1024 * 1024
 # beyond it the connection is simply closed.
 MAX_DRAINED_BYTES = 16 * 1024 * 1024
 JSON_CONTENT_TYPE = "application/json"
-
-
-class HTTPProblem(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+BODY_TOO_LARGE = "Failed to buffer the request body: length limit exceeded"
+SOMETHING_WENT_WRONG = "Something went wrong"
+VALIDATE_ROUTE = "/validate/{policy_id}"
 
 
 def _is_json_media_type(content_type: str | None) -> bool:
@@ -44,37 +40,26 @@ def _is_json_media_type(content_type: str | None) -> bool:
 
 
 def read_json_body(req: falcon.Request) -> Any:
+    """The request body as JSON; falcon HTTP errors (415, 413, 400) say what is wrong with it."""
     if not _is_json_media_type(req.content_type):
-        raise HTTPProblem(415, "Expected request with `Content-Type: application/json`")
+        raise falcon.HTTPUnsupportedMediaType(description="Expected request with `Content-Type: application/json`")
     length = req.content_length
     if length is not None and length > MAX_BODY_BYTES:
         _drain(req, length)
-        raise HTTPProblem(413, "Failed to buffer the request body: length limit exceeded")
+        raise falcon.HTTPContentTooLarge(description=BODY_TOO_LARGE)
     body = req.bounded_stream.read(MAX_BODY_BYTES + 1)
     if len(body) > MAX_BODY_BYTES:
-        raise HTTPProblem(413, "Failed to buffer the request body: length limit exceeded")
+        raise falcon.HTTPContentTooLarge(description=BODY_TOO_LARGE)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise HTTPProblem(400, f"Failed to parse the request body as JSON: {exc}") from exc
+        raise falcon.HTTPBadRequest(description=f"Failed to parse the request body as JSON: {exc}") from exc
 
 
 def _drain(req: falcon.Request, length: int) -> None:
     if length <= MAX_DRAINED_BYTES:
         while req.bounded_stream.read(1024 * 1024):
             pass
-
-
-def _json_problem(resp: falcon.Response, status: int, message: str) -> None:
-    resp.status = status
-    resp.content_type = falcon.MEDIA_JSON
-    resp.data = orjson.dumps({"message": message, "status": status})
-
-
-def _text_problem(resp: falcon.Response, status: int, message: str) -> None:
-    resp.status = status
-    resp.content_type = "text/plain; charset=utf-8"
-    resp.data = message.encode()
 
 
 class AdmissionResource:
@@ -87,31 +72,53 @@ class AdmissionResource:
             admission.parse_raw_review if origin == VALIDATE_RAW else admission.parse_admission_review
         )
         self.envelope = admission.raw_envelope if origin == VALIDATE_RAW else admission.review_envelope
-        # Only /validate wraps its client errors in JSON, as the reference does.
-        self.problem = _json_problem if origin == VALIDATE else _text_problem
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, policy_id: str) -> None:
-        try:
-            doc = read_json_body(req)
-            try:
-                request = self.parse(doc)
-            except RequestShapeError as exc:
-                raise HTTPProblem(
-                    422, f"Failed to deserialize the JSON body into the target type: {exc}"
-                ) from exc
-            response = self.service.review(policy_id, request, self.origin)
-        except HTTPProblem as problem:
-            self.problem(resp, problem.status, problem.message)
-            return
-        except UnknownPolicy as exc:
-            _json_problem(resp, 404, str(exc))
-            return
-        except EvaluationError as exc:
-            log.error("Evaluation error: %s", exc)
-            _json_problem(resp, 500, "Something went wrong")
-            return
+        request = self.parse(read_json_body(req))
+        response = self.service.review(policy_id, request, self.origin)
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps(self.envelope(response))
+
+
+# --- errors: raised anywhere below a responder, rendered here ---------------------------------------
+
+def _json_problem(resp: falcon.Response, status: int, message: str) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = orjson.dumps({"message": message, "status": status})
+
+
+def _client_problem(req: falcon.Request, resp: falcon.Response, status: int, message: str) -> None:
+    # Only /validate wraps its client errors in JSON, as the reference does; the others answer text.
+    if req.uri_template == VALIDATE_ROUTE:
+        _json_problem(resp, status, message)
+    else:
+        resp.status = status
+        resp.content_type = "text/plain; charset=utf-8"
+        resp.data = message.encode()
+
+
+def _http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: dict) -> None:
+    _client_problem(req, resp, ex.status_code, ex.description or ex.title)
+
+
+def _request_shape_error(req: falcon.Request, resp: falcon.Response, ex: RequestShapeError, params: dict) -> None:
+    _client_problem(req, resp, 422, f"Failed to deserialize the JSON body into the target type: {ex}")
+
+
+def _unknown_policy(req: falcon.Request, resp: falcon.Response, ex: UnknownPolicy, params: dict) -> None:
+    _json_problem(resp, 404, str(ex))
+
+
+def _evaluation_error(req: falcon.Request, resp: falcon.Response, ex: EvaluationError, params: dict) -> None:
+    log.error("Evaluation error: %s", ex)
+    _json_problem(resp, 500, SOMETHING_WENT_WRONG)
+
+
+def _unexpected_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
+    # Whatever happens, the worker survives and the client gets an answer.
+    log.exception("unexpected error while serving %s %s", req.method, req.path)
+    _json_problem(resp, 500, SOMETHING_WENT_WRONG)
 
 
 def _empty_not_found(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
@@ -126,19 +133,18 @@ def _empty_method_not_allowed(req: falcon.Request, resp: falcon.Response, ex: fa
     resp.data = b""
 
 
-def _unexpected_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
-    # Whatever happens, the worker survives and the client gets an answer.
-    log.exception("unexpected error while serving %s %s", req.method, req.path)
-    _json_problem(resp, 500, "Something went wrong")
-
-
 def create_app(service: AdmissionService) -> falcon.App:
     app = falcon.App(media_type=falcon.MEDIA_JSON)
     app.req_options.strip_url_path_trailing_slash = False
-    app.add_route("/validate/{policy_id}", AdmissionResource(service, VALIDATE))
+    app.add_route(VALIDATE_ROUTE, AdmissionResource(service, VALIDATE))
     app.add_route("/audit/{policy_id}", AdmissionResource(service, AUDIT))
     app.add_route("/validate_raw/{policy_id}", AdmissionResource(service, VALIDATE_RAW))
+    # falcon picks the most specific handler for an exception's class.
     app.add_error_handler(Exception, _unexpected_error)
+    app.add_error_handler(falcon.HTTPError, _http_error)
+    app.add_error_handler(RequestShapeError, _request_shape_error)
+    app.add_error_handler(UnknownPolicy, _unknown_policy)
+    app.add_error_handler(EvaluationError, _evaluation_error)
     app.add_error_handler(falcon.HTTPRouteNotFound, _empty_not_found)
     app.add_error_handler(falcon.HTTPNotFound, _empty_not_found)
     app.add_error_handler(falcon.HTTPMethodNotAllowed, _empty_method_not_allowed)

@@ -18,7 +18,7 @@ import wasmtime
 
 from kwserver.capabilities import Capabilities
 from kwserver.config import PolicyGroupSpec, PolicySpec, ServerSettings, load_policies
-from kwserver.evaluation import InstancePool, LoadedPolicy, PolicyRegistry, settings_error
+from kwserver.evaluation import InstancePool, LoadedPolicy, PolicyRegistry
 from kwserver.metadata import MetadataError, check_metadata, infer_metadata, parse_metadata
 from kwserver.runtime import InstanceLimits, RuntimeFailure
 from kwserver.runtime.engine import (
@@ -29,8 +29,6 @@ from kwserver.runtime.engine import (
     make_engine,
     malloc_trim,
 )
-from kwserver.runtime.modes import REGO_MODES
-from kwserver.runtime.opa import OpaModule, rego_entrypoint_warning
 from kwserver.sources import SourceError, fetch
 
 log = logging.getLogger(__name__)
@@ -146,8 +144,7 @@ def build_registry(settings: ServerSettings,
             capabilities=Capabilities(spec.name, spec.context_aware_resources),
         )
 
-    _validate_all_settings(registry, options)
-    _check_rego_entrypoints(registry, report)
+    _check_all_policies(registry, options, report)
     report.seconds = time.monotonic() - started
     if registry.init_errors and not settings.continue_on_errors:
         raise BootError(registry.init_errors)
@@ -156,8 +153,9 @@ def build_registry(settings: ServerSettings,
     return registry, report
 
 
-def _validate_all_settings(registry: PolicyRegistry, options: EngineOptions) -> None:
-    """Validate every policy's settings once, here, so no request ever pays for it."""
+def _check_all_policies(registry: PolicyRegistry, options: EngineOptions, report: BootReport) -> None:
+    """Check every policy once, here, so no request ever pays for it: its mode's boot checks, then
+    its settings, on an instance made for the purpose. A policy that fails is an init error."""
     pool = InstancePool(registry, reuse=False, keep_bytes=0, budget_bytes=0)
     ticker = EpochTicker(registry.engine)
     if options.epoch_interruption:
@@ -165,38 +163,19 @@ def _validate_all_settings(registry: PolicyRegistry, options: EngineOptions) -> 
     try:
         for name, policy in list(registry.policies.items()):
             try:
+                warning = policy.mode.boot_warning(pool.linked(policy.module), policy)
                 with pool.instance(policy) as instance:
-                    error = settings_error(instance, policy.settings_json)
+                    error = policy.mode.settings_error(instance, policy.settings_json)
             except RuntimeFailure as exc:
-                error = str(exc)
-                registry.init_errors[name] = f"bootstrap failure: {name}: {error}"
+                registry.init_errors[name] = f"bootstrap failure: {name}: {exc}"
                 del registry.policies[name]
                 continue
+            if warning:
+                log.warning("policy %s: %s", name, warning)
+                report.warnings.append(f"policy {name}: {warning}")
             if error is not None:
                 registry.init_errors[name] = f"Policy settings are invalid: {error}"
                 del registry.policies[name]
     finally:
         ticker.stop()  # no thread may outlive the boot: the master forks next
         pool.clear()
-
-
-def _check_rego_entrypoints(registry: PolicyRegistry, report: BootReport) -> None:
-    """OPA/Gatekeeper: resolve each policy's entrypoint now, and warn when Gatekeeper's is not `violation`."""
-    linked: dict[str, OpaModule] = {}
-    for name, policy in list(registry.policies.items()):
-        mode = policy.module.execution_mode
-        if mode not in REGO_MODES:
-            continue
-        try:
-            module = linked.get(policy.module.digest) or OpaModule(
-                registry.engine, policy.module.module, epoch_interruption=registry.engine_options.epoch_interruption
-            )
-            linked[policy.module.digest] = module
-            warning = rego_entrypoint_warning(module, mode, policy.entrypoint)
-        except RuntimeFailure as exc:
-            registry.init_errors[name] = f"bootstrap failure: {name}: {exc}"
-            del registry.policies[name]
-            continue
-        if warning:
-            log.warning("policy %s: %s", name, warning)
-            report.warnings.append(f"policy {name}: {warning}")

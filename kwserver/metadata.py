@@ -20,7 +20,9 @@ SECTION_NAME = "io.kubewarden.metadata"
 WASM_MAGIC = b"\0asm"
 WASM_VERSION_1 = b"\x01\0\0\0"
 
-EXECUTION_MODES = ("kubewarden-wapc", "opa", "gatekeeper", "wasi")
+# Execution modes, as the metadata names them (the runtimes are registered in kwserver.evaluation.modes).
+WAPC, OPA, GATEKEEPER, WASI = "kubewarden-wapc", "opa", "gatekeeper", "wasi"
+EXECUTION_MODES = (WAPC, OPA, GATEKEEPER, WASI)
 
 
 class MetadataError(ValueError):
@@ -35,7 +37,7 @@ class WasmFormatError(ValueError):
 class PolicyMetadata:
     rules: list[dict[str, Any]]
     mutating: bool
-    execution_mode: str = "kubewarden-wapc"
+    execution_mode: str = WAPC
     protocol_version: str | None = None
     policy_type: str = "kubernetes"
     background_audit: bool = True
@@ -53,7 +55,7 @@ class PolicyMetadata:
         for key in ("rules", "mutating"):
             if key not in raw:
                 raise MetadataError(f"missing field `{key}`")
-        mode = raw.get("executionMode", "kubewarden-wapc")
+        mode = raw.get("executionMode", WAPC)
         if mode not in EXECUTION_MODES:
             raise MetadataError(
                 f"unknown variant `{mode}`, expected one of {', '.join(f'`{m}`' for m in EXECUTION_MODES)}"
@@ -197,12 +199,12 @@ def parse_metadata(wasm: bytes) -> PolicyMetadata | None:
 def infer_metadata(export_names: set[str], import_modules: set[str]) -> PolicyMetadata:
     """Best guess for a module without metadata, from what it exports and imports."""
     if "__guest_call" in export_names:
-        mode = "kubewarden-wapc"
+        mode = WAPC
     elif "opa_eval_ctx_new" in export_names:
         # Both Rego flavours look alike; Gatekeeper is the more common un-annotated one.
-        mode = "gatekeeper"
+        mode = GATEKEEPER
     elif "_start" in export_names and "wasi_snapshot_preview1" in import_modules:
-        mode = "wasi"
+        mode = WASI
     else:
         raise MetadataError(
             f"module has no `{SECTION_NAME}` section and its execution mode cannot be inferred "
@@ -210,13 +212,13 @@ def infer_metadata(export_names: set[str], import_modules: set[str]) -> PolicyMe
         )
     return PolicyMetadata(
         rules=[], mutating=False, execution_mode=mode,
-        protocol_version="v1" if mode == "kubewarden-wapc" else None, inferred=True,
+        protocol_version="v1" if mode == WAPC else None, inferred=True,
     )
 
 
 def check_metadata(meta: PolicyMetadata, server_version: str = KUBEWARDEN_COMPAT_VERSION) -> None:
     """The bootstrap checks of the reference server (protocol version, minimum version)."""
-    if meta.execution_mode == "kubewarden-wapc":
+    if meta.execution_mode == WAPC:
         if meta.protocol_version is None:
             raise MetadataError(
                 "Policy is missing protocol version, which is required for KubewardenWapc execution mode"

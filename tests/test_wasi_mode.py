@@ -8,10 +8,12 @@ import wasmtime
 from kwserver import admission
 from kwserver.admission import parse_raw_review
 from kwserver.capabilities import Capabilities
-from kwserver.evaluation import settings_error
+from kwserver.evaluation import MODES
 from kwserver.runtime import InstanceLimits, InstantiationFailure
 from kwserver.runtime.wasi_command import WasiCommandFailure, WasiCommandModule, WasiCommandTimeout
 from tests.mode_fixtures import WASI_TESTBED, javy_host_call_wat, worker_memory
+
+settings_error = MODES["wasi"].settings_error
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,21 @@ reports failures as the exceptions below.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
+
+import wasmtime
+
+from kwserver.runtime.engine import deadline_ticks
+
+# (binding, namespace, operation, payload) -> response bytes; raising means a failed host call, and
+# the exception text is what the guest reads as the host error.
+HostCall = Callable[[str, str, str, bytes], bytes]
+
+INTERRUPTED = "guest code interrupted, execution deadline exceeded"
+NO_HOST_CALLBACK = "Cannot process Wasm guest request: callback channel not provided"
 
 
 class RuntimeFailure(Exception):
@@ -18,7 +32,7 @@ class RuntimeFailure(Exception):
 class GuestTimeout(RuntimeFailure):
     """The evaluation ran past its deadline and was interrupted."""
 
-    def __init__(self, message: str = "guest code interrupted, execution deadline exceeded"):
+    def __init__(self, message: str = INTERRUPTED):
         super().__init__(message)
 
 
@@ -48,12 +62,58 @@ def failure_reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    """The guest stopped because its deadline passed (an epoch trap or our own GuestTimeout)."""
+    if isinstance(exc, GuestTimeout):
+        return True
+    return isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.INTERRUPT
+
+
+def no_host_callback(binding: str, namespace: str, operation: str, payload: bytes) -> bytes:
+    """The host call of a guest that was given no capabilities."""
+    raise RuntimeError(NO_HOST_CALLBACK)
+
+
 @dataclass(frozen=True)
 class InstanceLimits:
     """Per-evaluation limits applied to one instance's store."""
 
     memory_bytes: int
     timeout_seconds: int | None  # None: the evaluation is never interrupted
+
+
+def new_store(engine: wasmtime.Engine, limits: InstanceLimits) -> wasmtime.Store:
+    """A store for one instance, its linear memory capped (memory.grow fails past the limit)."""
+    store = wasmtime.Store(engine)
+    store.set_limits(memory_size=limits.memory_bytes)
+    return store
+
+
+def arm_deadline(store: wasmtime.Store, limits: InstanceLimits, epoch_interruption: bool) -> float | None:
+    """Start the clock of one call: the epoch deadline for wasm code, and the monotonic time by which
+    host-side waits (WASI clocks, network) must give up; None when the call has no timeout."""
+    if epoch_interruption:
+        store.set_epoch_deadline(deadline_ticks(limits.timeout_seconds))
+    timeout = limits.timeout_seconds
+    return None if timeout is None else time.monotonic() + timeout
+
+
+class PolicyInstance(Protocol):
+    """A live policy instance of some execution mode; one call at a time."""
+
+    broken: bool  # it failed in a way that may have left it inconsistent: never reuse it
+
+    @property
+    def memory_size(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class LinkedModule(Protocol):
+    """A compiled module linked with its host functions; makes instances."""
+
+    def instantiate(self, limits: InstanceLimits, host_call: HostCall | None = None,
+                    label: str = "guest") -> PolicyInstance: ...
 
 
 # The guest running on this thread. Host functions are linked once per module and shared by all of

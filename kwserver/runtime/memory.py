@@ -42,6 +42,13 @@ class GuestMemory:
         if data:
             ctypes.memmove(self._base(ptr, len(data)), data, len(data))
 
+    def read_host_call(self, bd_ptr: int, bd_len: int, ns_ptr: int, ns_len: int, op_ptr: int, op_len: int,
+                       ptr: int, length: int) -> tuple[str, str, str, bytes]:
+        """The arguments of a host call (waPC `__host_call`, WASI `host.call`): binding, namespace,
+        operation and payload."""
+        return (self.read(bd_ptr, bd_len).decode("utf-8"), self.read(ns_ptr, ns_len).decode("utf-8"),
+                self.read(op_ptr, op_len).decode("utf-8"), self.read(ptr, length))
+
     def read_cstring(self, ptr: int) -> bytes:
         """A NUL-terminated string (OPA's ABI)."""
         size = self.memory.data_len(self.store)

@@ -35,13 +35,15 @@ from kwserver.runtime import (
     GuestTimeout,
     InstanceLimits,
     InstantiationFailure,
+    arm_deadline,
     current_guest,
     failure_reason,
     fastcall,
+    is_interrupt,
+    new_store,
     opa_builtins,
     running,
 )
-from kwserver.runtime.engine import deadline_ticks
 from kwserver.runtime.memory import GuestMemory, GuestMemoryError
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,6 @@ log = logging.getLogger(__name__)
 ENV = "env"
 PAGE = 65536
 MIN_PAGES = 5
-INTERRUPTED = "guest code interrupted, execution deadline exceeded"
 SUPPORTED_ABI_MAJOR = 1
 
 _MEMORY_EXPORTS = ("opa_malloc", "opa_json_parse", "opa_json_dump", "opa_heap_ptr_get", "opa_heap_ptr_set")
@@ -69,7 +70,6 @@ class RegoEvaluationError(GuestCallFailure):
 
 class _Abort(Exception):
     """Raised by the `opa_abort` import to unwind the guest."""
-
 
 
 
@@ -255,8 +255,7 @@ class OpaInstance:
         self.limits = limits
         self.label = label
         self.broken = False
-        self.store = wasmtime.Store(module.engine)
-        self.store.set_limits(memory_size=limits.memory_bytes)
+        self.store = new_store(module.engine, limits)
         self._arm_deadline()
         try:
             instance, memory = module.new_instance(self.store)
@@ -294,8 +293,7 @@ class OpaInstance:
             raise InstantiationFailure(failure_reason(exc)) from exc
 
     def _arm_deadline(self) -> None:
-        if self.module.epoch_interruption:
-            self.store.set_epoch_deadline(deadline_ticks(self.limits.timeout_seconds))
+        arm_deadline(self.store, self.limits, self.module.epoch_interruption)
 
     # --- memory helpers (also used by the builtin dispatcher, inside an evaluation) ---
 
@@ -373,8 +371,8 @@ class OpaInstance:
                 return self.dump(self._get_result(ctx))
         except (wasmtime.Trap, GuestTimeout) as exc:
             self.broken = True
-            if isinstance(exc, GuestTimeout) or exc.trap_code == wasmtime.TrapCode.INTERRUPT:
-                raise GuestTimeout(INTERRUPTED) from exc
+            if is_interrupt(exc):
+                raise GuestTimeout() from exc
             raise RegoEvaluationError(failure_reason(exc)) from exc
         except _Abort as exc:
             self.broken = True

@@ -8,7 +8,6 @@ linked once per module, so they find the instance they serve through `current_gu
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import wasmtime
@@ -16,33 +15,25 @@ import wasmtime
 from kwserver.runtime import (
     GuestCallFailure,
     GuestTimeout,
+    HostCall,
     InstanceLimits,
     InstantiationFailure,
     ProcExit,
+    arm_deadline,
     current_guest,
     failure_reason,
     fastcall,
+    is_interrupt,
+    new_store,
+    no_host_callback,
     running,
 )
-from kwserver.runtime.engine import deadline_ticks
 from kwserver.runtime.memory import GuestMemory, GuestMemoryError
 from kwserver.runtime.wasi import WasiState, define_wasi
 
 log = logging.getLogger(__name__)
 
 WAPC_MODULE = "wapc"
-
-# (binding, namespace, operation, payload) -> response bytes; raising means a failed host call, and
-# the exception text is what the guest reads as the host error.
-HostCall = Callable[[str, str, str, bytes], bytes]
-
-NO_HOST_CALLBACK = "Cannot process Wasm guest request: callback channel not provided"
-INTERRUPTED = "guest code interrupted, execution deadline exceeded"
-
-
-def _no_host(binding: str, namespace: str, operation: str, payload: bytes) -> bytes:
-    raise RuntimeError(NO_HOST_CALLBACK)
-
 
 # --- host functions (module "wapc") -----------------------------------------------------------------
 
@@ -65,11 +56,8 @@ def __guest_error(ptr: int, length: int) -> None:
 def __host_call(bd_ptr: int, bd_len: int, ns_ptr: int, ns_len: int, op_ptr: int, op_len: int,
                 ptr: int, length: int) -> int:
     guest = current_guest()
-    mem = guest.memory
-    binding = mem.read(bd_ptr, bd_len).decode("utf-8")
-    namespace = mem.read(ns_ptr, ns_len).decode("utf-8")
-    operation = mem.read(op_ptr, op_len).decode("utf-8")
-    payload = mem.read(ptr, length)
+    binding, namespace, operation, payload = guest.memory.read_host_call(
+        bd_ptr, bd_len, ns_ptr, ns_len, op_ptr, op_len, ptr, length)
     guest.host_response = None
     guest.host_error = None
     try:
@@ -128,7 +116,6 @@ def _declares(functype: wasmtime.FuncType, params: int, results: int) -> bool:
 
 
 
-
 class WapcModule:
     """A compiled waPC module pre-linked with the host ABI; instantiating it skips import resolution."""
 
@@ -150,7 +137,7 @@ class WapcModule:
 
     def instantiate(self, limits: InstanceLimits, host_call: HostCall | None = None,
                     label: str = "guest") -> WapcInstance:
-        return WapcInstance(self, limits, host_call or _no_host, label)
+        return WapcInstance(self, limits, host_call or no_host_callback, label)
 
 
 class WapcInstance:
@@ -174,8 +161,7 @@ class WapcInstance:
         self.host_response: bytes | None = None
         self.host_error: bytes | None = None
         self.wasi = WasiState(log_prefix=label)
-        self.store = wasmtime.Store(module.engine)
-        self.store.set_limits(memory_size=limits.memory_bytes)
+        self.store = new_store(module.engine, limits)
         with running(self):
             self._arm_deadline()
             try:
@@ -198,12 +184,7 @@ class WapcInstance:
                     self._initialise(init, func)
 
     def _arm_deadline(self) -> None:
-        timeout = self.limits.timeout_seconds
-        if self.module.epoch_interruption:
-            self.store.set_epoch_deadline(deadline_ticks(timeout))
-        self.wasi.deadline_at = None
-        if timeout is not None:
-            self.wasi.deadline_at = time.monotonic() + timeout
+        self.wasi.deadline_at = arm_deadline(self.store, self.limits, self.module.epoch_interruption)
 
     def _initialise(self, name: str, func: wasmtime.Func) -> None:
         self._arm_deadline()
@@ -213,7 +194,7 @@ class WapcInstance:
             if exit_.code != 0:  # TinyGo >= 0.35 leaves `main` with proc_exit(0)
                 raise InstantiationFailure(f"Initialization failed: {exit_}") from exit_
         except (wasmtime.Trap, GuestTimeout) as exc:
-            if _interrupted(exc):
+            if is_interrupt(exc):
                 raise InstantiationFailure(
                     f"Initialization failed: {name} init interrupted, execution deadline exceeded"
                 ) from exc
@@ -233,8 +214,8 @@ class WapcInstance:
                 ok = self._guest_call(len(self.op), len(payload))
         except (wasmtime.Trap, GuestTimeout) as exc:
             self.broken = True
-            if _interrupted(exc):
-                raise GuestTimeout(INTERRUPTED) from exc
+            if is_interrupt(exc):
+                raise GuestTimeout() from exc
             self.guest_error, ok = failure_reason(exc), 0
         except ProcExit as exit_:
             self.broken = True
@@ -256,10 +237,4 @@ class WapcInstance:
 
     def close(self) -> None:
         self.store.close()
-
-
-def _interrupted(exc: BaseException) -> bool:
-    if isinstance(exc, GuestTimeout):
-        return True
-    return isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.INTERRUPT
 

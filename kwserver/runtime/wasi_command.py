@@ -14,24 +14,26 @@ and the answer (or the error text) is appended to stdin, where the guest reads i
 from __future__ import annotations
 
 import logging
-import time
 
 import wasmtime
 
 from kwserver.runtime import (
     GuestCallFailure,
     GuestTimeout,
+    HostCall,
     InstanceLimits,
     InstantiationFailure,
     ProcExit,
+    arm_deadline,
     current_guest,
     failure_reason,
     fastcall,
+    is_interrupt,
+    new_store,
+    no_host_callback,
     running,
 )
-from kwserver.runtime.engine import deadline_ticks
 from kwserver.runtime.memory import GuestMemory, GuestMemoryError
-from kwserver.runtime.wapc import HostCall
 from kwserver.runtime.wasi import WasiState, define_wasi
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,6 @@ log = logging.getLogger(__name__)
 PROGRAM_NAME = "policy.wasm"
 HOST_CALL_MODULES = ("host", "kubewarden:javy/host")
 OPERATION_ARGS = {"validate": "validate", "validate_settings": "validate-settings"}
-NO_HOST_CALLBACK = "Cannot process Wasm guest request: callback channel not provided"
-
 
 
 class WasiCommandFailure(GuestCallFailure):
@@ -66,18 +66,11 @@ class WasiCommandTimeout(GuestTimeout):
         self.stderr = stderr
 
 
-def _no_host(binding: str, namespace: str, operation: str, payload: bytes) -> bytes:
-    raise RuntimeError(NO_HOST_CALLBACK)
-
-
 def _host_call(bd_ptr: int, bd_len: int, ns_ptr: int, ns_len: int, op_ptr: int, op_len: int,
                ptr: int, length: int) -> int:
     run: _Run = current_guest()
-    mem = run.wasi.memory
-    binding = mem.read(bd_ptr, bd_len).decode("utf-8")
-    namespace = mem.read(ns_ptr, ns_len).decode("utf-8")
-    operation = mem.read(op_ptr, op_len).decode("utf-8")
-    payload = mem.read(ptr, length)
+    binding, namespace, operation, payload = run.wasi.memory.read_host_call(
+        bd_ptr, bd_len, ns_ptr, ns_len, op_ptr, op_len, ptr, length)
     try:
         answer, status = run.host_call(binding, namespace, operation, payload), 0
     except Exception as exc:  # a failed callback is reported to the guest, never a trap
@@ -127,7 +120,7 @@ class WasiCommandModule:
 
     def instantiate(self, limits: InstanceLimits, host_call: HostCall | None = None,
                     label: str = "guest") -> WasiCommandPolicy:
-        return WasiCommandPolicy(self, limits, host_call or _no_host, label)
+        return WasiCommandPolicy(self, limits, host_call or no_host_callback, label)
 
 
 class WasiCommandPolicy:
@@ -150,13 +143,9 @@ class WasiCommandPolicy:
         """Run the program once; its stdout. Raises WasiCommandTimeout or WasiCommandFailure."""
         wasi = WasiState([PROGRAM_NAME, *args], log_prefix=self.label)
         wasi.reset_streams(stdin, capture=True)
-        timeout = self.limits.timeout_seconds
-        store = wasmtime.Store(self.module.engine)
+        store = new_store(self.module.engine, self.limits)
         try:
-            store.set_limits(memory_size=self.limits.memory_bytes)
-            if self.module.epoch_interruption:
-                store.set_epoch_deadline(deadline_ticks(timeout))
-            wasi.deadline_at = None if timeout is None else time.monotonic() + timeout
+            wasi.deadline_at = arm_deadline(store, self.limits, self.module.epoch_interruption)
             run = _Run(wasi, self.host_call, self.label)
             exit_code, reason = 0, ""
             with running(run):
@@ -169,7 +158,7 @@ class WasiCommandPolicy:
                     exit_code = exit_.code
                     reason = f"the policy exited with code {exit_code}"
                 except (wasmtime.Trap, GuestTimeout) as exc:
-                    if isinstance(exc, GuestTimeout) or exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+                    if is_interrupt(exc):
                         raise WasiCommandTimeout(_text(wasi.stderr)) from exc
                     exit_code, reason = None, f"the policy trapped: {failure_reason(exc)}"
                 except (wasmtime.WasmtimeError, GuestMemoryError, UnicodeDecodeError) as exc:

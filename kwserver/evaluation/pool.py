@@ -1,0 +1,141 @@
+"""Per-worker instance pools: linked modules and idle instances, bounded by a memory budget.
+
+Each worker links modules and creates instances lazily, keeps them for reuse within its memory
+budget, and throws away any instance that trapped, timed out or grew too large.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from kwserver.evaluation.modes import mode_named
+from kwserver.evaluation.registry import LoadedPolicy, PolicyRegistry
+from kwserver.runtime import LinkedModule, PolicyInstance
+from kwserver.runtime.engine import CompiledModule
+
+
+class PoolObserver:
+    """Where an InstancePool reports what it does (metrics); the default ignores it."""
+
+    def event(self, name: str, count: int = 1) -> None:
+        pass
+
+    def idle(self, policy_name: str, count: int, memory_bytes: int) -> None:
+        pass
+
+
+class InstancePool:
+    """Per-process cache of linked modules and idle instances.
+
+    Instances are kept per policy (never shared between policies, even on one module: settings and
+    host-call identity stay per policy). Idle instances are bounded by a byte budget over their linear
+    memories; the least recently used go first.
+    """
+
+    def __init__(self, registry: PolicyRegistry, *, reuse: bool, keep_bytes: int, budget_bytes: int,
+                 observer: PoolObserver | None = None):
+        self.registry = registry
+        self.observer = observer or PoolObserver()
+        self.reuse = reuse
+        self.keep_bytes = keep_bytes
+        self.budget_bytes = budget_bytes
+        self._linked: dict[str, LinkedModule] = {}
+        self._idle: OrderedDict[int, tuple[str, PolicyInstance, int]] = OrderedDict()
+        self._by_policy: dict[str, list[int]] = {}
+        self._idle_bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = self.discards = 0
+
+    def linked(self, module: CompiledModule) -> LinkedModule:
+        linked = self._linked.get(module.digest)
+        if linked is None:
+            linked = mode_named(module.execution_mode).link(
+                self.registry.engine, module.module, epoch_interruption=self.registry.engine_options.epoch_interruption)
+            self._linked[module.digest] = linked
+        return linked
+
+    def _take_idle(self, policy_name: str) -> PolicyInstance | None:
+        with self._lock:
+            keys = self._by_policy.get(policy_name)
+            if not keys:
+                return None
+            _, instance, size = self._idle.pop(keys.pop())
+            self._idle_bytes -= size
+            self._idle_changed(policy_name)
+            return instance
+
+    def _put_idle(self, policy_name: str, instance: PolicyInstance, size: int) -> None:
+        evicted = []
+        with self._lock:
+            key = id(instance)
+            self._idle[key] = (policy_name, instance, size)
+            self._by_policy.setdefault(policy_name, []).append(key)
+            self._idle_bytes += size
+            changed = {policy_name}
+            while self._idle_bytes > self.budget_bytes and self._idle:
+                old_key, (old_policy, old_instance, old_size) = self._idle.popitem(last=False)
+                self._by_policy[old_policy].remove(old_key)
+                self._idle_bytes -= old_size
+                evicted.append(old_instance)
+                changed.add(old_policy)
+            self.evictions += len(evicted)
+            for name in changed:
+                self._idle_changed(name)
+        if evicted:
+            self.observer.event("eviction", len(evicted))
+        for old in evicted:
+            old.close()
+
+    def _idle_changed(self, policy_name: str) -> None:
+        keys = self._by_policy.get(policy_name, [])
+        self.observer.idle(policy_name, len(keys), sum(self._idle[key][2] for key in keys))
+
+    def new_instance(self, policy: LoadedPolicy) -> PolicyInstance:
+        return self.linked(policy.module).instantiate(policy.limits, policy.capabilities, label=policy.name)
+
+    @contextmanager
+    def instance(self, policy: LoadedPolicy) -> Iterator[PolicyInstance]:
+        instance = self._take_idle(policy.name) if self.reuse else None
+        if instance is None:
+            self.misses += 1
+            self.observer.event("miss")
+            instance = self.new_instance(policy)
+        else:
+            self.hits += 1
+            self.observer.event("hit")
+        reusable = False
+        try:
+            yield instance
+            reusable = True
+        finally:
+            size = instance.memory_size
+            if self.reuse and reusable and not instance.broken and size <= self.keep_bytes:
+                self._put_idle(policy.name, instance, size)
+            else:
+                self.discards += 1
+                if self.reuse:
+                    self.observer.event("discard")
+                instance.close()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            per_policy = {name: len(keys) for name, keys in self._by_policy.items() if keys}
+            return {
+                "idle_instances": len(self._idle), "idle_bytes": self._idle_bytes, "per_policy": per_policy,
+                "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                "discards": self.discards, "linked_modules": len(self._linked),
+            }
+
+    def clear(self) -> None:
+        with self._lock:
+            idle = [instance for _, instance, _ in self._idle.values()]
+            self._idle.clear()
+            self._by_policy.clear()
+            self._idle_bytes = 0
+        for instance in idle:
+            instance.close()
+        self._linked.clear()

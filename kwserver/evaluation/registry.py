@@ -1,0 +1,69 @@
+"""The policy registry: everything loaded at boot, read-only once the workers are forked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import wasmtime
+
+from kwserver.capabilities import Capabilities
+from kwserver.config import PolicyGroupSpec, PolicySpec
+from kwserver.evaluation.modes import ExecutionMode, mode_named
+from kwserver.runtime import InstanceLimits
+from kwserver.runtime.engine import CompiledModule, EngineOptions
+
+
+class UnknownPolicy(KeyError):
+    """No policy or group of that name (HTTP 404)."""
+
+    def __str__(self) -> str:
+        return f"unknown policy: {self.args[0]}"
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A policy (or group member) bound to its compiled module, settings and limits."""
+
+    spec: PolicySpec
+    module: CompiledModule
+    settings_json: bytes
+    limits: InstanceLimits
+    capabilities: Capabilities
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def mode(self) -> ExecutionMode:
+        return mode_named(self.module.execution_mode)
+
+    @property
+    def entrypoint(self) -> str | None:
+        """OPA/Gatekeeper: the entrypoint chosen by name (policies.yml, then metadata); None: id 0."""
+        return self.spec.entrypoint or self.module.metadata.entrypoint
+
+
+@dataclass
+class PolicyRegistry:
+    """Everything loaded at boot. Immutable once the workers are forked."""
+
+    engine: wasmtime.Engine
+    engine_options: EngineOptions
+    policies: dict[str, LoadedPolicy] = field(default_factory=dict)  # policies and `<group>/<member>`s
+    groups: dict[str, PolicyGroupSpec] = field(default_factory=dict)
+    specs: dict[str, PolicySpec] = field(default_factory=dict)  # top-level policies, loaded or not
+    init_errors: dict[str, str] = field(default_factory=dict)
+    modules: dict[str, CompiledModule] = field(default_factory=dict)  # by digest
+
+    def policy_mode(self, policy_id: str) -> str:
+        """The mode of a top-level policy or group; raises UnknownPolicy for anything else."""
+        if policy_id in self.groups:
+            return self.groups[policy_id].policy_mode
+        if policy_id in self.specs:
+            return self.specs[policy_id].policy_mode
+        raise UnknownPolicy(policy_id)
+
+    @property
+    def top_level_names(self) -> list[str]:
+        return [*self.specs, *self.groups]
