@@ -23,7 +23,8 @@ from pathlib import Path
 
 import psutil
 
-from kwserver.daemon import KEEPALIVE_SECONDS, WORKER_CLASS
+from kwserver.config import ServerSettings
+from kwserver.daemon import WORKER_CLASS
 
 REPO = Path(__file__).resolve().parent.parent
 GUNICORN_OVERRIDES = Path(__file__).resolve().parent / "gunicorn_bench.py"
@@ -223,7 +224,8 @@ def start_gunicorn_app(name: str, kind: str, app: str, *, workers: int, work_dir
         # An explicit config file: gunicorn would otherwise load ./gunicorn.conf.py (kwserver's own).
         sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_OVERRIDES),
         "--worker-class", WORKER_CLASS, "--threads", "1",
-        "--keep-alive", str(KEEPALIVE_SECONDS), "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
+        "--keep-alive", str(ServerSettings.keepalive_timeout_seconds), "--workers", str(workers),
+        "--bind", f"127.0.0.1:{port}",
         "--log-level", "warning", "--name", f"bench-{kind}",
         # Slow workers (the naive one compiles at start) must not be killed by the default 30 s timeout.
         "--timeout", "300",

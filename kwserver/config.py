@@ -85,6 +85,10 @@ def at_least(minimum: int) -> Callable[[int], str | None]:
     return lambda value: None if value >= minimum else f"must be at least {minimum}, got {value}"
 
 
+def above(minimum: float) -> Callable[[float], str | None]:
+    return lambda value: None if value > minimum else f"must be above {minimum}, got {value}"
+
+
 def port_number(value: int) -> str | None:
     return None if 0 <= value <= 65535 else f"{value} is not a TCP port number"
 
@@ -154,7 +158,24 @@ class ServerSettings:
     fresh_instance_per_request: bool = setting(
         False, "KWSERVER_FRESH_INSTANCE_PER_REQUEST",
         "Never reuse instances: every evaluation gets a new one (strict isolation)", parse=parse_bool)
-    threads: int = setting(1, "KWSERVER_THREADS", "Request threads per worker process", parse=int, check=at_least(1))
+    # What one client may cost a worker (kwserver/worker.py); none of it delays another client.
+    header_timeout_seconds: float = setting(
+        10.0, "KWSERVER_HEADER_TIMEOUT_SECONDS", "Close a connection whose request headers take longer than this",
+        parse=float, check=above(0))
+    body_timeout_seconds: float = setting(
+        30.0, "KWSERVER_BODY_TIMEOUT_SECONDS", "Close a connection whose request body takes longer than this",
+        parse=float, check=above(0))
+    keepalive_timeout_seconds: int = setting(
+        75, "KWSERVER_KEEPALIVE_TIMEOUT_SECONDS",
+        "Close a keep-alive connection idle for this long (the API server reuses its connections)",
+        parse=int, check=at_least(1))
+    tls_handshake_timeout_seconds: float = setting(
+        10.0, "KWSERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS", "Close a connection whose TLS handshake takes longer than this",
+        parse=float, check=above(0))
+    max_connections_per_worker: int = setting(
+        1024, "KWSERVER_MAX_CONNECTIONS_PER_WORKER",
+        "Open connections one worker keeps; beyond, new connections get 503 and are closed",
+        parse=int, check=at_least(1))
     metrics_port: int = setting(9090, "KWSERVER_METRICS_PORT",
                                 "Port of the Prometheus /metrics and JSON /status endpoints (0: disabled)",
                                 parse=int, check=port_number)

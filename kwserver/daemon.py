@@ -4,12 +4,10 @@ Master: parse settings, build the policy registry (fetch, compile, validate sett
 listeners, serve readiness and metrics, fork, watch the pool. Worker (after fork): close what belongs
 to the master, start the epoch ticker (threads do not survive fork), set a process title, serve.
 
-Worker class: `gthread` with one thread, in kwserver's balanced variant (kwserver/worker.py). The
-Kubernetes API server calls webhooks over TLS with keep-alive; gunicorn's `sync` worker answers
-`Connection: close`, so every request would pay a full TLS handshake (measured: ~350 vs ~2,900
-requests/s). More threads per worker measured *worse* (GIL hand-offs around many short native
-calls), so concurrency comes from processes; the balanced variant keeps a burst of connections from
-piling onto one of them.
+Worker class: kwserver's event-loop worker (kwserver/worker.py): keep-alive connections (the
+Kubernetes API server calls webhooks over TLS and reuses its connections), each read completely
+within its limits before the request is evaluated, so slow clients never stall the server.
+Concurrency comes from processes: evaluations run one at a time per worker.
 """
 
 from __future__ import annotations
@@ -44,11 +42,9 @@ from kwserver.tls import TlsContextCache
 
 log = logging.getLogger(__name__)
 
-WORKER_CLASS = "kwserver.worker.BalancedThreadWorker"
+WORKER_CLASS = "kwserver.worker.EventLoopWorker"
 # gunicorn's settings and hooks for kwserver (also imported by the repository's gunicorn.conf.py).
 GUNICORN_CONFIG_MODULE = "kwserver.gunicorn_config"
-# Idle keep-alive connections stay open this long; the API server reuses its webhook connections.
-KEEPALIVE_SECONDS = 75
 # Workers get this long to finish in-flight requests when retired (reload, shrink, recycle, shutdown).
 GRACEFUL_TIMEOUT_SECONDS = 30
 TITLE_EVERY_REQUESTS = 100

@@ -12,12 +12,7 @@ import ssl as _ssl
 from collections.abc import Callable as _Callable
 from typing import Any as _Any
 
-from kwserver.daemon import (
-    GRACEFUL_TIMEOUT_SECONDS,
-    KEEPALIVE_SECONDS,
-    WORKER_CLASS,
-    get_daemon,
-)
+from kwserver.daemon import GRACEFUL_TIMEOUT_SECONDS, WORKER_CLASS, get_daemon
 from kwserver.logs import gunicorn_log_level
 
 _settings = get_daemon().settings
@@ -27,9 +22,10 @@ bind = get_daemon().bind
 # Compiled policies are shared by all workers; the pool may grow and shrink between
 # --min-workers and --max-workers.
 workers = _settings.initial_workers
+# An event loop reads whole requests (limits and timeouts per connection), then evaluates them one at
+# a time: see kwserver/worker.py.
 worker_class = WORKER_CLASS
-threads = _settings.threads
-keepalive = KEEPALIVE_SECONDS
+keepalive = _settings.keepalive_timeout_seconds
 # Retired workers (reload, pool shrink, recycling, shutdown) finish their in-flight requests first.
 graceful_timeout = GRACEFUL_TIMEOUT_SECONDS
 max_requests = _settings.worker_max_requests

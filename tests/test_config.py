@@ -151,7 +151,8 @@ def test_every_setting_is_one_flag_one_variable_and_one_default():
 
 @pytest.mark.parametrize("overrides,message", [
     ({"port": 70000}, "port: 70000 is not a TCP port number"),
-    ({"threads": 0}, "threads: must be at least 1, got 0"),
+    ({"max_connections_per_worker": 0}, "max-connections-per-worker: must be at least 1, got 0"),
+    ({"header_timeout_seconds": 0}, "header-timeout-seconds: must be above 0, got 0"),
     ({"workers": 0}, "workers: must be at least 1, got 0"),
     ({"instance_keep_memory_mib": -1}, "instance-keep-memory-mib: must be at least 0, got -1"),
     ({"log_level": "verbose"}, "log-level: invalid value 'verbose', expected one of trace, debug, info, warn, error"),

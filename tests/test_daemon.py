@@ -41,28 +41,33 @@ def _server_processes(server):
 
 
 def _connection_per_worker(server, workers: int) -> dict[int, http.client.HTTPConnection]:
-    """One keep-alive connection pinned to each worker (gthread keeps a connection on its worker)."""
+    """One keep-alive connection pinned to each worker (a connection stays on the worker that accepted it).
+
+    Extra connections are held open while searching: the workers balance open connections, so the
+    ones holding more leave the next accept to the others.
+    """
     pinned: dict[int, http.client.HTTPConnection] = {}
-    for _ in range(400):
-        worker_pids = {p.pid for p in _server_processes(server)[1:]}  # workers may still be starting
-        if len(pinned) == workers:
-            return pinned
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        conn.connect()
-        local = conn.sock.getsockname()
-        owner = next((pid for pid in worker_pids
-                      if any(c.raddr and tuple(c.raddr) == local for c in psutil.Process(pid).net_connections())),
-                     None)
-        if owner is None:  # accepted by nobody yet: ask, and look again
-            _post(conn, *REQUESTS[0])
+    extra: list[http.client.HTTPConnection] = []
+    try:
+        for _ in range(400):
+            if len(pinned) == workers:
+                return pinned
+            worker_pids = {p.pid for p in _server_processes(server)[1:]}  # workers may still be starting
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.connect()
+            _post(conn, *REQUESTS[0])  # answered, so accepted
+            local = conn.sock.getsockname()
             owner = next((pid for pid in worker_pids
                           if any(c.raddr and tuple(c.raddr) == local for c in psutil.Process(pid).net_connections())),
                          None)
-        if owner is not None and owner not in pinned:
-            pinned[owner] = conn
-        else:
+            if owner is not None and owner not in pinned:
+                pinned[owner] = conn
+            else:
+                extra.append(conn)
+        raise AssertionError(f"could not reach every worker: {sorted(pinned)}")
+    finally:
+        for conn in extra:
             conn.close()
-    raise AssertionError(f"could not reach every worker: {sorted(pinned)}")
 
 
 def _post(conn: http.client.HTTPConnection, path: str, body) -> dict:
