@@ -241,6 +241,11 @@ class Daemon:
         # gunicorn titles the master once its loop starts; forks come after that.
         set_process_title(f"kwserver: master [{self._describe()}]")
 
+    def worker_exiting(self) -> None:
+        """In the worker, as it exits: publish what it counted since its last flush."""
+        if self.metrics is not None:
+            self.metrics.flush()
+
     def worker_exited(self, pid: int) -> None:
         if self.metrics_dir:
             metrics.archive_dead_worker(self.metrics_dir, pid)
@@ -268,8 +273,10 @@ class Daemon:
         return self.tls.context()
 
     # worker ---------------------------------------------------------------------------------------
-    def after_fork(self, worker_age: int) -> None:
-        self.worker_age = worker_age
+    def after_fork(self, worker: Any) -> None:
+        self.worker_age = worker.age
+        if self.metrics is not None:
+            worker.every_second = self.metrics.flush
         for endpoint in self.endpoints:
             endpoint.close_inherited()
         self.endpoints = []

@@ -61,7 +61,11 @@ def pre_fork(server: _Any, worker: _Any) -> None:
 
 
 def post_fork(server: _Any, worker: _Any) -> None:
-    get_daemon().after_fork(worker.age)
+    get_daemon().after_fork(worker)
+
+
+def worker_exit(server: _Any, worker: _Any) -> None:
+    get_daemon().worker_exiting()
 
 
 def child_exit(server: _Any, worker: _Any) -> None:

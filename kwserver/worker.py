@@ -51,12 +51,20 @@ HEARTBEAT_SECONDS = 1.0
 BALANCE_WAIT_SECONDS = 0.02
 STOP_KEEPALIVE_LINGER_SECONDS = 2.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            b"content-length: 32\r\nconnection: close\r\n\r\nToo many connections, try again.")
-_BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                b"content-length: 24\r\nconnection: close\r\n\r\nInvalid HTTP request.\r\n\r\n")
-_HEADERS_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
-                      b"connection: close\r\n\r\n")
+
+
+def _closing_response(status: str, text: str = "") -> bytes:
+    """A response the worker writes itself (the app never saw the request), after which it closes."""
+    body = text.encode()
+    content_type = b"content-type: text/plain; charset=utf-8\r\n" if body else b""
+    return (b"HTTP/1.1 %s\r\n%scontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status.encode(), content_type, len(body), body))
+
+
+_REFUSED = _closing_response("503 Service Unavailable", "Too many connections, try again.")
+_BAD_REQUEST = _closing_response("400 Bad Request", "Invalid HTTP request.")
+_TIMED_OUT = _closing_response("408 Request Timeout", "The request did not arrive in time.")
+_HEADERS_TOO_LARGE = _closing_response("431 Request Header Fields Too Large")
 
 
 class ConnectionTable:
@@ -265,8 +273,10 @@ class Connection(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self.timer = None
-        if self.transport is not None:
-            self.transport.close()
+        if self.in_request and not self.too_large:
+            self._fail(_TIMED_OUT)  # a request that stopped half-way is told why
+        elif self.transport is not None:
+            self.transport.close()  # an idle keep-alive connection, or a refused body that never ended
 
     def _fail(self, response: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -473,6 +483,8 @@ class EventLoopWorker(Worker):
     """gunicorn worker running `HttpServer` on uvloop (graceful stop, heartbeat, max-requests)."""
 
     table: ConnectionTable | None = None
+    # Called from the loop once a second (the daemon publishes its in-process metrics there).
+    every_second: Callable[[], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -539,6 +551,8 @@ class EventLoopWorker(Worker):
         # an evaluation longer than gunicorn's `timeout` is replaced.
         while True:
             self.notify()
+            if self.every_second is not None:
+                self.every_second()
             if self.ppid != os.getppid():
                 self.log.info("Parent changed, shutting down: %s", self)
                 self._graceful_stop()

@@ -38,6 +38,12 @@ def metrics_text(server) -> str:
     return requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
 
 
+def published_metrics(server, served: int) -> str:
+    """The metrics once the workers have published the counts of `served` requests (about once a second)."""
+    return wait_for(lambda: (text := metrics_text(server)) and sample(text, "kwserver_worker_requests_total") == served
+                    and text, timeout=10)
+
+
 def sample(text: str, name: str, **labels: str) -> float:
     """The value of the sample `name` whose labels include `labels` (0 when absent)."""
     total = 0.0
@@ -78,7 +84,7 @@ def test_metrics_have_the_reference_names_and_survive_a_dead_worker(run_server):
     assert server.post("/validate_raw/raw-validation", RAW_REVIEW).status_code == 200
     assert server.post("/validate/broken", SLEEP_100MS).status_code == 200
 
-    text = metrics_text(server)
+    text = published_metrics(server, served=6)
     evaluations = "kubewarden_policy_evaluations_total"
     assert sample(text, evaluations, policy_name="pod-privileged", policy_mode="protect", resource_kind="Pod",
                   resource_request_operation="CREATE", accepted="false", mutated="false",
@@ -117,6 +123,7 @@ def test_top_once_json(run_server):
     server = run_server({"pod-privileged": POD_PRIVILEGED}, env={"KUBEWARDEN_WORKERS": "2"})
     wait_for(lambda: len(workers_of(server)) == 2)
     server.post("/validate/pod-privileged", PRIVILEGED)
+    published_metrics(server, served=1)
     result = subprocess.run(
         [sys.executable, "-m", "kwserver", "top", "--once", "--json", "--url", f"http://127.0.0.1:{server.metrics_port}"],
         capture_output=True, text=True, timeout=60)

@@ -12,6 +12,7 @@ kind; Prometheus treats an empty label as an absent one, so absent attributes ar
 
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import os
@@ -54,7 +55,13 @@ def prepare_directory(directory: str | None) -> str:
 
 
 class WorkerMetrics(PoolObserver):
-    """What workers count. Created in the master (no values yet), used in the workers."""
+    """What workers count. Created in the master (no values yet), used in the workers.
+
+    Counting goes into plain dicts in the worker; `flush` publishes to the multiprocess files. A
+    write to those files costs tens of microseconds (a pid check and an mmap write per value), a dict
+    update well under one, so the worker flushes once a second and when it exits. A worker killed
+    without exiting loses at most its last second of counts; totals still never go backwards.
+    """
 
     def __init__(self) -> None:
         self.evaluations = Counter(
@@ -73,6 +80,7 @@ class WorkerMetrics(PoolObserver):
         self.instance_memory = Gauge(
             "kwserver_policy_instance_memory_bytes", "Linear memory of the idle instances of a policy",
             ["policy_name"], multiprocess_mode="livesum", registry=None)
+        self._pending = PendingCounts()
 
     def observe(self, record: EvaluationRecord) -> None:
         request = record.request
@@ -87,20 +95,64 @@ class WorkerMetrics(PoolObserver):
             "" if record.error_code is None else str(record.error_code),
             record.initialization_error or "",
         )
-        self.evaluations.labels(*labels).inc()
+        pending = self._pending
+        pending.evaluations[labels] = pending.evaluations.get(labels, 0) + 1
         if record.seconds is not None:
-            self.latency.labels(*labels).observe(int(record.seconds * 1000))
+            milliseconds = int(record.seconds * 1000)
+            bucket = bisect.bisect_left(LATENCY_BUCKETS_MS, milliseconds)
+            counts = pending.latency.get(labels)
+            if counts is None:
+                counts = pending.latency[labels] = [0] * (len(LATENCY_BUCKETS_MS) + 2)  # buckets, +Inf, sum
+            counts[bucket] += 1
+            counts[-1] += milliseconds
 
     def served(self, seconds: float) -> None:
-        self.requests.inc()
-        self.busy.inc(seconds)
+        pending = self._pending
+        pending.requests += 1
+        pending.busy_seconds += seconds
 
     def event(self, name: str, count: int = 1) -> None:
-        self.instance_events.labels(name).inc(count)
+        events = self._pending.events
+        events[name] = events.get(name, 0) + count
 
     def idle(self, policy_name: str, count: int, memory_bytes: int) -> None:
-        self.instances.labels(policy_name).set(count)
-        self.instance_memory.labels(policy_name).set(memory_bytes)
+        self._pending.idle[policy_name] = (count, memory_bytes)
+
+    def flush(self) -> None:
+        """Publish what was counted since the last flush to this process's multiprocess files."""
+        pending, self._pending = self._pending, PendingCounts()
+        for labels, count in pending.evaluations.items():
+            self.evaluations.labels(*labels).inc(count)
+        for labels, counts in pending.latency.items():
+            # prometheus-client keeps one (non-cumulative) value per bucket and the sum; adding to them
+            # is what `observe` would have done once per sample.
+            child = self.latency.labels(*labels)
+            for value, count in zip(child._buckets, counts[:-1], strict=True):
+                if count:
+                    value.inc(count)
+            child._sum.inc(counts[-1])
+        if pending.requests:
+            self.requests.inc(pending.requests)
+            self.busy.inc(pending.busy_seconds)
+        for name, count in pending.events.items():
+            self.instance_events.labels(name).inc(count)
+        for policy_name, (count, memory_bytes) in pending.idle.items():
+            self.instances.labels(policy_name).set(count)
+            self.instance_memory.labels(policy_name).set(memory_bytes)
+
+
+class PendingCounts:
+    """What a worker counted since its last flush."""
+
+    __slots__ = ("busy_seconds", "evaluations", "events", "idle", "latency", "requests")
+
+    def __init__(self) -> None:
+        self.evaluations: dict[tuple[str, ...], int] = {}
+        self.latency: dict[tuple[str, ...], list[int]] = {}
+        self.requests = 0
+        self.busy_seconds = 0.0
+        self.events: dict[str, int] = {}
+        self.idle: dict[str, tuple[int, int]] = {}
 
 
 def archive_dead_worker(directory: str, pid: int) -> None:
