@@ -8,6 +8,7 @@ gunicorn and falcon alone cost on this machine: no admission server in Python ca
 from __future__ import annotations
 
 import falcon
+import falcon.asgi
 
 from bench._ready import mark_worker_ready
 
@@ -24,13 +25,28 @@ class Canned:
         resp.data = CANNED
 
 
-def create_app() -> falcon.App:
-    app = falcon.App()
-    canned = Canned()
+class AsyncCanned:
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, **params: str) -> None:
+        await req.bounded_stream.read()
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = CANNED
+
+
+def _routes(app: falcon.App, resource: object) -> falcon.App:
     for prefix in ("validate", "audit", "validate_raw"):
-        app.add_route(f"/{prefix}/{{policy_id}}", canned)
+        app.add_route(f"/{prefix}/{{policy_id}}", resource)
     return app
 
 
+def create_app() -> falcon.App:
+    return _routes(falcon.App(), Canned())
+
+
+def create_asgi_app() -> falcon.asgi.App:
+    """The same app for ASGI servers (uvicorn), to compare HTTP stacks."""
+    return _routes(falcon.asgi.App(), AsyncCanned())
+
+
 app = create_app()
+asgi_app = create_asgi_app()
 mark_worker_ready()

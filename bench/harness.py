@@ -52,8 +52,8 @@ class Options:
     soak_segment: float = 5.0
     soak_warmup_requests: int = 20_000
     startup_repeats: int = 3
-    # Keep-alive connections stay with the worker that accepted them, and gunicorn's gthread workers
-    # accept greedily: often one worker takes every connection wrk opens. With `balance`, a load point
+    # Keep-alive connections stay with the worker that accepted them; a stack that accepts greedily
+    # (gunicorn's gthread) often gives one worker every connection wrk opens. With `balance`, a load point
     # whose connections left a worker idle (fewer busy workers than min(workers, CPUs)) is restarted,
     # up to `balance_attempts` times; the attempts are recorded and reported.
     balance: bool = True
@@ -238,13 +238,14 @@ class ScenarioRun:
                                 cache_dir=cache_dir or self.cache_dir, tls=self.tls if tls else None, env=env)
         return self._register(server, config=str(config), env=env or {})
 
-    def canned(self, name: str, *, workers: int | None = None, tls: bool = False) -> Server:
-        server = start_gunicorn_app(name, "canned", "bench.canned:app", workers=workers or self.options.workers,
-                                    work_dir=self.work, tls=self.tls if tls else None)
-        return self._register(server)
+    def canned(self, name: str, *, workers: int | None = None, tls: bool = False,
+               stack: str = "event-loop") -> Server:
+        server = start_gunicorn_app(name, "canned", "bench.canned", workers=workers or self.options.workers,
+                                    work_dir=self.work, tls=self.tls if tls else None, stack=stack)
+        return self._register(server, stack=stack)
 
     def naive(self, name: str, config: Path, *, workers: int | None = None, tls: bool = False) -> Server:
-        server = start_gunicorn_app(name, "naive", "bench.naive:app", workers=workers or self.options.workers,
+        server = start_gunicorn_app(name, "naive", "bench.naive", workers=workers or self.options.workers,
                                     work_dir=self.work, tls=self.tls if tls else None,
                                     env={"BENCH_NAIVE_POLICIES": str(config)})
         return self._register(server, config=str(config))

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 MIB = 1024 * 1024
 
 # Scenario order of `python -m bench all` and of the summary.
-ORDER = ("ceiling", "instances", "naive", "workers", "policies", "startup", "soak", "mix")
+ORDER = ("ceiling", "hostile", "instances", "naive", "workers", "policies", "startup", "soak", "mix")
 
 
 # --- tables ----------------------------------------------------------------------------------------
@@ -303,8 +303,9 @@ def render_report(run: ScenarioRun, figures: list[tuple[str, str]]) -> str:
         "",
         f"Load points: {o.duration:g} s each (after {o.warmup:g} s of unmeasured warm-up per server and "
         f"workload), {o.repeats} repeat(s) interleaved with the baseline, wrk {o.wrk_threads} thread / "
-        f"{o.connections} keep-alive connections unless stated; servers: gunicorn `gthread`, 1 thread, "
-        f"{o.workers} workers unless stated; sampling every {o.interval:g} s. The load generator shares the "
+        f"{o.connections} keep-alive connections unless stated; servers: gunicorn with kwserver's "
+        f"event-loop worker (kwserver/worker.py), {o.workers} workers unless stated; sampling every "
+        f"{o.interval:g} s. The load generator shares the "
         "cores with the servers: its CPU is in the `wrk cores` column, and `other cores` is everything else "
         "that ran on the machine meanwhile (the harness itself, other users: a high value means a disturbed "
         "measurement). Ratios are computed per repeat against "
@@ -359,7 +360,7 @@ def render_report(run: ScenarioRun, figures: list[tuple[str, str]]) -> str:
     restarted = [p for p in run.points if p.extra.get("balance", {}).get("attempts", 1) > 1]
     if run.points and run.options.balance:
         parts += [f"Balance: {len(restarted)} of {len(run.points)} load points were restarted because wrk's "
-                  "connections had left a worker idle (gunicorn gthread workers accept greedily), "
+                  "connections had left a worker idle, "
                   f"{sum(p.extra['balance']['attempts'] - 1 for p in restarted)} restarts in all"
                   + (": rejected distributions " + "; ".join(
                       str(p.extra["balance"]["rejected_distributions"]) for p in restarted[:8]) if restarted else "")

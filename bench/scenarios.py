@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import statistics
@@ -13,6 +14,7 @@ from typing import Any
 
 from bench import workloads as wl
 from bench.harness import MIB, Options, ScenarioRun
+from bench.hostile import StalledClients, StalledCounts
 from bench.report import cpu_ratio_of, median_rps, ratio_of
 from bench.sampler import snapshot
 from bench.stats import fmt, fmt_ratio, fmt_spread, linear_fit, spread
@@ -125,12 +127,20 @@ def interleaved(run: ScenarioRun, plan: list[tuple[Any, wl.Workload, str, str]],
 
 # --- 1. ceiling ------------------------------------------------------------------------------------
 
+CANNED = "canned (ceiling)"  # the canned app on kwserver's own HTTP stack
+CANNED_GTHREAD = "canned on gthread (before)"
+CANNED_UVICORN = "canned on uvicorn-worker"
+
+
 @scenario("ceiling", "kwserver vs the HTTP ceiling",
-          "The HTTP ceiling is a minimal falcon app (bench/canned.py) answering a canned AdmissionReview "
-          "under the same gunicorn settings as kwserver (gthread, 1 thread, keep-alive, same workers); it "
-          "reads the request body and returns fixed bytes. kwserver serves `/validate/pod-privileged` "
-          "(tests/policies/pod-privileged.wasm) with the ~5 KB pods of the reference server's tests: one "
-          "accepted (no privileged container), one rejected. Plain HTTP and TLS with keep-alive.")
+          "The HTTP ceiling is a minimal falcon app (bench/canned.py) answering a canned AdmissionReview; it "
+          "reads the request body and returns fixed bytes. It runs on three HTTP stacks, each under gunicorn "
+          "with the same workers and keep-alive: kwserver's event-loop worker (the ceiling), gunicorn's "
+          "gthread worker with one thread (kwserver's stack before it), and falcon's ASGI app on "
+          "uvicorn-worker (the candidate measured beside it; left out when uvicorn-worker is not installed). "
+          "kwserver serves `/validate/pod-privileged` (tests/policies/pod-privileged.wasm) with the ~5 KB pods "
+          "of the reference server's tests: one accepted (no privileged container), one rejected. Plain HTTP "
+          "and TLS with keep-alive.")
 def ceiling(run: ScenarioRun) -> None:
     o = run.options
     config = single_config(run)
@@ -138,24 +148,88 @@ def ceiling(run: ScenarioRun) -> None:
     d = workdir(run, "ceiling")
     accept = wl.single_request(d, "pod-accept-5k", policy, wl.POD_UNPRIVILEGED, "5.4 KB Pod, accepted")
     reject = wl.single_request(d, "pod-reject-5k", policy, wl.POD_PRIVILEGED, "5.3 KB Pod, rejected")
+    stacks = {CANNED: "event-loop", CANNED_GTHREAD: "gthread"}
+    if importlib.util.find_spec("uvicorn_worker") is not None:
+        stacks[CANNED_UVICORN] = "uvicorn"
+    else:
+        run.notes.append("uvicorn-worker is not installed (pip install -e '.[bench]'): its stack was not measured.")
     run.data["baselines"] = {}
     for transport in o.transports:
         tls = transport == "https"
-        canned = run.canned(f"canned-{transport}", tls=tls)
+        canned = {label: run.canned(f"canned-{stack}-{transport}", tls=tls, stack=stack)
+                  for label, stack in stacks.items()}
         kw = run.kwserver(f"kwserver-{transport}", config, tls=tls)
         check_outcomes(run, kw, accept, "accept")
         check_outcomes(run, kw, reject, "reject")
-        for server, workload in ((canned, reject), (kw, accept), (kw, reject)):
+        plan = [*((server, reject, label, transport) for label, server in canned.items()),
+                (kw, accept, "kwserver accept", transport), (kw, reject, "kwserver reject", transport)]
+        for server, workload, _, _ in plan:
             run.warmup(server, workload)
-        run.data["baselines"][transport] = "canned (ceiling)"
-        interleaved(run, [(canned, reject, "canned (ceiling)", transport),
-                          (kw, accept, "kwserver accept", transport),
-                          (kw, reject, "kwserver reject", transport)], o.repeats)
-        run.stop(canned)
-        run.stop(kw)
+        run.data["baselines"][transport] = CANNED
+        interleaved(run, plan, o.repeats)
+        for server in (*canned.values(), kw):
+            run.stop(server)
         for outcome in ("accept", "reject"):
             ratio_headline(run, f"ceiling ratio, {transport}, {outcome} (kwserver / canned)", transport,
-                           f"kwserver {outcome}", "canned (ceiling)", transport=transport, outcome=outcome)
+                           f"kwserver {outcome}", CANNED, transport=transport, outcome=outcome)
+            ratio_headline(run, f"{transport}, {outcome}: kwserver / canned on gthread (before)", transport,
+                           f"kwserver {outcome}", CANNED_GTHREAD, transport=transport, outcome=outcome)
+        if CANNED_UVICORN in canned:
+            ratio_headline(run, f"{transport}: canned on kwserver's worker / on uvicorn-worker", transport,
+                           CANNED, CANNED_UVICORN, transport=transport)
+
+
+# --- 1b. hostile ----------------------------------------------------------------------------------
+
+STALLED_COUNTS = (10, 100, 1000)
+
+
+@scenario("hostile", "normal traffic while clients stall",
+          "kwserver over TLS serves `/validate/pod-privileged` (the 5.4 KB accepted Pod) to wrk while N other "
+          "connections stall (N = 0, 10, 100, 1,000): a third send half a request header, a third a request "
+          "whose body never comes, a third open TCP to the TLS port and never send a ClientHello "
+          "(bench/hostile.py; a connection the server closes on its timeouts is opened again at once). "
+          "Requests/s and p99 latency as ratios to the same server with no stalled connection, interleaved "
+          "repeat by repeat, and failed requests (socket errors and non-2xx answers).")
+def hostile(run: ScenarioRun) -> None:
+    o = run.options
+    config = single_config(run)
+    accept = wl.single_request(workdir(run, "hostile"), "pod-accept-5k", "pod-privileged", wl.POD_UNPRIVILEGED,
+                               "5.4 KB Pod, accepted")
+    kw = run.kwserver("kwserver-https", config, tls=True)
+    check_outcomes(run, kw, accept, "accept")
+    run.warmup(kw, accept)
+    series, baseline = "https", "0 stalled"
+    run.data["baselines"] = {series: baseline}
+    held: dict[int, list[StalledCounts]] = {n: [] for n in STALLED_COUNTS}
+    for repeat in range(o.repeats):
+        run.load(kw, accept, label=baseline, series=series, repeat=repeat)
+        for count in STALLED_COUNTS:
+            with StalledClients(kw.port, count, tls=True) as stalled:
+                run.load(kw, accept, label=f"{count} stalled", series=series, repeat=repeat,
+                         extra={"stalled": count})
+            held[count].append(stalled.counts)
+    run.stop(kw)
+    base_p99 = spread([p.latency_ms["p99"] for p in run.select(series=series, label=baseline)]).median
+    rows = []
+    for count in STALLED_COUNTS:
+        label = f"{count} stalled"
+        points = run.select(series=series, label=label)
+        p99 = spread([p.latency_ms["p99"] for p in points]).median
+        failed = sum(p.errors + p.non_2xx for p in points)
+        rps = ratio_of(run, series, label, baseline)
+        p99_ratio = p99 / base_p99 if base_p99 else math.nan
+        run.headline(f"hostile, {count} stalled connections: req/s and p99 vs none",
+                     f"req/s {fmt_ratio(rps)}; p99 {p99_ratio:.2f}x; {failed} failed",
+                     f"p99 {fmt(p99, 2)} vs {fmt(base_p99, 2)} ms", stalled=count, rps_ratio=rps.median,
+                     p99_ratio=p99_ratio, failed=failed)
+        counts = held[count]
+        rows.append([str(count), fmt_ratio(rps), f"{p99_ratio:.2f}x", str(failed),
+                     str(sum(c.opened for c in counts)), str(sum(c.reopened for c in counts)),
+                     str(sum(c.failed for c in counts))])
+    run.tables.append(("Stalled connections held during each load point",
+                       ["stalled", "req/s vs none", "p99 vs none", "failed requests", "stalled opened",
+                        "closed by the server and reopened", "could not open"], rows))
 
 
 # --- 2. instances ----------------------------------------------------------------------------------
@@ -520,10 +594,10 @@ def mix(run: ScenarioRun) -> None:
     run.preflight(kw, workload)
     run.warmup(canned, workload)
     run.warmup(kw, workload)
-    run.data["baselines"] = {"mix": "canned (ceiling)", "per policy": None}
-    interleaved(run, [(canned, workload, "canned (ceiling)", "mix"), (kw, workload, "kwserver", "mix")], o.repeats)
+    run.data["baselines"] = {"mix": CANNED, "per policy": None}
+    interleaved(run, [(canned, workload, CANNED, "mix"), (kw, workload, "kwserver", "mix")], o.repeats)
     run.stop(canned)
-    ratio_headline(run, "mix: kwserver / HTTP ceiling", "mix", "kwserver", "canned (ceiling)")
+    ratio_headline(run, "mix: kwserver / HTTP ceiling", "mix", "kwserver", CANNED)
     # per policy
     by_policy: dict[str, list[tuple[str, wl.RequestObject]]] = {}
     objects = {obj.name: obj for obj in wl.mix_objects()}

@@ -1,12 +1,13 @@
 """Servers under test, each a real gunicorn master on free 127.0.0.1 ports:
 
 - `kwserver`: `python -m kwserver serve` (readiness on its own port, like tests/conftest.py);
-- `canned`: bench/canned.py, the HTTP ceiling;
+- `canned`: bench/canned.py, the HTTP ceiling, on one of three HTTP stacks (`STACKS`);
 - `naive`: bench/naive.py, the naive baseline design.
 
-The two baselines run under the same gunicorn settings as kwserver (worker class, threads,
-keep-alive, TLS), taken from kwserver.daemon so they cannot drift apart. The baselines run with
-bench/gunicorn_bench.py (no control socket: several masters must not fight over the default path).
+The baselines run under the same gunicorn settings as kwserver (worker class, keep-alive, TLS),
+taken from kwserver so they cannot drift apart, unless a stack is chosen to compare HTTP stacks.
+They run with bench/gunicorn_bench.py (no control socket: several masters must not fight over the
+default path).
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ from kwserver.daemon import WORKER_CLASS
 
 REPO = Path(__file__).resolve().parent.parent
 GUNICORN_OVERRIDES = Path(__file__).resolve().parent / "gunicorn_bench.py"
+
+
+# HTTP stacks a canned app can be served by: (gunicorn worker class, extra gunicorn arguments, app suffix).
+STACKS: dict[str, tuple[str, list[str], str]] = {
+    # kwserver's worker (kwserver/worker.py): uvloop + httptools in front of the WSGI app.
+    "event-loop": (WORKER_CLASS, [], ":app"),
+    # kwserver's stack before the event-loop worker: gunicorn's threaded worker with one thread.
+    "gthread": ("gthread", ["--threads", "1"], ":app"),
+    # The candidate measured beside it: falcon's ASGI app on uvicorn's gunicorn worker (httptools + uvloop).
+    "uvicorn": ("uvicorn_worker.UvicornWorker", [], ":asgi_app"),
+}
 
 
 class ServerFailed(RuntimeError):
@@ -208,8 +220,8 @@ def start_kwserver(name: str, config: Path, *, workers: int, work_dir: Path, cac
 
 def start_gunicorn_app(name: str, kind: str, app: str, *, workers: int, work_dir: Path,
                        tls: Tls | None = None, env: dict[str, str] | None = None, preload: bool = False,
-                       timeout: float = 120) -> Server:
-    """A bench WSGI app (`bench.canned:app`, `bench.naive:app`) under kwserver's gunicorn settings.
+                       stack: str = "event-loop", timeout: float = 120) -> Server:
+    """A bench app module (`bench.canned`, `bench.naive`) under kwserver's gunicorn settings, on `stack`.
 
     Each worker touches `$BENCH_READY_DIR/<pid>` once its app is loaded; the server is ready when
     every worker has. `ready_after_s` is spawn-to-all-workers-loaded.
@@ -220,10 +232,11 @@ def start_gunicorn_app(name: str, kind: str, app: str, *, workers: int, work_dir
         for entry in ready_dir.iterdir():
             entry.unlink()
     ready_dir.mkdir(parents=True, exist_ok=True)
+    worker_class, stack_args, app_suffix = STACKS[stack]
     argv = [
         # An explicit config file: gunicorn would otherwise load ./gunicorn.conf.py (kwserver's own).
         sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_OVERRIDES),
-        "--worker-class", WORKER_CLASS, "--threads", "1",
+        "--worker-class", worker_class, *stack_args,
         "--keep-alive", str(ServerSettings.keepalive_timeout_seconds), "--workers", str(workers),
         "--bind", f"127.0.0.1:{port}",
         "--log-level", "warning", "--name", f"bench-{kind}",
@@ -234,7 +247,7 @@ def start_gunicorn_app(name: str, kind: str, app: str, *, workers: int, work_dir
         argv.append("--preload")
     if tls:
         argv += ["--certfile", str(tls.cert_file), "--keyfile", str(tls.key_file)]
-    argv.append(app)
+    argv.append(app + app_suffix)
     full_env = {**os.environ, "BENCH_READY_DIR": str(ready_dir), "PYTHONPATH": _pythonpath(), **(env or {})}
     log_path = work_dir / f"{name}.log"
     started = time.monotonic()

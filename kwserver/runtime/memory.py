@@ -1,8 +1,9 @@
 """Bounds-checked access to a guest's linear memory.
 
 wasmtime-py's `Memory.read`/`write` build intermediate ctypes arrays on every call; host functions
-run on the hot path of every evaluation, so this goes straight to the data pointer. The pointer is
-fetched on every access because the memory may move when the guest grows it.
+run on the hot path of every evaluation, so this goes straight to the data pointer. A memory moves
+only when the guest grows it, and it never shrinks: the pointer is fetched again whenever the size
+has changed since it was last fetched.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import ctypes
 import struct
 
 import wasmtime
+from wasmtime import _bindings
 
+_memory_data_size = _bindings._wasmtime_memory_data_size  # the ctypes function itself, without its wrapper
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -21,17 +24,33 @@ class GuestMemoryError(Exception):
 
 
 class GuestMemory:
-    __slots__ = ("memory", "store")
+    __slots__ = ("_address", "_address_size", "_context", "_memory_ref", "memory", "store")
 
     def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory):
         self.store = store
         self.memory = memory
+        self._address_size = -1  # the size at which `_address` was fetched
+        self._address = 0
+        # wasmtime-py rebuilds both on every size query; they live as long as the store (wasmtime is
+        # pinned to one version, see pyproject.toml).
+        self._context = store._context()
+        self._memory_ref = ctypes.byref(memory._memory)
+
+    @property
+    def size(self) -> int:
+        return _memory_data_size(self._context, self._memory_ref)
+
+    def _address_of(self, size: int) -> int:
+        if size != self._address_size:
+            self._address = ctypes.cast(self.memory.data_ptr(self.store), ctypes.c_void_p).value
+            self._address_size = size
+        return self._address
 
     def _base(self, ptr: int, length: int) -> int:
-        size = self.memory.data_len(self.store)
+        size = _memory_data_size(self._context, self._memory_ref)
         if ptr < 0 or length < 0 or ptr + length > size:
             raise GuestMemoryError(f"out of bounds memory access: {ptr}+{length} > {size}")
-        return ctypes.cast(self.memory.data_ptr(self.store), ctypes.c_void_p).value + ptr
+        return self._address_of(size) + ptr
 
     def read(self, ptr: int, length: int) -> bytes:
         if length == 0:
@@ -51,10 +70,10 @@ class GuestMemory:
 
     def read_cstring(self, ptr: int) -> bytes:
         """A NUL-terminated string (OPA's ABI)."""
-        size = self.memory.data_len(self.store)
+        size = self.size
         if ptr < 0 or ptr >= size:
             raise GuestMemoryError(f"out of bounds memory access at {ptr}")
-        base = ctypes.cast(self.memory.data_ptr(self.store), ctypes.c_void_p).value
+        base = self._address_of(size)
         chunks, pos = [], ptr
         while pos < size:
             chunk = ctypes.string_at(base + pos, min(65536, size - pos))
@@ -71,7 +90,3 @@ class GuestMemory:
 
     def write_u64(self, ptr: int, value: int) -> None:
         self.write(ptr, _U64.pack(value & 0xFFFFFFFFFFFFFFFF))
-
-    @property
-    def size(self) -> int:
-        return self.memory.data_len(self.store)
