@@ -9,8 +9,12 @@ setting kwserver uses is declared once with the reason for its value:
 - workers: KUBEWARDEN_WORKERS (default: CPUs); KWSERVER_MIN_WORKERS / KWSERVER_MAX_WORKERS let the
   pool follow the load. Compiled policies are shared, so an extra worker costs little memory
   (bench/results/workers); more workers than CPUs costs CPU per request.
-- worker_class: kwserver's worker (kwserver/worker.py): keep-alive connections (the API server
-  reuses its TLS connections to webhooks), spread over the workers.
+- worker_class: kwserver's event-loop worker (kwserver/worker.py, uvloop + httptools): each request
+  is read whole before it is evaluated, so stalled clients never hold an evaluation. Its limits:
+  KWSERVER_HEADER_TIMEOUT_SECONDS (10), KWSERVER_BODY_TIMEOUT_SECONDS (30),
+  KWSERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS (10), KWSERVER_MAX_CONNECTIONS_PER_WORKER (1024).
+- keepalive: KWSERVER_KEEPALIVE_TIMEOUT_SECONDS (75): idle keep-alive connections (the API server
+  reuses its TLS connections to webhooks) are closed after this.
 - graceful_timeout: retired workers (reload, shrink, recycling, shutdown) finish in-flight requests.
 - max_requests (+10% jitter): KWSERVER_WORKER_MAX_REQUESTS recycles workers (0: never).
 - certfile, keyfile, ssl_context: KUBEWARDEN_CERT_FILE / KUBEWARDEN_KEY_FILE, and

@@ -160,10 +160,10 @@ class ServerSettings:
         "Never reuse instances: every evaluation gets a new one (strict isolation)", parse=parse_bool)
     # What one client may cost a worker (kwserver/worker.py); none of it delays another client.
     header_timeout_seconds: float = setting(
-        10.0, "KWSERVER_HEADER_TIMEOUT_SECONDS", "Close a connection whose request headers take longer than this",
+        10.0, "KWSERVER_HEADER_TIMEOUT_SECONDS", "Answer 408 and close when request headers take longer than this",
         parse=float, check=above(0))
     body_timeout_seconds: float = setting(
-        30.0, "KWSERVER_BODY_TIMEOUT_SECONDS", "Close a connection whose request body takes longer than this",
+        30.0, "KWSERVER_BODY_TIMEOUT_SECONDS", "Answer 408 and close when a request body takes longer than this",
         parse=float, check=above(0))
     keepalive_timeout_seconds: int = setting(
         75, "KWSERVER_KEEPALIVE_TIMEOUT_SECONDS",
