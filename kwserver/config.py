@@ -367,6 +367,8 @@ class PolicySpec:
     message: str | None = None
     timeout_eval_seconds: int | None = None
     entrypoint: str | None = None  # OPA/Gatekeeper: the entrypoint to evaluate, by name (an extension)
+    # An extension: instances of its own instead of sharing them with policies on the same module.
+    own_instance: bool = False
 
 
 @dataclass(frozen=True)
@@ -382,8 +384,8 @@ class PolicyGroupSpec:
 PolicyEntry = PolicySpec | PolicyGroupSpec
 
 _POLICY_KEYS = {"module", "policyMode", "allowedToMutate", "settings", "contextAwareResources", "message",
-                "timeoutEvalSeconds", "entrypoint"}
-_MEMBER_KEYS = {"module", "settings", "contextAwareResources", "timeoutEvalSeconds", "entrypoint"}
+                "timeoutEvalSeconds", "entrypoint", "ownInstance"}
+_MEMBER_KEYS = {"module", "settings", "contextAwareResources", "timeoutEvalSeconds", "entrypoint", "ownInstance"}
 
 
 def _settings(value: Any) -> dict[str, Any]:
@@ -431,6 +433,12 @@ def _entrypoint(value: Any, where: str) -> str | None:
     return value
 
 
+def _own_instance(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: `ownInstance` must be a boolean")
+    return value
+
+
 def _module(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: `module` must be a non-empty string")
@@ -454,6 +462,7 @@ def _parse_policy(name: str, doc: dict[str, Any]) -> PolicySpec:
         message=message,
         timeout_eval_seconds=_timeout(doc.get("timeoutEvalSeconds")),
         entrypoint=_entrypoint(doc.get("entrypoint"), f"policy '{name}'"),
+        own_instance=_own_instance(doc.get("ownInstance", False), f"policy '{name}'"),
     )
 
 
@@ -488,6 +497,8 @@ def _parse_group(name: str, doc: dict[str, Any]) -> PolicyGroupSpec:
             context_aware_resources=_resources(member_doc.get("contextAwareResources")),
             timeout_eval_seconds=_timeout(member_doc.get("timeoutEvalSeconds")),
             entrypoint=_entrypoint(member_doc.get("entrypoint"), f"policy group '{name}' member '{member}'"),
+            own_instance=_own_instance(member_doc.get("ownInstance", False),
+                                       f"policy group '{name}' member '{member}'"),
         )
     expression, message = doc["expression"], doc["message"]
     if not isinstance(expression, str) or not isinstance(message, str):

@@ -116,7 +116,8 @@ def test_metrics_have_the_reference_names_and_survive_a_dead_worker(run_server):
     wait_for(lambda: not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"kwserver-metrics-*/*_{victim.pid}.db")))
     text = metrics_text(server)
     assert sample(text, evaluations, policy_name="pod-privileged", request_origin="validate") == 3
-    assert sample(text, "kwserver_policy_instances", policy_name="pod-privileged") <= 1
+    # The surviving worker holds at most one idle instance per module it used.
+    assert sample(text, "kwserver_policy_instances") <= 2
 
 
 def test_top_once_json(run_server):

@@ -1,7 +1,10 @@
 """Per-worker instance pools: linked modules and idle instances, bounded by a memory budget.
 
 Each worker links modules and creates instances lazily, keeps them for reuse within its memory
-budget, and throws away any instance that trapped, timed out or grew too large.
+budget, and throws away any instance that trapped, timed out or grew too large. Policies on one
+module share its instances (one evaluation at a time): before each evaluation the instance is bound
+to the calling policy, its limits, host capabilities and name, so host calls, allow-lists and logs
+always name that policy. A policy with `ownInstance: true` keeps instances of its own.
 """
 
 from __future__ import annotations
@@ -24,16 +27,15 @@ class PoolObserver:
     def event(self, name: str, count: int = 1) -> None:
         pass
 
-    def idle(self, policy_name: str, count: int, memory_bytes: int) -> None:
+    def idle(self, instance_key: str, count: int, memory_bytes: int) -> None:
         pass
 
 
 class InstancePool:
     """Per-process cache of linked modules and idle instances.
 
-    Instances are kept per policy (never shared between policies, even on one module: settings and
-    host-call identity stay per policy). Idle instances are bounded by a byte budget over their linear
-    memories; the least recently used go first.
+    Idle instances are kept per instance key (a module, or a policy with an instance of its own) and
+    bounded by a byte budget over their linear memories; the least recently used go first.
     """
 
     def __init__(self, registry: PolicyRegistry, *, reuse: bool, keep_bytes: int, budget_bytes: int,
@@ -45,7 +47,7 @@ class InstancePool:
         self.budget_bytes = budget_bytes
         self._linked: dict[str, LinkedModule] = {}
         self._idle: OrderedDict[int, tuple[str, PolicyInstance, int]] = OrderedDict()
-        self._by_policy: dict[str, list[int]] = {}
+        self._by_key: dict[str, list[int]] = {}
         self._idle_bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = self.discards = 0
@@ -58,30 +60,30 @@ class InstancePool:
             self._linked[module.digest] = linked
         return linked
 
-    def _take_idle(self, policy_name: str) -> PolicyInstance | None:
+    def _take_idle(self, instance_key: str) -> PolicyInstance | None:
         with self._lock:
-            keys = self._by_policy.get(policy_name)
-            if not keys:
+            ids = self._by_key.get(instance_key)
+            if not ids:
                 return None
-            _, instance, size = self._idle.pop(keys.pop())
+            _, instance, size = self._idle.pop(ids.pop())
             self._idle_bytes -= size
-            self._idle_changed(policy_name)
+            self._idle_changed(instance_key)
             return instance
 
-    def _put_idle(self, policy_name: str, instance: PolicyInstance, size: int) -> None:
+    def _put_idle(self, instance_key: str, instance: PolicyInstance, size: int) -> None:
         evicted = []
         with self._lock:
-            key = id(instance)
-            self._idle[key] = (policy_name, instance, size)
-            self._by_policy.setdefault(policy_name, []).append(key)
+            ident = id(instance)
+            self._idle[ident] = (instance_key, instance, size)
+            self._by_key.setdefault(instance_key, []).append(ident)
             self._idle_bytes += size
-            changed = {policy_name}
+            changed = {instance_key}
             while self._idle_bytes > self.budget_bytes and self._idle:
-                old_key, (old_policy, old_instance, old_size) = self._idle.popitem(last=False)
-                self._by_policy[old_policy].remove(old_key)
+                old_ident, (old_key, old_instance, old_size) = self._idle.popitem(last=False)
+                self._by_key[old_key].remove(old_ident)
                 self._idle_bytes -= old_size
                 evicted.append(old_instance)
-                changed.add(old_policy)
+                changed.add(old_key)
             self.evictions += len(evicted)
             for name in changed:
                 self._idle_changed(name)
@@ -90,16 +92,17 @@ class InstancePool:
         for old in evicted:
             old.close()
 
-    def _idle_changed(self, policy_name: str) -> None:
-        keys = self._by_policy.get(policy_name, [])
-        self.observer.idle(policy_name, len(keys), sum(self._idle[key][2] for key in keys))
+    def _idle_changed(self, instance_key: str) -> None:
+        ids = self._by_key.get(instance_key, [])
+        self.observer.idle(instance_key, len(ids), sum(self._idle[ident][2] for ident in ids))
 
     def new_instance(self, policy: LoadedPolicy) -> PolicyInstance:
         return self.linked(policy.module).instantiate(policy.limits, policy.capabilities, label=policy.name)
 
     @contextmanager
     def instance(self, policy: LoadedPolicy) -> Iterator[PolicyInstance]:
-        instance = self._take_idle(policy.name) if self.reuse else None
+        key = policy.instance_key
+        instance = self._take_idle(key) if self.reuse else None
         if instance is None:
             self.misses += 1
             self.observer.event("miss")
@@ -107,6 +110,7 @@ class InstancePool:
         else:
             self.hits += 1
             self.observer.event("hit")
+            instance.bind(policy.limits, policy.capabilities, policy.name)
         reusable = False
         try:
             yield instance
@@ -114,7 +118,7 @@ class InstancePool:
         finally:
             size = instance.memory_size
             if self.reuse and reusable and not instance.broken and size <= self.keep_bytes:
-                self._put_idle(policy.name, instance, size)
+                self._put_idle(key, instance, size)
             else:
                 self.discards += 1
                 if self.reuse:
@@ -123,9 +127,9 @@ class InstancePool:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            per_policy = {name: len(keys) for name, keys in self._by_policy.items() if keys}
+            per_key = {key: len(ids) for key, ids in self._by_key.items() if ids}
             return {
-                "idle_instances": len(self._idle), "idle_bytes": self._idle_bytes, "per_policy": per_policy,
+                "idle_instances": len(self._idle), "idle_bytes": self._idle_bytes, "per_key": per_key,
                 "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
                 "discards": self.discards, "linked_modules": len(self._linked),
             }
@@ -134,7 +138,7 @@ class InstancePool:
         with self._lock:
             idle = [instance for _, instance, _ in self._idle.values()]
             self._idle.clear()
-            self._by_policy.clear()
+            self._by_key.clear()
             self._idle_bytes = 0
         for instance in idle:
             instance.close()

@@ -39,6 +39,11 @@ class LoadedPolicy:
         return mode_named(self.module.execution_mode)
 
     @property
+    def instance_key(self) -> str:
+        """Which idle instances this policy may take: its module's, or (`ownInstance`) its own."""
+        return f"policy:{self.name}" if self.spec.own_instance else f"module:{self.module.digest}"
+
+    @property
     def entrypoint(self) -> str | None:
         """OPA/Gatekeeper: the entrypoint chosen by name (policies.yml, then metadata); None: id 0."""
         return self.spec.entrypoint or self.module.metadata.entrypoint

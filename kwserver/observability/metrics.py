@@ -75,11 +75,13 @@ class WorkerMetrics(PoolObserver):
         self.instance_events = Counter(
             "kwserver_instance_cache_events", "Instance cache hits, misses, evictions and discards", ["event"],
             registry=None)
+        # `instance`: `module:<sha256>` for instances shared by the policies of a module,
+        # `policy:<name>` for a policy with `ownInstance: true`.
         self.instances = Gauge("kwserver_policy_instances", "Idle policy instances kept by the workers",
-                               ["policy_name"], multiprocess_mode="livesum", registry=None)
+                               ["instance"], multiprocess_mode="livesum", registry=None)
         self.instance_memory = Gauge(
-            "kwserver_policy_instance_memory_bytes", "Linear memory of the idle instances of a policy",
-            ["policy_name"], multiprocess_mode="livesum", registry=None)
+            "kwserver_policy_instance_memory_bytes", "Linear memory of idle policy instances",
+            ["instance"], multiprocess_mode="livesum", registry=None)
         self._pending = PendingCounts()
 
     def observe(self, record: EvaluationRecord) -> None:
@@ -115,8 +117,8 @@ class WorkerMetrics(PoolObserver):
         events = self._pending.events
         events[name] = events.get(name, 0) + count
 
-    def idle(self, policy_name: str, count: int, memory_bytes: int) -> None:
-        self._pending.idle[policy_name] = (count, memory_bytes)
+    def idle(self, instance_key: str, count: int, memory_bytes: int) -> None:
+        self._pending.idle[instance_key] = (count, memory_bytes)
 
     def flush(self) -> None:
         """Publish what was counted since the last flush to this process's multiprocess files."""
@@ -136,9 +138,9 @@ class WorkerMetrics(PoolObserver):
             self.busy.inc(pending.busy_seconds)
         for name, count in pending.events.items():
             self.instance_events.labels(name).inc(count)
-        for policy_name, (count, memory_bytes) in pending.idle.items():
-            self.instances.labels(policy_name).set(count)
-            self.instance_memory.labels(policy_name).set(memory_bytes)
+        for instance_key, (count, memory_bytes) in pending.idle.items():
+            self.instances.labels(instance_key).set(count)
+            self.instance_memory.labels(instance_key).set(memory_bytes)
 
 
 class PendingCounts:

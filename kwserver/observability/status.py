@@ -38,7 +38,7 @@ class StatusView:
         for process in processes:
             pid = process["pid"]
             process["requests"] = int(sum(requests.get(pid, {}).values()))
-            process["instances"] = {dict(labels)["policy_name"]: int(count)
+            process["instances"] = {dict(labels)["instance"]: int(count)
                                     for labels, count in instances.get(pid, {}).items() if count}
             process["instance_bytes"] = int(sum(instance_bytes.get(pid, {}).values()))
         facts = self.loaded()

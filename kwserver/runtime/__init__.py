@@ -82,6 +82,11 @@ class InstanceLimits:
     timeout_seconds: int | None  # None: the evaluation is never interrupted
 
 
+def set_store_limits(store: wasmtime.Store, old: InstanceLimits, new: InstanceLimits) -> None:
+    if new.memory_bytes != old.memory_bytes:
+        store.set_limits(memory_size=new.memory_bytes)
+
+
 def new_store(engine: wasmtime.Engine, limits: InstanceLimits) -> wasmtime.Store:
     """A store for one instance, its linear memory capped (memory.grow fails past the limit)."""
     store = wasmtime.Store(engine)
@@ -105,6 +110,11 @@ class PolicyInstance(Protocol):
 
     @property
     def memory_size(self) -> int: ...
+
+    def bind(self, limits: InstanceLimits, host_call: HostCall, label: str) -> None:
+        """Serve the next calls for another policy of the same module: its limits, host
+        capabilities and name (logs). Policies sharing a module share an instance this way."""
+        ...
 
     def close(self) -> None: ...
 

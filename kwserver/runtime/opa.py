@@ -43,6 +43,7 @@ from kwserver.runtime import (
     new_store,
     opa_builtins,
     running,
+    set_store_limits,
 )
 from kwserver.runtime.memory import GuestMemory, GuestMemoryError
 
@@ -401,6 +402,11 @@ class OpaInstance:
     @property
     def memory_size(self) -> int:
         return self.memory.size
+
+    def bind(self, limits: InstanceLimits, host_call: Any, label: str) -> None:
+        # The policy's data (its settings) is passed with every evaluation: nothing else to switch.
+        set_store_limits(self.store, self.limits, limits)
+        self.limits, self.label = limits, label
 
     def close(self) -> None:
         self.store.close()

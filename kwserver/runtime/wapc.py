@@ -27,6 +27,7 @@ from kwserver.runtime import (
     new_store,
     no_host_callback,
     running,
+    set_store_limits,
 )
 from kwserver.runtime.memory import GuestMemory, GuestMemoryError
 from kwserver.runtime.wasi import WasiState, define_wasi
@@ -234,6 +235,11 @@ class WapcInstance:
     @property
     def memory_size(self) -> int:
         return self.memory.size
+
+    def bind(self, limits: InstanceLimits, host_call: HostCall, label: str) -> None:
+        set_store_limits(self.store, self.limits, limits)
+        self.limits, self.host_call, self.label = limits, host_call, label
+        self.wasi.log_prefix = label
 
     def close(self) -> None:
         self.store.close()

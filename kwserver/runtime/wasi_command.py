@@ -183,6 +183,9 @@ class WasiCommandPolicy:
     def memory_size(self) -> int:
         return 0
 
+    def bind(self, limits: InstanceLimits, host_call: HostCall, label: str) -> None:
+        self.limits, self.host_call, self.label = limits, host_call, label
+
     def close(self) -> None:
         pass
 
