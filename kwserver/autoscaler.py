@@ -2,13 +2,19 @@
 
 A thread in the master samples, once a second, how busy the workers were (the busy seconds they
 count into the shared metrics) and their own memory (USS). It changes the pool only through
-gunicorn's own mechanisms: SIGTTIN / SIGTTOU to the master grow or shrink the pool (gunicorn retires
-the oldest worker gracefully), SIGTERM to a worker retires it gracefully and gunicorn replaces it.
+gunicorn's own mechanisms: the arbiter's worker count (what SIGTTIN / SIGTTOU change; gunicorn
+retires the oldest workers gracefully), SIGTERM to a worker retires it gracefully and gunicorn
+replaces it.
+
+Growing goes one worker per cool-down, as load that lasts asks for it. Shrinking goes straight to
+the workers the load needs (busy time / target utilisation), so an idle server returns to
+`--min-workers` one `--scale-down-after-seconds` after the load stops, not one worker per period.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -20,6 +26,7 @@ log = logging.getLogger(__name__)
 
 GROW_ABOVE = 0.75  # mean utilisation of the workers
 SHRINK_BELOW = 0.25
+TARGET_UTILISATION = 0.5  # what shrinking aims at, between the two thresholds
 COOLDOWN_SECONDS = 5.0
 SAMPLE_SECONDS = 1.0
 
@@ -37,9 +44,9 @@ class ScalingPolicy:
     last_change: float = float("-inf")
 
     def decide(self, now: float, utilisation: float, workers: int) -> int:
-        """+1 to grow, -1 to shrink, 0 to stay."""
-        self.busy_since = (self.busy_since or now) if utilisation > GROW_ABOVE else None
-        self.idle_since = (self.idle_since or now) if utilisation < SHRINK_BELOW else None
+        """Workers to add (+1), to remove (negative: down to what the load needs), or 0."""
+        self.busy_since = _since(self.busy_since, now) if utilisation > GROW_ABOVE else None
+        self.idle_since = _since(self.idle_since, now) if utilisation < SHRINK_BELOW else None
         if now - self.last_change < COOLDOWN_SECONDS:
             return 0
         if workers < self.min_workers:
@@ -50,8 +57,10 @@ class ScalingPolicy:
             self._changed(now)
             return 1
         if self.idle_since is not None and now - self.idle_since >= self.shrink_after and workers > self.min_workers:
-            self._changed(now)
-            return -1
+            needed = max(self.min_workers, math.ceil(utilisation * workers / TARGET_UTILISATION))
+            if needed < workers:
+                self._changed(now)
+                return needed - workers
         return 0
 
     def _changed(self, now: float) -> None:
@@ -59,11 +68,18 @@ class ScalingPolicy:
         self.busy_since = self.idle_since = None
 
 
+def _since(start: float | None, now: float) -> float:
+    return now if start is None else start
+
+
 class PoolController:
     def __init__(self, *, policy: ScalingPolicy | None, max_uss_bytes: int, busy_seconds: Callable[[], float],
-                 workers: Callable[[], dict[int, int]], uss: Callable[[int], int | None]):
-        """`workers()` maps live worker pids to their age; `busy_seconds()` is the pool's running total."""
+                 workers: Callable[[], dict[int, int]], uss: Callable[[int], int | None],
+                 resize: Callable[[int], None]):
+        """`workers()` maps live worker pids to their age; `busy_seconds()` is the pool's running total;
+        `resize(n)` sets the pool's size."""
         self.policy = policy
+        self.resize = resize
         self.max_uss_bytes = max_uss_bytes
         self.busy_seconds = busy_seconds
         self.workers = workers
@@ -86,19 +102,18 @@ class PoolController:
                 workers = self.workers()
                 if self.policy is not None and workers:
                     utilisation = (busy - last_busy) / ((now - last_time) * len(workers))
-                    self._apply(self.policy.decide(now, utilisation, len(workers)), utilisation)
+                    self._apply(self.policy.decide(now, utilisation, len(workers)), utilisation, len(workers))
                 last_busy, last_time = busy, now
                 if self.max_uss_bytes:
                     self._recycle_big_workers(workers)
             except Exception:  # the controller must never take the master down
                 log.exception("worker pool controller error")
 
-    @staticmethod
-    def _apply(step: int, utilisation: float) -> None:
+    def _apply(self, step: int, utilisation: float, workers: int) -> None:
         if step:
-            log.info("worker utilisation %.0f%%: %s the pool", utilisation * 100,
-                     "growing" if step > 0 else "shrinking")
-            os.kill(os.getpid(), signal.SIGTTIN if step > 0 else signal.SIGTTOU)
+            log.info("worker utilisation %.0f%%: %s the pool from %d to %d workers", utilisation * 100,
+                     "growing" if step > 0 else "shrinking", workers, workers + step)
+            self.resize(workers + step)
 
     def _recycle_big_workers(self, workers: dict[int, int]) -> None:
         self._retiring &= set(workers)

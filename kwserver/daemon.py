@@ -222,9 +222,14 @@ class Daemon:
             policy=scaling, max_uss_bytes=settings.worker_max_uss_mib * MIB,
             busy_seconds=lambda: metrics.metric_total(self.metrics_dir, "kwserver_worker_busy_seconds"),
             workers=lambda: {pid: worker.age for pid, worker in list(self.arbiter.WORKERS.items())},
-            uss=_uss,
+            uss=_uss, resize=self._resize_pool,
         )
         self.controller.start()
+
+    def _resize_pool(self, workers: int) -> None:
+        # What gunicorn's TTIN/TTOU handlers do, for any step at once (signals sent in a row coalesce).
+        self.arbiter.num_workers = workers
+        self.arbiter.wakeup()
 
     def _loaded_facts(self) -> LoadedFacts:
         registry, report = self.registry, self.boot_report

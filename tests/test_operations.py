@@ -175,7 +175,7 @@ def test_pool_grows_under_load_and_shrinks_back_when_idle(run_server):
             thread.join(timeout=30)
     wait_for(lambda: len(workers_of(server)) == 1, timeout=40)
     assert failures == []
-    assert "growing the pool" in server.log() and "shrinking the pool" in server.log()
+    assert "growing the pool" in server.log() and "shrinking the pool from" in server.log()
 
 
 def test_reload_under_load_loses_nothing_and_refuses_an_invalid_config(run_server, tmp_path):
