@@ -39,6 +39,14 @@ POLICIES = {
         "expression": "pod_privileged() && true", "message": GROUP_MESSAGE,
         "policies": {"pod_privileged": {"module": policy_path("pod-privileged")}},
     },
+    "group-policy-arithmetic": {
+        "expression": "pod_privileged() || -7 / 2 == -3 && -7 % 2 == -1 && 1 / (2 - 2) == 0",
+        "message": GROUP_MESSAGE, "policies": {"pod_privileged": {"module": policy_path("pod-privileged")}},
+    },
+    "group-policy-monitor": {
+        "expression": "pod_privileged() && true", "message": GROUP_MESSAGE, "policyMode": "monitor",
+        "policies": {"pod_privileged": {"module": policy_path("pod-privileged")}},
+    },
     "group-policy-just-raw-mutation": {
         "expression": "raw_mutation() && true", "message": GROUP_MESSAGE,
         "policies": {"raw_mutation": {"module": policy_path("raw-mutation"), "settings": RAW_MUTATION_SETTINGS}},
@@ -94,6 +102,25 @@ def test_validate_policy_group_accepts(server):
     response = response_of(server.post("/validate/group-policy-just-pod-privileged", UNPRIVILEGED))
     assert response["allowed"] is True
     assert "status" not in response and response["warnings"] is None
+
+
+def test_policy_group_arithmetic_truncates_and_division_by_zero_is_an_evaluation_error(server):
+    # Unprivileged: the member accepts and `||` skips the arithmetic.
+    assert response_of(server.post("/validate/group-policy-arithmetic", UNPRIVILEGED))["allowed"] is True
+    # Privileged: `-7 / 2 == -3 && -7 % 2 == -1` hold (as in Rhai), so `1 / 0` is reached and fails.
+    response = response_of(server.post("/validate/group-policy-arithmetic", PRIVILEGED))
+    assert response["allowed"] is False
+    assert response["status"] == {"code": 500, "message": (
+        "error evaluating policy group expression: Division by zero: 1 / 0")}
+
+
+def test_policy_group_in_monitor_mode_accepts_and_audit_keeps_the_rejection(server):
+    response = response_of(server.post("/validate/group-policy-monitor", PRIVILEGED))
+    assert response == {"uid": PRIVILEGED["request"]["uid"], "allowed": True, "auditAnnotations": None,
+                        "warnings": None}
+    audit = response_of(server.post("/audit/group-policy-monitor", PRIVILEGED))
+    assert audit["allowed"] is False and audit["status"]["message"] == GROUP_MESSAGE
+    assert [c["field"] for c in audit["status"]["details"]["causes"]] == ["spec.policies.pod_privileged"]
 
 
 @pytest.mark.parametrize("route", ["validate", "validate_raw", "audit"])
