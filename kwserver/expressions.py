@@ -4,6 +4,10 @@ The reference server evaluates group expressions with an expression-only Rhai en
 subset that makes sense there: `true`/`false`, integers, `!`, `&&`, `||` (short-circuit), comparisons,
 integer arithmetic, parentheses, and zero-argument calls naming group members (`pod_privileged()`).
 
+Integers are Rhai's: 64-bit signed, with checked arithmetic. `/` truncates toward zero and `%` takes
+the sign of the dividend (as in Rust: `-7 / 2 == -3`, `-7 % 2 == -1`); division by zero and overflow
+are evaluation errors, as in the reference.
+
 Expressions are parsed and type-checked once, at startup, so a typo is a configuration error rather
 than a rejection at request time.
 """
@@ -15,6 +19,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 BOOL, INT = "bool", "int"
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
 class ExpressionError(ValueError):
@@ -105,7 +110,10 @@ class _Parser:
             self.take(")")
             return inner
         if token.isdigit():
-            return Literal(int(token))
+            value = int(token)
+            if value > INT_MAX:
+                raise ExpressionError(f"integer literal {token} is too large (at most {INT_MAX})")
+            return Literal(value)
         if token in ("true", "false"):
             return Literal(token == "true")
         if token[0].isalpha() or token[0] == "_":
@@ -169,7 +177,9 @@ def evaluate(node: Node, call: Callable[[str], bool]) -> bool | int:
         return call(node.name)
     if isinstance(node, Unary):
         value = evaluate(node.operand, call)
-        return (not value) if node.op == "!" else -value
+        if node.op == "!":
+            return not value
+        return _checked(-value, f"Negation overflow: -({value})")
     if node.op == "&&":
         return bool(evaluate(node.left, call)) and bool(evaluate(node.right, call))
     if node.op == "||":
@@ -188,12 +198,34 @@ def evaluate(node: Node, call: Callable[[str], bool]) -> bool | int:
             return left > right
         case ">=":
             return left >= right
+    return _arithmetic(node.op, left, right)
+
+
+def _checked(value: int, overflow: str) -> int:
+    if not INT_MIN <= value <= INT_MAX:
+        raise ExpressionError(overflow)
+    return value
+
+
+def truncating_divmod(left: int, right: int) -> tuple[int, int]:
+    """Integer division rounded toward zero and its remainder (sign of the dividend), as Rust and Rhai."""
+    quotient = left // right
+    if quotient < 0 and quotient * right != left:
+        quotient += 1  # Python floors; toward zero is one up for inexact negative quotients
+    return quotient, left - quotient * right
+
+
+def _arithmetic(op: str, left: int, right: int) -> int:
+    text = f"{left} {op} {right}"
+    match op:
         case "+":
-            return left + right
+            return _checked(left + right, f"Addition overflow: {text}")
         case "-":
-            return left - right
+            return _checked(left - right, f"Subtraction overflow: {text}")
         case "*":
-            return left * right
+            return _checked(left * right, f"Multiplication overflow: {text}")
     if right == 0:
-        raise ExpressionError("division by zero")
-    return left // right if node.op == "/" else left % right
+        raise ExpressionError(f"Division by zero: {text}")
+    quotient, remainder = truncating_divmod(left, right)
+    _checked(quotient, f"{'Division' if op == '/' else 'Modulo'} overflow: {text}")  # MIN / -1, as Rust's checked ops
+    return quotient if op == "/" else remainder

@@ -121,10 +121,17 @@ def _check(tmp_path, policies) -> subprocess.CompletedProcess:
                           env={"KWSERVER_COMPILE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
 
 
+GROUP = {"expression": "pod_privileged() && !sleep()", "message": "m", "policies": {
+    "pod_privileged": {"module": policy_path("pod-privileged")},
+    "sleep": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": 1}}}}
+
+
 def test_check_accepts_a_valid_configuration(tmp_path):
-    result = _check(tmp_path, POLICIES)
+    result = _check(tmp_path, {**POLICIES, "group": GROUP})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "pod-privileged: ok" in result.stdout
+    assert "pod-privileged: ok" in result.stdout.splitlines()
+    assert "group: ok (group)" in result.stdout.splitlines()
+    assert "6 entries, 4 unique modules, 0 error(s)" in result.stdout
 
 
 def test_check_reports_every_problem(tmp_path):
@@ -133,8 +140,12 @@ def test_check_reports_every_problem(tmp_path):
         "bad-settings": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": "abc"}},
         "missing-module": {"module": str(tmp_path / "nope.wasm")},
         "not-wasm": {"module": str(REPO / "README.md")},
+        "bad-group": {**GROUP, "policies": {**GROUP["policies"], "sleep": {
+            "module": policy_path("sleeping"), "settings": {"sleepMilliseconds": "abc"}}}},
     })
     assert result.returncode == 1
+    assert "bad-group: ERROR: Policy settings are invalid" in result.stdout
+    assert "pod-privileged: ok" in result.stdout.splitlines()
     assert "bad-settings: ERROR: Policy settings are invalid" in result.stdout
     assert "missing-module: ERROR: bootstrap failure: missing-module: Error while downloading" in result.stdout
     assert "not-wasm: ERROR:" in result.stdout and "\\0asm" in result.stdout
@@ -156,7 +167,7 @@ def test_serve_with_a_gunicorn_config_file(run_server, tmp_path):
 
 
 def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(run_server):
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     slow = json.loads(json.dumps(SLEEP_100MS))
     server = run_server(POLICIES, env={"KUBEWARDEN_WORKERS": "2"})
@@ -164,11 +175,10 @@ def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(run_server):
     connections = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=30) for _ in range(16)]
     for conn in connections:  # all in the listen backlog at once, as in a reconnect storm
         conn.connect()
-    threads = [threading.Thread(target=_post, args=(conn, "/validate/sleep", slow)) for conn in connections]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(len(connections)) as pool:
+        answers = [pool.submit(_post, conn, "/validate/sleep", slow) for conn in connections]
+    # .result() raises here what a thread raised (a failed assert in a thread is otherwise only a warning).
+    assert [answer.result()["response"]["allowed"] for answer in answers] == [True] * len(connections)
     held = [sum(1 for c in worker.net_connections() if c.status == "ESTABLISHED" and c.laddr.port == server.port)
             for worker in _server_processes(server)[1:]]
     for conn in connections:

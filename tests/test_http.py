@@ -39,6 +39,14 @@ POLICIES = {
         "expression": "pod_privileged() && true", "message": GROUP_MESSAGE,
         "policies": {"pod_privileged": {"module": policy_path("pod-privileged")}},
     },
+    "group-policy-arithmetic": {
+        "expression": "pod_privileged() || -7 / 2 == -3 && -7 % 2 == -1 && 1 / (2 - 2) == 0",
+        "message": GROUP_MESSAGE, "policies": {"pod_privileged": {"module": policy_path("pod-privileged")}},
+    },
+    "group-policy-monitor": {
+        "expression": "pod_privileged() && true", "message": GROUP_MESSAGE, "policyMode": "monitor",
+        "policies": {"pod_privileged": {"module": policy_path("pod-privileged")}},
+    },
     "group-policy-just-raw-mutation": {
         "expression": "raw_mutation() && true", "message": GROUP_MESSAGE,
         "policies": {"raw_mutation": {"module": policy_path("raw-mutation"), "settings": RAW_MUTATION_SETTINGS}},
@@ -94,6 +102,25 @@ def test_validate_policy_group_accepts(server):
     response = response_of(server.post("/validate/group-policy-just-pod-privileged", UNPRIVILEGED))
     assert response["allowed"] is True
     assert "status" not in response and response["warnings"] is None
+
+
+def test_policy_group_arithmetic_truncates_and_division_by_zero_is_an_evaluation_error(server):
+    # Unprivileged: the member accepts and `||` skips the arithmetic.
+    assert response_of(server.post("/validate/group-policy-arithmetic", UNPRIVILEGED))["allowed"] is True
+    # Privileged: `-7 / 2 == -3 && -7 % 2 == -1` hold (as in Rhai), so `1 / 0` is reached and fails.
+    response = response_of(server.post("/validate/group-policy-arithmetic", PRIVILEGED))
+    assert response["allowed"] is False
+    assert response["status"] == {"code": 500, "message": (
+        "error evaluating policy group expression: Division by zero: 1 / 0")}
+
+
+def test_policy_group_in_monitor_mode_accepts_and_audit_keeps_the_rejection(server):
+    response = response_of(server.post("/validate/group-policy-monitor", PRIVILEGED))
+    assert response == {"uid": PRIVILEGED["request"]["uid"], "allowed": True, "auditAnnotations": None,
+                        "warnings": None}
+    audit = response_of(server.post("/audit/group-policy-monitor", PRIVILEGED))
+    assert audit["allowed"] is False and audit["status"]["message"] == GROUP_MESSAGE
+    assert [c["field"] for c in audit["status"]["details"]["causes"]] == ["spec.policies.pod_privileged"]
 
 
 @pytest.mark.parametrize("route", ["validate", "validate_raw", "audit"])
@@ -214,12 +241,68 @@ def test_unknown_routes_and_methods(server):
     assert server.session.get(server.url + "/validate/pod-privileged").status_code == 405
 
 
-def test_bad_input_never_kills_a_worker(server):
-    for body in (b"", b"null", b"[]", b'{"request": null}', b'{"request": {"uid": 1}}', b"\xff\xfe", b"1e999999"):
-        for route in ("validate/pod-privileged", "audit/pod-privileged", "validate_raw/raw-mutation"):
-            assert server.post(f"/{route}", data=body).status_code in (200, 400, 422)
+NOT_JSON = "Failed to parse the request body as JSON: "
+WRONG_SHAPE = "Failed to deserialize the JSON body into the target type: "
+
+
+@pytest.mark.parametrize("body,admission_status,admission_message,raw_status", [
+    (b"", 400, NOT_JSON + "Input is a zero-length, empty document", 400),
+    (b"\xff\xfe", 400, NOT_JSON + "str is not valid UTF-8", 400),
+    (b"1e999999", 400, NOT_JSON + "number is infinity", 400),
+    (b"null", 422, WRONG_SHAPE + "invalid type: null, expected a map", 422),
+    (b"[]", 422, WRONG_SHAPE + "invalid type: sequence, expected a map", 422),
+    # A raw request may be any JSON value, null included: the policy evaluates it.
+    (b'{"request": null}', 422, WRONG_SHAPE + "request: invalid type: null, expected a map", 200),
+    (b'{"request": {"uid": 1}}', 422, WRONG_SHAPE + "request.uid: invalid type: integer `1`, expected a string", 200),
+])
+def test_bad_input_is_answered_precisely_and_never_kills_a_worker(server, body, admission_status,
+                                                                   admission_message, raw_status):
+    validate = server.post("/validate/pod-privileged", data=body)
+    assert validate.status_code == admission_status
+    assert validate.json()["status"] == admission_status and validate.json()["message"].startswith(admission_message)
+    audit = server.post("/audit/pod-privileged", data=body)
+    assert audit.status_code == admission_status and audit.text.startswith(admission_message)
+    raw = server.post("/validate_raw/raw-mutation", data=body)
+    assert raw.status_code == raw_status
+    if raw_status == 200:
+        assert raw.json()["response"] == {"uid": "", "allowed": True, "auditAnnotations": None, "warnings": None}
     assert response_of(server.post("/validate/pod-privileged", PRIVILEGED))["allowed"] is False
     assert server.process.poll() is None
+
+
+def _raw_http(server, head: bytes, body_chunks=(), chunk: bytes = b"") -> tuple[bytes, bool]:
+    """Send `head`, then up to `body_chunks` copies of `chunk`; what came back, and whether the server
+    closed the connection before everything was sent."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head)
+        closed_early = False
+        try:
+            for _ in body_chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            closed_early = True
+        received = b""
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except ConnectionResetError:
+            closed_early = True
+        return received, closed_early
+
+
+def test_bodies_over_the_limit_get_413_and_the_connection_closes(server):
+    head = (b"POST /validate/pod-privileged HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n")
+    # 4 MiB: refused at once, read to the end and dropped, so the client reads the 413; then closed.
+    received, closed_early = _raw_http(server, head % (4 << 20), range(4), b" " * (1 << 20))
+    assert received.startswith(b"HTTP/1.1 413 ") and b"connection: close" in received.lower()
+    assert b"Failed to buffer the request body: length limit exceeded" in received and not closed_early
+    # 256 MiB announced: the worker stops reading after its discard bound and closes the connection.
+    received, closed_early = _raw_http(server, head % (256 << 20), range(256), b" " * (1 << 20))
+    assert closed_early and received.startswith(b"HTTP/1.1 413 ")
+    assert response_of(server.post("/validate/pod-privileged", PRIVILEGED))["allowed"] is False
 
 
 def test_readiness(server):

@@ -2,9 +2,11 @@
 cases, the result mapping, and failures (traps, aborts, timeouts, malformed results) answered with
 200 + code 500 while the worker keeps serving."""
 
+import base64
 import copy
 import json
 
+import jsonpatch
 import pytest
 import wasmtime
 
@@ -195,8 +197,12 @@ def test_wasi_validation(server):
 
 
 def test_wasi_mutation(server):
-    response = validate_raw(server, "wasi-raw", {"uid": "m1", "behaviour": "mutate", "resource": "hay"})
+    request = {"uid": "m1", "behaviour": "mutate", "resource": "hay"}
+    response = validate_raw(server, "wasi-raw", request)
     assert response["allowed"] is True and response["patchType"] == "JSONPatch"
+    patch = json.loads(base64.b64decode(response["patch"]))
+    assert patch == [{"op": "replace", "path": "/resource", "value": "mutated"}]
+    assert jsonpatch.apply_patch(request, patch) == {**request, "resource": "mutated"}
 
 
 def test_wasi_host_calls(server):

@@ -1,0 +1,125 @@
+"""A worker's instance pool stays within its byte budget, and an instance that outgrows its memory
+limit fails only its own evaluation."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+import requests
+import wasmtime
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kwserver.admission import parse_admission_review
+from kwserver.runtime.engine import EpochTicker
+from tests.conftest import SERVER_FIXTURES, load_json, policy_path
+from tests.mode_fixtures import annotated, in_process_evaluator
+from tests.test_operations import metrics_text, sample
+
+PRIVILEGED = load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json")
+MIB = 1 << 20
+COPIES = 6  # policies on one module: every policy keeps its own instances
+
+
+@pytest.mark.integration
+def test_idle_instances_stay_within_the_worker_budget(run_server):
+    """Six policies of about 1.1 MiB each and a 3 MiB budget: the least recently used are evicted."""
+    policies = {f"p{i}": {"module": policy_path("pod-privileged")} for i in range(COPIES)}
+    server = run_server(policies, env={"KUBEWARDEN_WORKERS": "1", "KWSERVER_WORKER_INSTANCE_BUDGET_MIB": "3"})
+    for _ in range(2):
+        for name in policies:
+            assert server.post(f"/validate/{name}", PRIVILEGED).json()["response"]["allowed"] is False
+    text = metrics_text(server)
+    idle = sum(sample(text, "kwserver_policy_instances", policy_name=name) for name in policies)
+    idle_bytes = sum(sample(text, "kwserver_policy_instance_memory_bytes", policy_name=name) for name in policies)
+    misses, evictions = (sample(text, "kwserver_instance_cache_events_total", event=e) for e in ("miss", "eviction"))
+    assert 0 < idle_bytes <= 3 * MIB and 1 <= idle < COPIES, (idle, idle_bytes)
+    # Every instance made was kept, taken back (a hit) or evicted; the cyclic order hits nothing.
+    assert sample(text, "kwserver_instance_cache_events_total", event="hit") == 0
+    assert evictions == misses - idle and evictions >= COPIES
+    # The most recently used policy is still kept.
+    server.post(f"/validate/p{COPIES - 1}", PRIVILEGED)
+    assert sample(metrics_text(server), "kwserver_instance_cache_events_total", event="hit") == 1
+
+
+# A waPC guest that grows its memory by 4 MiB on every `validate` and traps when the grow is refused,
+# as a Rust guest's allocator does when it runs out of memory.
+GREEDY_WAT = """(module
+  (import "wapc" "__guest_response" (func $respond (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "{\\22accepted\\22:true}")
+  (data (i32.const 32) "{\\22valid\\22:true}")
+  (func (export "__guest_call") (param $op_len i32) (param $msg_len i32) (result i32)
+    (if (i32.eq (local.get $op_len) (i32.const 17))  ;; validate_settings
+      (then (call $respond (i32.const 32) (i32.const 14)) (return (i32.const 1))))
+    (if (i32.eq (memory.grow (i32.const 64)) (i32.const -1)) (then unreachable))
+    (call $respond (i32.const 0) (i32.const 17))
+    (i32.const 1)))"""
+
+
+@pytest.mark.integration
+def test_growing_past_the_memory_limit_fails_that_evaluation_and_the_worker_keeps_serving(run_server, tmp_path):
+    module = annotated(tmp_path, "greedy", wasmtime.wat2wasm(GREEDY_WAT), "kubewarden-wapc", policyType="raw",
+                       protocolVersion="v1")
+    server = run_server({"greedy": {"module": module}}, env={
+        "KUBEWARDEN_WORKERS": "1", "KWSERVER_POLICY_MEMORY_LIMIT_MIB": "10", "KWSERVER_INSTANCE_KEEP_MEMORY_MIB": "64"})
+    worker = psutil.Process(server.process.pid).children()[0].pid
+    raw = {"request": {"uid": "u"}}
+    answers = [server.post("/validate_raw/greedy", raw).json()["response"] for _ in range(4)]
+    # 64 KiB + 4 MiB, + 8 MiB: within 10 MiB; the third grow would pass it and is refused: the guest traps.
+    assert [a["allowed"] for a in answers] == [True, True, False, True]
+    assert answers[2]["status"]["code"] == 500
+    assert answers[2]["status"]["message"].startswith("internal server error: Guest call failure:")
+    # The broken instance was discarded: the fourth evaluation ran on a new one, in the same worker.
+    assert [p.pid for p in psutil.Process(server.process.pid).children()] == [worker]
+    text = metrics_text(server)
+    assert sample(text, "kwserver_instance_cache_events_total", event="discard") == 1
+    assert requests.get(f"http://127.0.0.1:{server.readiness_port}/readiness", timeout=5).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def evaluator_parts(tmp_path_factory):
+    policies = {
+        "a": {"module": policy_path("pod-privileged")},
+        "b": {"module": policy_path("pod-privileged")},
+        "c": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": 0}},
+    }
+    evaluator, registry, pool = in_process_evaluator(tmp_path_factory.mktemp("pool"), policies)
+    ticker = EpochTicker(registry.engine)
+    ticker.start()
+    yield evaluator, registry
+    ticker.stop()
+    pool.clear()
+
+
+REQUEST = parse_admission_review(PRIVILEGED)
+
+
+@settings(max_examples=40, deadline=None)
+@given(budget=st.integers(0, 4 * MIB), order=st.lists(st.sampled_from("abc"), min_size=1, max_size=12))
+def test_pool_bookkeeping_under_any_sequence_of_evaluations(evaluator_parts, budget, order):
+    from kwserver.evaluation import Evaluator, InstancePool
+
+    _, registry = evaluator_parts
+    pool = InstancePool(registry, reuse=True, keep_bytes=32 * MIB, budget_bytes=budget)
+    evaluator = Evaluator(registry, pool)
+    try:
+        for name in order:
+            before = pool.stats()
+            assert "allowed" in evaluator.evaluate(name, REQUEST)
+            stats = pool.stats()
+            # An idle instance of the policy is reused; otherwise a new one is made.
+            reused = name in before["per_policy"]
+            assert (stats["hits"] - before["hits"], stats["misses"] - before["misses"]) == (
+                (1, 0) if reused else (0, 1))
+            assert stats["idle_bytes"] <= budget
+            assert stats["idle_instances"] == sum(stats["per_policy"].values())
+            # Least recently used first: if the instance just returned was evicted, so was every other.
+            assert name in stats["per_policy"] or stats["idle_instances"] == 0
+            # One evaluation at a time: never more than one idle instance per policy.
+            assert set(stats["per_policy"].values()) <= {1}
+            # Every instance made is idle or was evicted (none trapped or grew too large here).
+            assert stats["discards"] == 0
+            assert stats["evictions"] == stats["misses"] - stats["idle_instances"]
+    finally:
+        pool.clear()

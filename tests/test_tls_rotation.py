@@ -1,0 +1,137 @@
+"""Certificate and client-CA rotation in the TLS context cache (in-process; tests/test_tls.py serves it)."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+import pytest
+
+from kwserver.tls import TlsContextCache
+from tests.conftest import make_ca, make_cert
+
+
+@pytest.fixture
+def pki(tmp_path):
+    ca = make_ca(tmp_path, "ca")
+    pairs = [make_cert(tmp_path, f"server-{i}", ca) for i in (1, 2)]
+    client_cas = [make_ca(tmp_path, f"client-ca-{i}") for i in range(3)]
+    live_cert, live_key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    live_cert.write_bytes(pairs[0].cert.read_bytes())
+    live_key.write_bytes(pairs[0].key.read_bytes())
+    return {"dir": tmp_path, "ca": ca, "pairs": pairs, "client_cas": client_cas, "cert": live_cert, "key": live_key}
+
+
+def served_name(server_context: ssl.SSLContext, ca_file) -> str:
+    """The common name of the certificate a handshake with `server_context` presents (in memory)."""
+    client_context = ssl.create_default_context(cafile=str(ca_file))
+    client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_context.wrap_bio(client_in, client_out, server_hostname="localhost")
+    server = server_context.wrap_bio(server_in, server_out, server_side=True)
+    done = set()
+    for _ in range(10):
+        for side in (client, server):
+            if side in done:
+                continue
+            try:
+                side.do_handshake()
+                done.add(side)
+            except ssl.SSLWantReadError:
+                pass
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+        if client in done:
+            return dict(item[0] for item in client.getpeercert()["subject"])["commonName"]
+    raise AssertionError("no handshake")
+
+
+def client_ca_names(context: ssl.SSLContext) -> list[str]:
+    return sorted(dict(item[0] for item in ca["subject"])["commonName"] for ca in context.get_ca_certs())
+
+
+def test_the_pair_is_reloaded_only_once_both_files_changed(pki, caplog):
+    cache = TlsContextCache(str(pki["cert"]), str(pki["key"]), [])
+    first = cache.context()
+    assert served_name(first, pki["ca"].cert) == "server-1"
+    assert cache.context() is first  # nothing changed: the same context
+    new = pki["pairs"][1]
+    pki["cert"].write_bytes(new.cert.read_bytes())
+    with caplog.at_level(logging.INFO, logger="kwserver.tls"):
+        assert cache.context() is first and cache.reloads == 0
+    assert caplog.records == []  # half a rotation is not even tried
+    pki["key"].write_bytes(new.key.read_bytes())
+    rotated = cache.context()
+    assert rotated is not first and cache.reloads == 1
+    assert served_name(rotated, pki["ca"].cert) == "server-2"
+    assert cache.context() is rotated
+
+
+def test_a_key_rotated_first_waits_for_its_certificate(pki):
+    cache = TlsContextCache(str(pki["cert"]), str(pki["key"]), [])
+    first = cache.context()
+    new = pki["pairs"][1]
+    pki["key"].write_bytes(new.key.read_bytes())
+    assert cache.context() is first
+    pki["cert"].write_bytes(new.cert.read_bytes())
+    assert served_name(cache.context(), pki["ca"].cert) == "server-2"
+
+
+def test_a_failing_reload_keeps_the_previous_context_and_waits_for_new_files(pki, caplog):
+    cache = TlsContextCache(str(pki["cert"]), str(pki["key"]), [])
+    first = cache.context()
+    # Both files change, but to a pair that does not match: the reload fails.
+    pki["cert"].write_bytes(pki["pairs"][1].cert.read_bytes())
+    pki["key"].write_bytes(pki["pairs"][0].key.read_bytes() + b"\n")
+    with caplog.at_level(logging.ERROR, logger="kwserver.tls"):
+        assert cache.context() is first
+        assert cache.context() is first
+    failures = [r for r in caplog.records if "TLS reload failed, keeping the previous certificate" in r.message]
+    assert len(failures) == 1  # not retried on every connection
+    assert served_name(first, pki["ca"].cert) == "server-1" and cache.reloads == 0
+    # Garbage, then files that go missing: still serving, still no exception.
+    pki["cert"].write_bytes(b"not a certificate")
+    pki["key"].write_bytes(b"not a key")
+    assert cache.context() is first
+    pki["cert"].unlink()
+    pki["key"].unlink()
+    assert cache.context() is first
+    # A good pair again: it is used.
+    pki["cert"].write_bytes(pki["pairs"][1].cert.read_bytes())
+    pki["key"].write_bytes(pki["pairs"][1].key.read_bytes())
+    assert served_name(cache.context(), pki["ca"].cert) == "server-2" and cache.reloads == 1
+
+
+def _client_ca_files(pki, count):
+    files = []
+    for i, ca in enumerate(pki["client_cas"][:count]):
+        path = pki["dir"] / f"live-client-ca-{i}.pem"
+        path.write_bytes(ca.cert.read_bytes())
+        files.append(path)
+    return files
+
+
+def test_client_cas_rotate_on_any_change_and_unusable_ones_are_skipped(pki, caplog):
+    files = _client_ca_files(pki, 2)
+    cache = TlsContextCache(str(pki["cert"]), str(pki["key"]), [str(f) for f in files])
+    first = cache.context()
+    assert first.verify_mode == ssl.CERT_REQUIRED
+    assert client_ca_names(first) == ["client-ca-0", "client-ca-1"]
+    files[1].write_bytes(pki["client_cas"][2].cert.read_bytes())
+    second = cache.context()
+    assert second is not first and client_ca_names(second) == ["client-ca-0", "client-ca-2"]
+    assert served_name(second, pki["ca"].cert) == "server-1"  # the pair did not change
+    with caplog.at_level(logging.WARNING, logger="kwserver.tls"):
+        files[0].write_bytes(b"garbage")
+        third = cache.context()
+    assert client_ca_names(third) == ["client-ca-2"]
+    assert any(f"skipping client CA file {files[0]}" in r.message for r in caplog.records)
+    # None usable: the reload fails, the previous CAs stay.
+    files[1].unlink()
+    assert cache.context() is third and cache.reloads == 2
+
+
+def test_no_usable_client_ca_at_start_is_an_error(pki):
+    bad = pki["dir"] / "bad-ca.pem"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ssl.SSLError, match="no usable client CA certificate"):
+        TlsContextCache(str(pki["cert"]), str(pki["key"]), [str(bad), str(pki["dir"] / "missing.pem")]).context()
