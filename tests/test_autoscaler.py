@@ -52,7 +52,19 @@ def test_never_shrinks_below_min_workers():
 
 def test_shrinks_after_sustained_idleness():
     policy = _policy(shrink_after=10)
-    assert _run(policy, IDLE, 3, 100, 11) == [0] * 10 + [-1]
+    # Straight to what the load needs (0.3 busy workers: one), not one worker per period.
+    assert _run(policy, IDLE, 3, 100, 11) == [0] * 10 + [-2]
+
+
+def test_an_idle_pool_returns_to_its_minimum_in_one_step():
+    policy = ScalingPolicy(min_workers=1, max_workers=8, grow_after=3, shrink_after=30)
+    assert [policy.decide(float(t), 0.0, 6) for t in range(31)] == [0] * 30 + [-5]
+
+
+def test_a_lightly_loaded_pool_keeps_what_the_load_needs():
+    # 6 workers 20 % busy: 1.2 busy workers, 3 at the 50 % target.
+    policy = ScalingPolicy(min_workers=1, max_workers=8, grow_after=3, shrink_after=10)
+    assert [policy.decide(float(t), 0.2, 6) for t in range(11)][-1] == -3
 
 
 def test_steady_load_changes_nothing():
@@ -111,7 +123,8 @@ def test_workers_over_the_memory_ceiling_get_sigterm_and_the_others_do_not():
     big, small = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
     uss = {big.pid: 200 << 20, small.pid: 10 << 20}
     controller = PoolController(policy=None, max_uss_bytes=100 << 20, busy_seconds=lambda: 0.0,
-                                workers=lambda: {big.pid: 1, small.pid: 2}, uss=uss.get)
+                                workers=lambda: {big.pid: 1, small.pid: 2}, uss=uss.get,
+                                resize=lambda workers: None)
     controller.start()
     try:
         assert big.wait(timeout=10) == -15  # SIGTERM: gunicorn retires the worker gracefully
