@@ -30,6 +30,7 @@ from kwserver.runtime.engine import (
     malloc_trim,
 )
 from kwserver.sources import SourceError, fetch
+from kwserver.truncation import bounded
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ def build_registry(settings: ServerSettings,
         if group.expression_error is not None:
             registry.init_errors[name] = f"{GROUP_EXPRESSION_ERROR}: {group.expression_error}"
     report.seconds = time.monotonic() - started
+    # Stored, answered, logged and used as a metric label: what a guest said there must stay small.
+    registry.init_errors = {name: bounded(error) for name, error in registry.init_errors.items()}
     if registry.init_errors and not settings.continue_on_errors:
         raise BootError(registry.init_errors)
     for name, error in registry.init_errors.items():
