@@ -10,7 +10,7 @@ import re
 import pytest
 
 from kwserver.truncation import MESSAGE_LIMIT_BYTES
-from tests.conftest import REPO, SERVER_FIXTURES, load_json
+from tests.conftest import REPO, SERVER_FIXTURES, load_json, policy_path
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +82,25 @@ def test_a_long_settings_error_is_cut_in_the_stored_error(run_server):
     message = response_of(server.post("/validate/hostpaths", REVIEW))["status"]["message"]
     assert error.startswith(assert_bounded(message, len(error)))
     assert max(len(line) for line in server.log().splitlines()) < 2 * MESSAGE_LIMIT_BYTES
+
+
+@pytest.mark.parametrize("mode", ["protect", "monitor"])
+def test_a_payload_the_guest_cannot_decode_is_named_not_echoed(run_server, mode):
+    server = run_server({"pod-privileged": {"module": policy_path("pod-privileged"), "policyMode": mode}},
+                        env={"KUBEWARDEN_WORKERS": "1"})
+    review = review_with(lambda request: request.update(dryRun="y" * BIG))
+    sent = []
+    logged = log_growth(server, lambda: sent.append(server.post("/validate/pod-privileged", review)))
+    reply = sent[0]
+    assert len(reply.content) < 4096
+    response = response_of(reply)
+    if mode == "monitor":
+        assert response["allowed"] is True
+        assert "policy evaluation (monitor mode)" in logged and len(logged) < 4096
+        return
+    assert response["allowed"] is False and response["status"]["code"] == 500
+    message = response["status"]["message"]
+    assert message.startswith("internal server error: Guest call failure: Error decoding validation payload: "
+                              "field `request.dryRun`: invalid type: string \"yyy")
+    assert "expected a boolean at line 1 column" in message and "(truncated, " in message
+    assert '"uid"' not in message  # nothing else of the payload
