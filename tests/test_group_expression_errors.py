@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -67,3 +68,19 @@ def test_check_names_the_group_with_the_invalid_expression(tmp_path):
     assert "pod-privileged: ok" in lines and "good-group: ok (group)" in lines
     broken = next(line for line in lines if line.startswith("broken-group: ERROR: "))
     assert "Function not found: not_a_member ()" in broken
+
+
+def test_reload_switches_in_an_invalid_expression_as_that_groups_error(run_server):
+    server = run_server({"pod-privileged": MEMBER}, args=["--continue-on-errors"])
+    config = server.log_path.parent / "policies.yml"
+    config.write_text(yaml.safe_dump(POLICIES))
+    reload = subprocess.run([sys.executable, "-m", "kwserver", "reload", "--pid", str(server.process.pid)],
+                            capture_output=True, text=True, timeout=30)
+    assert reload.returncode == 0, reload.stderr
+    deadline = time.monotonic() + 30
+    while server.post("/validate/broken-group", UNPRIVILEGED).status_code == 404:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    response = response_of(server.post("/validate/broken-group", UNPRIVILEGED))
+    assert response["status"]["code"] == 500 and "Function not found: not_a_member ()" in response["status"]["message"]
+    assert response_of(server.post("/validate/good-group", UNPRIVILEGED))["allowed"] is True
