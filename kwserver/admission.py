@@ -14,6 +14,8 @@ from typing import Any
 import jsonpatch
 import orjson
 
+from kwserver.truncation import bounded
+
 API_VERSION = "admission.k8s.io/v1"
 
 NULL_OBJECT_MUTATION = (
@@ -155,7 +157,7 @@ def status(message: str | None = None, code: int | None = None,
            causes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if message is not None:
-        result["message"] = message
+        result["message"] = bounded(message) if isinstance(message, str) else message
     if causes:
         result["details"] = {"causes": causes}
     if code is not None:
@@ -173,7 +175,7 @@ def admission_response(uid: str, allowed: bool, *, status: dict[str, Any] | None
     if status:
         response["status"] = status
     response["auditAnnotations"] = audit_annotations
-    response["warnings"] = warnings
+    response["warnings"] = [bounded(w) if isinstance(w, str) else w for w in warnings] if warnings else warnings
     return response
 
 
@@ -322,11 +324,15 @@ def response_from_opa(request: EvaluationRequest, result: bytes) -> dict[str, An
         return internal_error(uid, f"invalid type: {_json_type(patch)}, expected a base64 string")
     return admission_response(
         uid, response["allowed"],
-        status={k: given[k] for k in _STATUS_KEYS if given.get(k) is not None} if given else None,
+        status={k: _bounded_text(given[k]) for k in _STATUS_KEYS if given.get(k) is not None} if given else None,
         patch=patch,
         audit_annotations=response.get("auditAnnotations"),
         warnings=response.get("warnings"),
     )
+
+
+def _bounded_text(value: Any) -> Any:
+    return bounded(value) if isinstance(value, str) else value
 
 
 def gatekeeper_violations(result: bytes) -> list[dict[str, Any]]:

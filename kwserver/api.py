@@ -18,6 +18,7 @@ from kwserver import admission
 from kwserver.admission import EvaluationRequest, RequestShapeError
 from kwserver.evaluation import EvaluationError, UnknownPolicy
 from kwserver.service import AUDIT, VALIDATE, VALIDATE_RAW, AdmissionService
+from kwserver.truncation import bounded
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class AdmissionResource:
 def _json_problem(resp: falcon.Response, status: int, message: str) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = orjson.dumps({"message": message, "status": status})
+    resp.data = orjson.dumps({"message": bounded(message), "status": status})
 
 
 def _client_problem(req: falcon.Request, resp: falcon.Response, status: int, message: str) -> None:
@@ -95,7 +96,7 @@ def _client_problem(req: falcon.Request, resp: falcon.Response, status: int, mes
     else:
         resp.status = status
         resp.content_type = "text/plain; charset=utf-8"
-        resp.data = message.encode()
+        resp.data = bounded(message).encode()
 
 
 def _http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: dict) -> None:

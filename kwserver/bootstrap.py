@@ -18,7 +18,7 @@ import wasmtime
 
 from kwserver.capabilities import Capabilities
 from kwserver.config import PolicyGroupSpec, PolicySpec, ServerSettings, load_policies
-from kwserver.evaluation import InstancePool, LoadedPolicy, PolicyRegistry
+from kwserver.evaluation import GROUP_EXPRESSION_ERROR, InstancePool, LoadedPolicy, PolicyRegistry
 from kwserver.metadata import MetadataError, check_metadata, infer_metadata, parse_metadata
 from kwserver.runtime import InstanceLimits, RuntimeFailure
 from kwserver.runtime.engine import (
@@ -30,6 +30,7 @@ from kwserver.runtime.engine import (
     malloc_trim,
 )
 from kwserver.sources import SourceError, fetch
+from kwserver.truncation import bounded
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def build_registry(settings: ServerSettings,
                    previous: PolicyRegistry | None = None) -> tuple[PolicyRegistry, BootReport]:
     """Load everything `settings` names. On a reload, modules of `previous` are reused when unchanged."""
     started = time.monotonic()
-    entries = load_policies(settings.policies)
+    entries = load_policies(settings.policies, tolerate_invalid_expressions=settings.continue_on_errors)
     base_dir = Path(settings.policies).resolve().parent
     specs = _all_specs(entries)
     options = engine_options_for(settings, specs)
@@ -145,7 +146,12 @@ def build_registry(settings: ServerSettings,
         )
 
     _check_all_policies(registry, options, report)
+    for name, group in registry.groups.items():
+        if group.expression_error is not None:
+            registry.init_errors[name] = f"{GROUP_EXPRESSION_ERROR}: {group.expression_error}"
     report.seconds = time.monotonic() - started
+    # Stored, answered, logged and used as a metric label: what a guest said there must stay small.
+    registry.init_errors = {name: bounded(error) for name, error in registry.init_errors.items()}
     if registry.init_errors and not settings.continue_on_errors:
         raise BootError(registry.init_errors)
     for name, error in registry.init_errors.items():

@@ -84,20 +84,49 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    from kwserver.observability.discovery import DiscoveryError, choose, master_with_pid, running_masters
     from kwserver.observability.top import run
 
-    return run(args.url, once=args.once or args.json, as_json=args.json, interval=args.interval)
+    url = args.url
+    if url is None:
+        try:
+            master = master_with_pid(args.pid) if args.pid else choose(running_masters())
+        except DiscoveryError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        url = master.state.metrics_url if master.state else None
+        if url is None:
+            print(f"error: cannot read kwserver master {master.describe()}; top reads the master's metrics "
+                  "port: give --url", file=sys.stderr)
+            return 1
+    return run(url, once=args.once or args.json, as_json=args.json, interval=args.interval)
 
 
-def _master_pids() -> list[int]:
-    import psutil
+def _reload_target(args: argparse.Namespace) -> int:
+    """The pid of the master to signal: named by --pid, --pid-file or --url, or the only one running.
+    A pid must be a running kwserver master: SIGHUP stops most other programs."""
+    from kwserver.observability.discovery import DiscoveryError, choose, master_with_pid, running_masters
 
-    pids = []
-    for process in psutil.process_iter(["cmdline"]):
-        title = " ".join(process.info["cmdline"] or [])
-        if title.startswith("kwserver: master"):
-            pids.append(process.pid)
-    return pids
+    if args.pid:
+        return master_with_pid(args.pid).pid
+    if args.pid_file:
+        try:
+            pid = int(Path(args.pid_file).read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise DiscoveryError(f"cannot read pid file {args.pid_file}: {exc}") from exc
+        return master_with_pid(pid).pid
+    if args.url:
+        from kwserver.observability.top import fetch_status
+
+        try:
+            processes = fetch_status(args.url)["processes"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise DiscoveryError(f"cannot read {args.url}/status: {exc}") from exc
+        masters = [p["pid"] for p in processes if p.get("role") == "master"]
+        if len(masters) != 1:
+            raise DiscoveryError(f"{args.url}/status names {len(masters)} masters")
+        return master_with_pid(masters[0]).pid
+    return choose(running_masters()).pid
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -105,20 +134,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
     import os
     import signal
 
-    if args.pid:
-        pid = args.pid
-    elif args.pid_file:
-        try:
-            pid = int(Path(args.pid_file).read_text().strip())
-        except (OSError, ValueError) as exc:
-            print(f"error: cannot read pid file {args.pid_file}: {exc}", file=sys.stderr)
-            return 1
-    else:
-        pids = _master_pids()
-        if len(pids) != 1:
-            print(f"error: found {len(pids)} kwserver masters; name one with --pid or --pid-file", file=sys.stderr)
-            return 1
-        pid = pids[0]
+    from kwserver.observability.discovery import DiscoveryError
+
+    try:
+        pid = _reload_target(args)
+    except DiscoveryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as exc:
@@ -157,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_cmd.set_defaults(func=cmd_inspect)
 
     top = commands.add_parser("top", help="live memory and activity of a running server's processes")
-    top.add_argument("--url", default=f"http://127.0.0.1:{ServerSettings.metrics_port}",
-                     help="the server's metrics endpoint")
+    top.add_argument("--url", help="the server's metrics endpoint (default: found from the running server's "
+                                   "state file)")
+    top.add_argument("--pid", type=int, help="pid of the master, when several servers run")
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
     top.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
@@ -167,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     reload_cmd = commands.add_parser("reload", help="reload policies.yml in a running server (SIGHUP)")
     reload_cmd.add_argument("--pid", type=int, help="pid of the master")
     reload_cmd.add_argument("--pid-file", help="pid file written with --pid-file by `kwserver serve`")
+    reload_cmd.add_argument("--url", help="the server's metrics endpoint; its master is signalled")
     reload_cmd.set_defaults(func=cmd_reload)
     return parser
 

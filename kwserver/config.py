@@ -377,8 +377,9 @@ class PolicyGroupSpec:
     expression: str
     message: str
     members: dict[str, PolicySpec]
-    tree: Node
+    tree: Node | None  # None when the expression is invalid (then `expression_error` says why)
     policy_mode: str = "protect"
+    expression_error: str | None = None
 
 
 PolicyEntry = PolicySpec | PolicyGroupSpec
@@ -466,7 +467,7 @@ def _parse_policy(name: str, doc: dict[str, Any]) -> PolicySpec:
     )
 
 
-def _parse_group(name: str, doc: dict[str, Any]) -> PolicyGroupSpec:
+def _parse_group(name: str, doc: dict[str, Any], tolerate_invalid_expression: bool) -> PolicyGroupSpec:
     for key in ("policies", "expression", "message"):
         if key not in doc:
             raise ConfigError(f"policy '{name}': missing field `module` (policy) or `{key}` (policy group)")
@@ -503,18 +504,25 @@ def _parse_group(name: str, doc: dict[str, Any]) -> PolicyGroupSpec:
     expression, message = doc["expression"], doc["message"]
     if not isinstance(expression, str) or not isinstance(message, str):
         raise ConfigError(f"policy group '{name}': `expression` and `message` must be strings")
+    tree, expression_error = None, None
     try:
         tree = compile_expression(expression, members)
     except ExpressionError as exc:
-        raise ConfigError(f"policy group '{name}': invalid expression {expression!r}: {exc}") from exc
+        expression_error = f"policy group '{name}': invalid expression {expression!r}: {exc}"
+        if not tolerate_invalid_expression:
+            raise ConfigError(expression_error) from exc
     return PolicyGroupSpec(
         name=name, expression=expression, message=message, members=members, tree=tree,
-        policy_mode=_policy_mode(doc.get("policyMode")),
+        policy_mode=_policy_mode(doc.get("policyMode")), expression_error=expression_error,
     )
 
 
-def parse_policies(doc: Any) -> dict[str, PolicyEntry]:
-    """Validate a parsed policies.yml document into policies and policy groups."""
+def parse_policies(doc: Any, *, tolerate_invalid_expressions: bool = False) -> dict[str, PolicyEntry]:
+    """Validate a parsed policies.yml document into policies and policy groups.
+
+    An invalid group expression is a configuration error, unless `tolerate_invalid_expressions`
+    (`--continue-on-errors`): then the group carries the error and becomes an initialisation error.
+    """
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -527,14 +535,16 @@ def parse_policies(doc: Any) -> dict[str, PolicyEntry]:
         if not isinstance(entry, dict):
             raise ConfigError(f"policy '{name}' must be a map")
         # Untagged like the reference: a policy if it has a module, otherwise a group.
-        entries[name] = _parse_policy(name, entry) if "module" in entry else _parse_group(name, entry)
+        entries[name] = (_parse_policy(name, entry) if "module" in entry
+                         else _parse_group(name, entry, tolerate_invalid_expressions))
     return entries
 
 
-def load_policies(path: str | os.PathLike[str]) -> dict[str, PolicyEntry]:
+def load_policies(path: str | os.PathLike[str], *,
+                  tolerate_invalid_expressions: bool = False) -> dict[str, PolicyEntry]:
     try:
         with open(path, encoding="utf-8") as stream:
             doc = yaml.safe_load(stream)
-        return parse_policies(doc)
+        return parse_policies(doc, tolerate_invalid_expressions=tolerate_invalid_expressions)
     except (OSError, yaml.YAMLError, ConfigError) as exc:
         raise ConfigError(f'error while loading policies from "{path}": {exc}') from exc

@@ -14,6 +14,7 @@ from typing import Any as _Any
 
 from kwserver.daemon import GRACEFUL_TIMEOUT_SECONDS, WORKER_CLASS, get_daemon
 from kwserver.logs import gunicorn_log_level
+from kwserver.observability import discovery
 
 _settings = get_daemon().settings
 
@@ -54,6 +55,7 @@ def load_app() -> _Callable:
 
 def when_ready(server: _Any) -> None:
     get_daemon().on_ready(server)
+    discovery.announce(get_daemon().settings)  # so `kwserver top` and `reload` find this server
 
 
 def pre_fork(server: _Any, worker: _Any) -> None:
@@ -78,6 +80,7 @@ def on_reload(server: _Any) -> None:
 
 def on_exit(server: _Any) -> None:
     get_daemon().on_exit()
+    discovery.withdraw()
 
 
 if _settings.tls:

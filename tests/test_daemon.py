@@ -154,7 +154,8 @@ def test_check_reports_every_problem(tmp_path):
 def test_check_rejects_an_unparsable_file(tmp_path):
     result = _check(tmp_path, {"g": {"expression": "nope(", "message": "m",
                                      "policies": {"a": {"module": policy_path("sleeping")}}}})
-    assert result.returncode == 1 and "invalid expression" in result.stderr
+    # check collects every problem: the invalid expression is the group's error, as with --continue-on-errors.
+    assert result.returncode == 1 and "g: ERROR: " in result.stdout and "invalid expression" in result.stdout
 
 
 def test_serve_with_a_gunicorn_config_file(run_server, tmp_path):

@@ -58,6 +58,7 @@ HOSTPATHS_SEVERAL = [
     {"pathPrefix": "/va", "readOnly": True},
     {"pathPrefix": "/var/local/aaa", "readOnly": True},
 ]
+UG_RANGE = {"rule": "MustRunAs", "ranges": [{"min": 1000, "max": 1010}]}
 NON_ROOT = {"run_as_user": {"rule": "MustRunAsNonRoot"}, "run_as_group": {"rule": "RunAsAny"},
             "supplemental_groups": {"rule": "RunAsAny"}}
 
@@ -138,6 +139,9 @@ POLICIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                                       "required_drop_capabilities": ["KILL"]}, {}),
     "bad-caps-default": ("capabilities-psp", {"allowed_capabilities": ["SYS_TIME"],
                                               "default_add_capabilities": ["NET_ADMIN", "KILL"]}, {}),
+    "bad-caps-default-dropped": ("capabilities-psp", {"allowed_capabilities": ["*"],
+                                                      "required_drop_capabilities": ["KILL", "NET_RAW"],
+                                                      "default_add_capabilities": ["NET_RAW", "KILL"]}, {}),
     "bad-host-namespaces": ("host-namespaces-psp", {"allow_host_ports": [{"min": 443, "max": 80}]}, {}),
     "bad-hostpaths": ("hostpaths-psp", {"allowedHostPaths": [{"readOnly": True}, {"pathPrefix": "/foo"}]}, {}),
     "bad-apparmor": ("apparmor-psp", {"allowed_profiles": "runtime/default"}, {}),
@@ -147,11 +151,33 @@ POLICIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "bad-ug-rule": ("user-group-psp", {"run_as_user": {"rule": "MayRunAs", "ranges": [{"min": 1, "max": 10}]}}, {}),
     "bad-ug-overwrite": ("user-group-psp", {"run_as_group": {"rule": "RunAsAny", "overwrite": True}}, {}),
     "bad-ug-unknown-rule": ("user-group-psp", {"supplemental_groups": {"rule": "Sometimes"}}, {}),
+    "bad-ug-overwrite-may-run-as": ("user-group-psp", {"run_as_group": {**UG_RANGE, "rule": "MayRunAs",
+                                                                        "overwrite": True}}, {}),
+    "bad-ug-overwrite-non-root": ("user-group-psp", {"run_as_user": {"rule": "MustRunAsNonRoot", "overwrite": True}},
+                                  {}),
+    "bad-ug-group-range": ("user-group-psp", {"run_as_group": {"rule": "MustRunAs"}}, {}),
+    "bad-ug-supplemental-range": ("user-group-psp", {"supplemental_groups": {"rule": "MayRunAs",
+                                                                             "ranges": [{"min": 5, "max": 1}]}}, {}),
+    "bad-ug-validate-only-overwrite": ("user-group-psp", settings_file(
+        UG_E2E + "settings_must_run_as_overwrite_validate_only.json"), {}),
+    **{f"bad-ug-validate-only-overwrite-{key}": (
+        "user-group-psp", {"validate_only": True, key: {**UG_RANGE, "overwrite": True}}, {})
+       for key in ("run_as_user", "run_as_group", "supplemental_groups")},
+    # A rule error comes first, as upstream.
+    "bad-ug-validate-only-overwrite-run-as-any": ("user-group-psp", {
+        "validate_only": True, "run_as_group": {"rule": "RunAsAny", "overwrite": True}}, {}),
+    "bad-ug-image-configuration": ("user-group-psp", settings_file(
+        UG_E2E + "settings_invalid_container_image_verification.json"), {}),
     "bad-safe-labels": ("safe-labels", {"constrained_labels": {"cost-center": "cc-[a+"}}, {}),
     "bad-safe-labels-conflict": ("safe-labels", {"denied_labels": ["foo", "owner"], "mandatory_labels": ["owner"],
                                                  "constrained_labels": {"foo": ".*"}}, {}),
     "bad-deprecated": ("deprecated-api-versions", {}, {}),
     "bad-deprecated-version": ("deprecated-api-versions", {"kubernetes_version": "0.0.1"}, {}),
+    "bad-deprecated-pre-release": ("deprecated-api-versions", {"kubernetes_version": "1.25.0-01"}, {}),
+    "bad-safe-labels-constrained-denied": ("safe-labels", {"denied_labels": ["foo", "cc-center"],
+                                                           "constrained_labels": {"cc-center": r"^cc-\d+$"}}, {}),
+    "bad-safe-labels-mandatory-denied": ("safe-labels", {"denied_labels": ["foo", "cc-center"],
+                                                         "mandatory_labels": ["cc-center"]}, {}),
 }
 
 
@@ -582,38 +608,64 @@ def test_deprecated_api_versions(server, policy, path, message):
 
 # --- invalid settings -----------------------------------------------------------------------------
 
-def decode_error(payload: str, error: str) -> str:
-    """A settings payload the guest could not decode, as the server reports it."""
-    guest = f"Error decoding validation payload {payload}: {error}".replace('"', '\\"')
+def decode_error(field: str | None, error: str) -> str:
+    """Settings the guest could not decode, as the server reports it: the field and serde's reason."""
+    where = f"field `{field}`: " if field else ""
+    guest = f"Error decoding validation payload: {where}{error}".replace('"', '\\"')
     return f'Error invoking settings validation callback: GuestCallFailure("{guest}")'
 
 
 @pytest.mark.parametrize("policy,error", [
-    ("bad-pod-privileged", decode_error('{"skip_init_containers":"yes"}',
+    ("bad-pod-privileged", decode_error("skip_init_containers",
                                         'invalid type: string "yes", expected a boolean at line 1 column 29')),
-    ("bad-ape", decode_error('{"default_allow_privilege_escalation":1}',
+    ("bad-ape", decode_error("default_allow_privilege_escalation",
                              "invalid type: integer `1`, expected a boolean at line 1 column 39")),
     ("bad-caps", 'These capabilities cannot be allowed because they are also required to be dropped: {"KILL"}'),
     ("bad-caps-default",
      'These capabilities cannot be added by default because they are not allowed: {"KILL", "NET_ADMIN"}'),
+    ("bad-caps-default-dropped",
+     'These capabilities cannot be added by default because they are also required to be dropped: '
+     '{"KILL", "NET_RAW"}'),
     ("bad-host-namespaces", "port min 443 cannot be greater than max 80"),
     ("bad-hostpaths", "pathPrefix key is missing; readOnly key for pathPrefix '/foo' is missing"),
-    ("bad-apparmor", decode_error('{"allowed_profiles":"runtime/default"}',
+    ("bad-apparmor", decode_error("allowed_profiles",
                                   'invalid type: string "runtime/default", expected a sequence at line 1 column 37')),
     ("bad-ug", "Invalid run_as_user settings: Missing user ID range"),
     ("bad-ug-range", "Invalid run_as_user settings: Invalid ID range: [IDRange { min: 11, max: 10 }]"),
     ("bad-ug-rule", "Invalid run_as_user settings: invalid rule."),
     ("bad-ug-overwrite", "Cannot set overwrite field with RunAsAny"),
+    ("bad-ug-overwrite-may-run-as", "Cannot set overwrite field with MayRunAs"),
+    ("bad-ug-overwrite-non-root", "Cannot set overwrite field with MustRunAsNonRoot"),
+    ("bad-ug-group-range", "Invalid run_as_group settings: missing ID range"),
+    ("bad-ug-supplemental-range",
+     "Invalid supplemental_groups settings: Invalid ID range: [IDRange { min: 5, max: 1 }]"),
+    ("bad-ug-validate-only-overwrite", "validate_only cannot be true when overwrite is true"),
+    ("bad-ug-validate-only-overwrite-run_as_user", "validate_only cannot be true when overwrite is true"),
+    ("bad-ug-validate-only-overwrite-run_as_group", "validate_only cannot be true when overwrite is true"),
+    ("bad-ug-validate-only-overwrite-supplemental_groups", "validate_only cannot be true when overwrite is true"),
+    ("bad-ug-validate-only-overwrite-run-as-any", "Cannot set overwrite field with RunAsAny"),
+    # policies.yml is written with sorted keys; the server passes the settings on in that order
+    ("bad-ug-image-configuration", decode_error(
+        "validate_container_image_configuration",
+        "invalid type: integer `1`, expected a boolean at line 1 column 335")),
     ("bad-ug-unknown-rule", decode_error(
-        '{"supplemental_groups":{"rule":"Sometimes"}}',
+        "supplemental_groups.rule",
         "unknown variant `Sometimes`, expected one of `MustRunAs`, `MayRunAs`, `RunAsAny`, `MustRunAsNonRoot` "
         "at line 1 column 42")),
     ("bad-safe-labels", "Provided settings are not valid: error parsing regexp: missing closing ]: `[a+`"),
     ("bad-safe-labels-conflict", "Provided settings are not valid: These labels cannot be constrained and denied at "
                                  "the same time: foo; These labels cannot be mandatory and denied at the same time: "
                                  "owner"),
-    ("bad-deprecated", decode_error("{}", "missing field `kubernetes_version` at line 1 column 2")),
+    ("bad-deprecated", decode_error(None, "missing field `kubernetes_version` at line 1 column 2")),
     ("bad-deprecated-version", "Please provide a kubernetes version"),
+    # serde_json places errors raised by a type's own parser at the end of the enclosing object.
+    ("bad-deprecated-pre-release", decode_error(None,
+                                                "invalid leading zero in pre-release identifier "
+                                                "at line 1 column 34")),
+    ("bad-safe-labels-constrained-denied",
+     "Provided settings are not valid: These labels cannot be constrained and denied at the same time: cc-center"),
+    ("bad-safe-labels-mandatory-denied",
+     "Provided settings are not valid: These labels cannot be mandatory and denied at the same time: cc-center"),
 ])
 def test_invalid_settings(server, policy, error):
     request = fixture(PP + "no_privileged_containers.json")

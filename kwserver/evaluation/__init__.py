@@ -6,12 +6,13 @@ it copy-on-write. Each worker links modules and creates instances lazily (`pool`
 with the execution mode of each policy (`modes`).
 """
 
-from kwserver.evaluation.evaluator import EvaluationError, Evaluator
+from kwserver.evaluation.evaluator import GROUP_EXPRESSION_ERROR, EvaluationError, Evaluator
 from kwserver.evaluation.modes import MODES, ExecutionMode
 from kwserver.evaluation.pool import InstancePool, PoolObserver
 from kwserver.evaluation.registry import LoadedPolicy, PolicyRegistry, UnknownPolicy
 
 __all__ = [
-    "MODES", "EvaluationError", "Evaluator", "ExecutionMode", "InstancePool", "LoadedPolicy", "PolicyRegistry",
+    "GROUP_EXPRESSION_ERROR", "MODES",
+    "EvaluationError", "Evaluator", "ExecutionMode", "InstancePool", "LoadedPolicy", "PolicyRegistry",
     "PoolObserver", "UnknownPolicy",
 ]

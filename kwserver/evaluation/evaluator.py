@@ -17,6 +17,9 @@ from kwserver.runtime import GuestCallFailure, GuestTimeout, InstantiationFailur
 log = logging.getLogger(__name__)
 
 GROUP_MUTATION_MESSAGE = "mutation is not allowed inside of policy group"
+# The reference's prefix for a group expression that fails; kwserver also uses it for one that is
+# invalid at boot under --continue-on-errors, so clients see the same text either way.
+GROUP_EXPRESSION_ERROR = "error evaluating policy group expression"
 
 
 class EvaluationError(Exception):
@@ -65,9 +68,11 @@ class Evaluator:
             return response["allowed"]
 
         try:
+            if group.tree is None:  # invalid at boot; the service answers with the stored error first
+                raise ExpressionError(group.expression_error)
             allowed = evaluate(group.tree, run_member)
         except ExpressionError as exc:
-            return admission.reject(request.uid, f"error evaluating policy group expression: {exc}", 500)
+            return admission.reject(request.uid, f"{GROUP_EXPRESSION_ERROR}: {exc}", 500)
         if allowed:
             return admission.admission_response(request.uid, True)
         causes = [

@@ -27,6 +27,7 @@
 //! calls `wapc_init` once per instance before the first `__guest_call`.
 //! `__guest_call` itself is exported by this crate (see [`wapc`]).
 
+pub mod decode;
 pub mod json;
 pub mod podspec;
 pub mod protocol;

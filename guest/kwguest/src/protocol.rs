@@ -29,17 +29,12 @@ impl<T: DeserializeOwned, R: DeserializeOwned> ValidationRequest<T, R> {
     }
 }
 
-/// Decodes a JSON payload; on failure produces the message the upstream Rust
-/// SDK (0.x, the one the reference fixtures were built with) uses:
-/// `Error decoding validation payload <payload>: <serde_json error>`.
+/// Decodes a JSON payload; on failure names the field and serde's reason:
+/// `Error decoding validation payload: field `request.dryRun`: <serde_json
+/// error>` (see [`crate::decode`]). The upstream Rust SDK puts the whole
+/// payload where the field is; this error stays small whatever the payload.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(payload).map_err(|err| {
-        format!(
-            "Error decoding validation payload {}: {}",
-            String::from_utf8_lossy(payload),
-            err
-        )
-    })
+    serde_json::from_slice(payload).map_err(|err| crate::decode::decode_error(payload, &err))
 }
 
 /// `null` is as good as absent: the host omits null members, but a raw
@@ -197,7 +192,7 @@ pub trait Validatable {
 /// Handler for the `validate_settings` operation.
 ///
 /// * payload that does not decode as `T` → call failure
-///   (`Error decoding validation payload ...`), as the upstream SDK does;
+///   (`Error decoding validation payload: ...`), as the upstream SDK does;
 /// * `T::validate` fails → `{"valid":false,"message":...}`;
 /// * otherwise → `{"valid":true}`.
 pub fn validate_settings<T: DeserializeOwned + Validatable>(payload: &[u8]) -> CallResult {
@@ -243,7 +238,7 @@ mod tests {
         let err = validate_settings::<Sleep>(br#"{"sleepMilliseconds":"abc"}"#).unwrap_err();
         assert_eq!(
             err,
-            r#"Error decoding validation payload {"sleepMilliseconds":"abc"}: invalid type: string "abc", expected u64 at line 1 column 26"#
+            r#"Error decoding validation payload: field `sleepMilliseconds`: invalid type: string "abc", expected u64 at line 1 column 26"#
         );
     }
 
@@ -296,6 +291,6 @@ mod tests {
     #[test]
     fn validate_decode_error_text() {
         let err = ValidationRequest::<Value>::decode(b"nope").unwrap_err();
-        assert!(err.starts_with("Error decoding validation payload nope: expected"), "{}", err);
+        assert!(err.starts_with("Error decoding validation payload: expected"), "{}", err);
     }
 }

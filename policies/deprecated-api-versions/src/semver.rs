@@ -13,6 +13,7 @@ pub struct Version {
     pub pre: String,
 }
 
+const PRE_RELEASE: &str = "pre-release identifier";
 const POSITIONS: [&str; 3] = ["major version number", "minor version number", "patch version number"];
 
 fn quoted(ch: char) -> String {
@@ -68,7 +69,7 @@ impl Version {
         if let Some(tail) = rest.strip_prefix('-') {
             let end = tail.find('+').unwrap_or(tail.len());
             pre = tail[..end].to_string();
-            check_identifiers(&pre, "pre-release identifier")?;
+            check_identifiers(&pre, PRE_RELEASE)?;
             rest = &tail[end..];
         }
         if let Some(build) = rest.strip_prefix('+') {
@@ -94,6 +95,11 @@ fn check_identifiers(text: &str, position: &str) -> Result<(), String> {
         }
         if let Some(ch) = segment.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-')) {
             return Err(format!("unexpected character {} while parsing {}", quoted(ch), position));
+        }
+        // SemVer 2.0 §9: numeric pre-release identifiers have no leading zeros (build metadata may).
+        let numeric = segment.bytes().all(|b| b.is_ascii_digit());
+        if position == PRE_RELEASE && numeric && segment.len() > 1 && segment.starts_with('0') {
+            return Err(format!("invalid leading zero in {}", position));
         }
     }
     Ok(())
@@ -172,5 +178,10 @@ mod tests {
         );
         assert_eq!(Version::parse("").unwrap_err(), "empty string, expected a semver version");
         assert_eq!(Version::parse("01.2.3").unwrap_err(), "invalid leading zero in major version number");
+        assert_eq!(
+            Version::parse("1.25.0-01").unwrap_err(),
+            "invalid leading zero in pre-release identifier"
+        );
+        assert!(Version::parse("1.25.0-0.rc01+007").is_ok());
     }
 }

@@ -107,11 +107,25 @@ fn valid_group_rule(strategy: &RuleStrategy, prefix: &str) -> Result<(), String>
     }
 }
 
+/// Upstream's message when a rule asks to mutate but the policy may only validate.
+const VALIDATE_ONLY_WITH_OVERWRITE: &str = "validate_only cannot be true when overwrite is true";
+
+impl Settings {
+    fn overwrites(&self) -> bool {
+        self.run_as_user.overwrite || self.run_as_group.overwrite || self.supplemental_groups.overwrite
+    }
+}
+
 impl kwguest::Validatable for Settings {
+    /// The upstream's checks, in its order: each rule, then the switches.
     fn validate(&self) -> Result<(), String> {
         valid_user_rule(&self.run_as_user)?;
         valid_group_rule(&self.run_as_group, "Invalid run_as_group settings")?;
-        valid_group_rule(&self.supplemental_groups, "Invalid supplemental_groups settings")
+        valid_group_rule(&self.supplemental_groups, "Invalid supplemental_groups settings")?;
+        if self.validate_only && self.overwrites() {
+            return Err(VALIDATE_ONLY_WITH_OVERWRITE.to_string());
+        }
+        Ok(())
     }
 }
 
@@ -142,6 +156,22 @@ mod tests {
         assert_eq!(
             settings(r#"{"supplemental_groups":{"rule":"MustRunAsNonRoot"}}"#).validate(),
             Err("Invalid supplemental_groups settings: Invalid rule.".to_string())
+        );
+    }
+
+    #[test]
+    fn validate_only_excludes_overwrite() {
+        let range = r#""rule":"MustRunAs","ranges":[{"min":1000,"max":1010}]"#;
+        for key in ["run_as_user", "run_as_group", "supplemental_groups"] {
+            let overwriting = format!(r#"{{"validate_only":true,"{}":{{{},"overwrite":true}}}}"#, key, range);
+            assert_eq!(settings(&overwriting).validate(), Err(VALIDATE_ONLY_WITH_OVERWRITE.to_string()));
+            let mutating = format!(r#"{{"validate_only":false,"{}":{{{},"overwrite":true}}}}"#, key, range);
+            assert_eq!(settings(&mutating).validate(), Ok(()));
+        }
+        // A rule error is reported first, as upstream.
+        assert_eq!(
+            settings(r#"{"validate_only":true,"run_as_group":{"rule":"RunAsAny","overwrite":true}}"#).validate(),
+            Err("Cannot set overwrite field with RunAsAny".to_string())
         );
     }
 }
