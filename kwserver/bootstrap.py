@@ -19,7 +19,14 @@ import wasmtime
 from kwserver.capabilities import Capabilities
 from kwserver.config import PolicyGroupSpec, PolicySpec, ServerSettings, load_policies
 from kwserver.evaluation import InstancePool, LoadedPolicy, PolicyRegistry
-from kwserver.metadata import MetadataError, check_metadata, infer_metadata, parse_metadata
+from kwserver.metadata import (
+    MetadataError,
+    check_metadata,
+    infer_metadata,
+    is_rego_module,
+    metadata_for_mode,
+    parse_metadata,
+)
 from kwserver.runtime import InstanceLimits, RuntimeFailure
 from kwserver.runtime.engine import (
     CompileCache,
@@ -51,6 +58,7 @@ class BootReport:
     cache_misses: int = 0
     reused_modules: int = 0  # on a reload: unchanged modules kept from the running configuration
     warnings: list[str] = field(default_factory=list)
+    invalid_settings: dict[str, str] = field(default_factory=dict)  # policy -> what its validation said
 
 
 def engine_options_for(settings: ServerSettings, specs: list[PolicySpec]) -> EngineOptions:
@@ -73,10 +81,13 @@ def _download_name(spec: PolicySpec) -> str:
 
 
 def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, digest: str,
-                   source: str, report: BootReport) -> CompiledModule:
+                   source: str, report: BootReport, execution_mode: str | None = None) -> CompiledModule:
+    """`execution_mode`: the mode the caller requires (kwctl's `--execution-mode`); None: the metadata's."""
     metadata = parse_metadata(wasm)
     module, compiled_size = cache.load(engine, wasm, digest)
-    if metadata is None:
+    if execution_mode is not None:
+        metadata = metadata_for_mode(metadata, execution_mode, is_rego_module({e.name for e in module.exports}))
+    elif metadata is None:
         metadata = infer_metadata({e.name for e in module.exports}, {i.module for i in module.imports})
         warning = (f"module {source} has no io.kubewarden.metadata section; assuming execution mode "
                    f"`{metadata.execution_mode}` (embed metadata with `kwserver annotate`)")
@@ -90,9 +101,15 @@ def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, di
 def build_registry(settings: ServerSettings,
                    previous: PolicyRegistry | None = None) -> tuple[PolicyRegistry, BootReport]:
     """Load everything `settings` names. On a reload, modules of `previous` are reused when unchanged."""
-    started = time.monotonic()
     entries = load_policies(settings.policies)
-    base_dir = Path(settings.policies).resolve().parent
+    return assemble_registry(entries, Path(settings.policies).resolve().parent, settings, previous)
+
+
+def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir: Path, settings: ServerSettings,
+                      previous: PolicyRegistry | None = None, *,
+                      execution_mode: str | None = None) -> tuple[PolicyRegistry, BootReport]:
+    """Load `entries` (relative module paths are resolved against `base_dir`); see `build_registry`."""
+    started = time.monotonic()
     specs = _all_specs(entries)
     options = engine_options_for(settings, specs)
     reuse = previous is not None and previous.engine_options == options
@@ -118,7 +135,8 @@ def build_registry(settings: ServerSettings,
             report.reused_modules += 1
         if compiled is None:
             try:
-                compiled = compile_module(engine, cache, fetched.wasm, fetched.digest, str(fetched.path), report)
+                compiled = compile_module(engine, cache, fetched.wasm, fetched.digest, str(fetched.path), report,
+                                          execution_mode)
             except (MetadataError, wasmtime.WasmtimeError) as exc:
                 by_reference[reference] = exc
                 continue
@@ -174,6 +192,7 @@ def _check_all_policies(registry: PolicyRegistry, options: EngineOptions, report
                 log.warning("policy %s: %s", name, warning)
                 report.warnings.append(f"policy {name}: {warning}")
             if error is not None:
+                report.invalid_settings[name] = error
                 registry.init_errors[name] = f"Policy settings are invalid: {error}"
                 del registry.policies[name]
     finally:
