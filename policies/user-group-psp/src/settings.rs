@@ -111,7 +111,15 @@ impl kwguest::Validatable for Settings {
     fn validate(&self) -> Result<(), String> {
         valid_user_rule(&self.run_as_user)?;
         valid_group_rule(&self.run_as_group, "Invalid run_as_group settings")?;
-        valid_group_rule(&self.supplemental_groups, "Invalid supplemental_groups settings")
+        valid_group_rule(&self.supplemental_groups, "Invalid supplemental_groups settings")?;
+        // Overwriting is a mutation, which a validate-only configuration rules out.
+        let overwrites = self.run_as_user.overwrite
+            || self.run_as_group.overwrite
+            || self.supplemental_groups.overwrite;
+        if self.validate_only && overwrites {
+            return Err("validate_only cannot be true when overwrite is true".to_string());
+        }
+        Ok(())
     }
 }
 
@@ -142,6 +150,11 @@ mod tests {
         assert_eq!(
             settings(r#"{"supplemental_groups":{"rule":"MustRunAsNonRoot"}}"#).validate(),
             Err("Invalid supplemental_groups settings: Invalid rule.".to_string())
+        );
+        assert_eq!(
+            settings(r#"{"validate_only":true,"run_as_group":{"rule":"MustRunAs","overwrite":true,"ranges":[{"min":1,"max":2}]}}"#)
+                .validate(),
+            Err("validate_only cannot be true when overwrite is true".to_string())
         );
     }
 }
