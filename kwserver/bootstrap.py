@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 class BootError(Exception):
     """Some policies could not be loaded and `--continue-on-errors` is off."""
 
-    def __init__(self, errors: dict[str, str]):
+    def __init__(self, errors: dict[str, str], report: BootReport | None = None):
         self.errors = errors
+        self.report = report or BootReport()
         lines = "\n".join(f"  - {name}: {error}" for name, error in errors.items())
         super().__init__(f"{len(errors)} policy initialization error(s):\n{lines}")
 
@@ -165,7 +166,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     _check_all_policies(registry, options, report)
     report.seconds = time.monotonic() - started
     if registry.init_errors and not settings.continue_on_errors:
-        raise BootError(registry.init_errors)
+        raise BootError(registry.init_errors, report)
     for name, error in registry.init_errors.items():
         log.error("policy %s failed to initialise and will reject every request: %s", name, error)
     return registry, report

@@ -223,12 +223,18 @@ class HostHandler(Protocol):
 
     def answer(self, request: HostRequest, direct: Callable[[], bytes]) -> bytes: ...
 
+    def finish(self) -> None:
+        """The evaluation is over (a recording is written now)."""
+
 
 class DirectHandler:
     """This build's own answers, behind the reference's decoding and allow-list checks."""
 
     def answer(self, request: HostRequest, direct: Callable[[], bytes]) -> bytes:
         return direct()
+
+    def finish(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
