@@ -19,7 +19,14 @@ import wasmtime
 from kwserver.capabilities import Capabilities
 from kwserver.config import PolicyGroupSpec, PolicySpec, ServerSettings, load_policies
 from kwserver.evaluation import GROUP_EXPRESSION_ERROR, InstancePool, LoadedPolicy, PolicyRegistry
-from kwserver.metadata import MetadataError, check_metadata, infer_metadata, parse_metadata
+from kwserver.metadata import (
+    MetadataError,
+    check_metadata,
+    infer_metadata,
+    is_rego_module,
+    metadata_for_mode,
+    parse_metadata,
+)
 from kwserver.runtime import InstanceLimits, RuntimeFailure
 from kwserver.runtime.engine import (
     CompileCache,
@@ -38,8 +45,9 @@ log = logging.getLogger(__name__)
 class BootError(Exception):
     """Some policies could not be loaded and `--continue-on-errors` is off."""
 
-    def __init__(self, errors: dict[str, str]):
+    def __init__(self, errors: dict[str, str], report: BootReport | None = None):
         self.errors = errors
+        self.report = report or BootReport()
         lines = "\n".join(f"  - {name}: {error}" for name, error in errors.items())
         super().__init__(f"{len(errors)} policy initialization error(s):\n{lines}")
 
@@ -52,6 +60,7 @@ class BootReport:
     cache_misses: int = 0
     reused_modules: int = 0  # on a reload: unchanged modules kept from the running configuration
     warnings: list[str] = field(default_factory=list)
+    invalid_settings: dict[str, str] = field(default_factory=dict)  # policy -> what its validation said
 
 
 def engine_options_for(settings: ServerSettings, specs: list[PolicySpec]) -> EngineOptions:
@@ -74,10 +83,13 @@ def _download_name(spec: PolicySpec) -> str:
 
 
 def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, digest: str,
-                   source: str, report: BootReport) -> CompiledModule:
+                   source: str, report: BootReport, execution_mode: str | None = None) -> CompiledModule:
+    """`execution_mode`: the mode the caller requires (kwctl's `--execution-mode`); None: the metadata's."""
     metadata = parse_metadata(wasm)
     module, compiled_size = cache.load(engine, wasm, digest)
-    if metadata is None:
+    if execution_mode is not None:
+        metadata = metadata_for_mode(metadata, execution_mode, is_rego_module({e.name for e in module.exports}))
+    elif metadata is None:
         metadata = infer_metadata({e.name for e in module.exports}, {i.module for i in module.imports})
         warning = (f"module {source} has no io.kubewarden.metadata section; assuming execution mode "
                    f"`{metadata.execution_mode}` (embed metadata with `kwserver annotate`)")
@@ -91,9 +103,15 @@ def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, di
 def build_registry(settings: ServerSettings,
                    previous: PolicyRegistry | None = None) -> tuple[PolicyRegistry, BootReport]:
     """Load everything `settings` names. On a reload, modules of `previous` are reused when unchanged."""
-    started = time.monotonic()
     entries = load_policies(settings.policies, tolerate_invalid_expressions=settings.continue_on_errors)
-    base_dir = Path(settings.policies).resolve().parent
+    return assemble_registry(entries, Path(settings.policies).resolve().parent, settings, previous)
+
+
+def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir: Path, settings: ServerSettings,
+                      previous: PolicyRegistry | None = None, *,
+                      execution_mode: str | None = None) -> tuple[PolicyRegistry, BootReport]:
+    """Load `entries` (relative module paths are resolved against `base_dir`); see `build_registry`."""
+    started = time.monotonic()
     specs = _all_specs(entries)
     options = engine_options_for(settings, specs)
     reuse = previous is not None and previous.engine_options == options
@@ -119,7 +137,8 @@ def build_registry(settings: ServerSettings,
             report.reused_modules += 1
         if compiled is None:
             try:
-                compiled = compile_module(engine, cache, fetched.wasm, fetched.digest, str(fetched.path), report)
+                compiled = compile_module(engine, cache, fetched.wasm, fetched.digest, str(fetched.path), report,
+                                          execution_mode)
             except (MetadataError, wasmtime.WasmtimeError) as exc:
                 by_reference[reference] = exc
                 continue
@@ -153,7 +172,7 @@ def build_registry(settings: ServerSettings,
     # Stored, answered, logged and used as a metric label: what a guest said there must stay small.
     registry.init_errors = {name: bounded(error) for name, error in registry.init_errors.items()}
     if registry.init_errors and not settings.continue_on_errors:
-        raise BootError(registry.init_errors)
+        raise BootError(registry.init_errors, report)
     for name, error in registry.init_errors.items():
         log.error("policy %s failed to initialise and will reject every request: %s", name, error)
     return registry, report
@@ -180,6 +199,7 @@ def _check_all_policies(registry: PolicyRegistry, options: EngineOptions, report
                 log.warning("policy %s: %s", name, warning)
                 report.warnings.append(f"policy {name}: {warning}")
             if error is not None:
+                report.invalid_settings[name] = error
                 registry.init_errors[name] = f"Policy settings are invalid: {error}"
                 del registry.policies[name]
     finally:

@@ -1,4 +1,4 @@
-"""The `kwserver` command: serve, check, annotate, inspect."""
+"""The `kwserver` command: serve, check, annotate, inspect, top, reload, run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import yaml
 
-from kwserver import KUBEWARDEN_COMPAT_VERSION, __version__
+from kwserver import KUBEWARDEN_COMPAT_VERSION, __version__, offline
 from kwserver.config import ConfigError, ServerSettings, add_setting_arguments, settings_from_args
 from kwserver.metadata import MetadataError, WasmFormatError, annotate, parse_metadata
 
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     reload_cmd.add_argument("--pid-file", help="pid file written with --pid-file by `kwserver serve`")
     reload_cmd.add_argument("--url", help="the server's metrics endpoint; its master is signalled")
     reload_cmd.set_defaults(func=cmd_reload)
+
+    offline.add_parser(commands)
     return parser
 
 

@@ -216,6 +216,34 @@ def infer_metadata(export_names: set[str], import_modules: set[str]) -> PolicyMe
     )
 
 
+def is_rego_module(export_names: set[str]) -> bool:
+    """Rego compiled by OPA exports its ABI functions (`opa_eval`, `opa_malloc`, ...); kwctl's test too."""
+    return any(name.startswith("opa_") for name in export_names)
+
+
+def metadata_for_mode(found: PolicyMetadata | None, requested: str, is_rego: bool) -> PolicyMetadata:
+    """The metadata to run a module with when the user names its execution mode, by kwctl's rules: the
+    mode must agree with the module's metadata (when it has some) and with whether it is Rego."""
+    if requested not in EXECUTION_MODES:
+        raise MetadataError(f"unknown execution mode `{requested}` (expected one of {', '.join(EXECUTION_MODES)})")
+    if found is not None and found.execution_mode != requested:
+        raise MetadataError(
+            "The policy execution mode specified via CLI flag is different from the one reported inside of "
+            f"policy's metadata. Metadata reports {found.execution_mode} instead of {requested}"
+        )
+    rego_mode = requested in (OPA, GATEKEEPER)
+    if is_rego and not rego_mode:
+        raise MetadataError("The policy has been created with Rego, the policy execution mode specified via "
+                            "CLI flag is wrong")
+    if rego_mode and not is_rego:
+        raise MetadataError("The policy has not been created with Rego, the policy execution mode specified via "
+                            "CLI flag is wrong")
+    if found is not None:
+        return found
+    return PolicyMetadata(rules=[], mutating=False, execution_mode=requested,
+                          protocol_version="v1" if requested == WAPC else None, inferred=True)
+
+
 def check_metadata(meta: PolicyMetadata, server_version: str = KUBEWARDEN_COMPAT_VERSION) -> None:
     """The bootstrap checks of the reference server (protocol version, minimum version)."""
     if meta.execution_mode == WAPC:

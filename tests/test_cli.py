@@ -3,7 +3,7 @@ import pytest
 from kwserver.cli import main
 
 
-@pytest.mark.parametrize("command", ["serve", "check", "annotate", "inspect", "top", "reload"])
+@pytest.mark.parametrize("command", ["serve", "check", "annotate", "inspect", "top", "reload", "run"])
 def test_help_of_every_command(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
