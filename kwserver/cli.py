@@ -83,6 +83,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from kwserver.sources import SourceError
+    from kwserver.sources.commands import pull
+
+    try:
+        fetched = pull(settings_from_args(args), args.reference)
+    except SourceError as exc:
+        print(f"error: Error while downloading policy from {args.reference}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{fetched.path}\nsha256:{fetched.digest}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from kwserver.sources import SourceError
+    from kwserver.sources.commands import push
+
+    try:
+        reference, digest = push(settings_from_args(args), Path(args.module), args.destination)
+    except SourceError as exc:
+        print(f"error: cannot push {args.module} to {args.destination}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{reference.registry}/{reference.repository}@{digest}")
+    return 0
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from kwserver.observability.top import run
 
@@ -155,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_cmd = commands.add_parser("inspect", help="print the Kubewarden metadata of a policy module")
     inspect_cmd.add_argument("module")
     inspect_cmd.set_defaults(func=cmd_inspect)
+
+    pull_cmd = commands.add_parser("pull", help="download a policy into the download directory; prints its digest")
+    pull_cmd.add_argument("reference", help="registry://, https:// or http:// reference")
+    add_setting_arguments(pull_cmd)
+    pull_cmd.set_defaults(func=cmd_pull)
+
+    push_cmd = commands.add_parser("push", help="push a policy module to an OCI registry in Kubewarden's format")
+    push_cmd.add_argument("module", help="the (annotated) policy module")
+    push_cmd.add_argument("destination", help="registry://host[:port]/repository:tag")
+    add_setting_arguments(push_cmd)
+    push_cmd.set_defaults(func=cmd_push)
 
     top = commands.add_parser("top", help="live memory and activity of a running server's processes")
     top.add_argument("--url", default=f"http://127.0.0.1:{ServerSettings.metrics_port}",
