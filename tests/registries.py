@@ -102,7 +102,8 @@ def _wait_listening(registry: Registry, timeout: float = 20.0) -> None:
         if registry.process.poll() is not None:
             raise RuntimeError(f"docker-registry exited:\n{registry.log()}")
         try:
-            requests.get(f"{scheme}://{registry.host}/v2/", timeout=1, verify=False)
+            requests.get(f"{scheme}://{registry.host}/v2/", timeout=1,
+                         verify=str(registry.tls.cert) if registry.tls else True)
             return
         except requests.ConnectionError:
             time.sleep(0.05)
@@ -234,3 +235,37 @@ class FileServer:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:
         pass
+
+
+def raw_push(registry: Registry, repository: str, tag: str, layers: list[tuple[str, bytes]],
+             config: tuple[str, bytes] = ("application/vnd.wasm.config.v1+json", b"{}"),
+             manifest_type: str = "application/vnd.oci.image.manifest.v1+json") -> str:
+    """Push an artifact as another OCI client would, any media types; returns the manifest digest."""
+    import hashlib
+
+    base = f"{'https' if registry.tls else 'http'}://{registry.host}/v2/{repository}"
+    verify = str(registry.tls.cert) if registry.tls else True
+
+    def blob(data: bytes) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        start = requests.post(f"{base}/blobs/uploads/", verify=verify, timeout=10)
+        start.raise_for_status()
+        location = requests.compat.urljoin(base, start.headers["Location"])
+        sep = "&" if "?" in location else "?"
+        requests.put(f"{location}{sep}digest={digest}", data=data, verify=verify, timeout=10).raise_for_status()
+        return {"digest": digest, "size": len(data)}
+
+    manifest = {"schemaVersion": 2, "mediaType": manifest_type,
+                "config": {"mediaType": config[0], **blob(config[1])},
+                "layers": [{"mediaType": media_type, **blob(data)} for media_type, data in layers]}
+    body = json.dumps(manifest).encode()
+    requests.put(f"{base}/manifests/{tag}", data=body, headers={"Content-Type": manifest_type}, verify=verify,
+                 timeout=10).raise_for_status()
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def blob_path(registry: Registry, digest: str) -> Path:
+    """Where docker-registry's filesystem driver keeps a blob (for tests that tamper with it)."""
+    hex_digest = digest.removeprefix("sha256:")
+    return registry.directory / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256" / hex_digest[:2] / \
+        hex_digest / "data"

@@ -74,6 +74,9 @@ class ModuleFetcher:
                 results[reference] = self.fetch(reference)
             except SourceError as exc:
                 results[reference] = exc
+            except Exception as exc:  # a bug, or a library's surprise: that policy's error, never a crash
+                log.exception("fetching %s failed unexpectedly", reference)
+                results[reference] = SourceError(f"unexpected error: {exc!r}")
 
         remote = [r for r in unique if not isinstance(self._parsed_or_none(r), LocalReference)]
         for reference in unique:

@@ -131,6 +131,8 @@ def request(session: requests.Session, method: str, url: str, attempt: Attempt, 
                                    stream=True, **kwargs)
     except requests.RequestException as exc:
         raise TransportError(describe_exception(exc, url)) from exc
+    except urllib3.exceptions.HTTPError as exc:  # e.g. a host name that cannot be resolved at all
+        raise TransportError(f"cannot connect to {url}: {exc}") from exc
 
 
 def read_limited(response: requests.Response, options: FetchOptions, what: str) -> bytes:
