@@ -8,7 +8,9 @@ service of the test's own.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import signal
 
 import pytest
 import requests
@@ -16,6 +18,8 @@ import yaml
 
 from tests.conftest import REPO, free_port
 from tests.registries import TokenServer, blob_path, docker_config, raw_push, start_registry
+from tests.test_operations import wait_for
+from tests.test_policy_library import fixture
 from tests.test_sources_https import check_config, kwserver, sources_file
 
 pytestmark = pytest.mark.skipif(not shutil.which("docker-registry"), reason="needs Debian's docker-registry")
@@ -188,3 +192,48 @@ def test_invalid_docker_config_is_refused(tmp_path):
     (tmp_path / "dc" / "config.json").write_text("{not json")
     result = check_config(tmp_path, str(MODULE), "--docker-config-json-path", str(tmp_path / "dc"))
     assert result.returncode == 1 and "is not valid JSON" in result.stderr
+
+
+def test_server_downloads_concurrently_and_reload_pulls_only_what_changed(run_server, tmp_path):
+    """A server from registry references; a reload pulls only new references, and a registry that is
+    down during a reload leaves the running policies in service."""
+    registry = start_registry(tmp_path / "reload-registry")
+    try:
+        for name in ("echo", "pod-privileged", "safe-labels"):
+            push(DIST / f"{name}.wasm", registry.ref(f"lib/{name}:v1"),
+                 "--sources-path", str(sources_file(tmp_path, {"insecure_sources": [registry.host]})), cwd=tmp_path)
+        push(DIST / "echo.wasm", registry.ref("lib/echo:latest"), "--sources-path",
+             str(tmp_path / "sources.yml"), cwd=tmp_path)
+        policies = {"echo": {"module": registry.ref("lib/echo:latest")},
+                    "pod-privileged": {"module": registry.ref("lib/pod-privileged:v1")}}
+        env = {"KUBEWARDEN_SOURCES_PATH": str(tmp_path / "sources.yml"),
+               "KUBEWARDEN_POLICIES_DOWNLOAD_DIR": str(tmp_path / "downloads")}
+        server = run_server(policies, env=env)
+        assert "over 2 unique modules (2 downloaded" in server.log()
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                  "request": fixture("pod-privileged-policy/test_data/privileged_container.json")}
+        assert server.post("/validate/pod-privileged", review).json()["response"]["allowed"] is False
+
+        config = server.log_path.parent / "policies.yml"
+        config.write_text(yaml.safe_dump({**policies, "safe-labels": {"module": registry.ref("lib/safe-labels:v1")}}))
+        os.kill(server.process.pid, signal.SIGHUP)
+        wait_for(lambda: server.log().count("reloaded") == 1)
+        # pod-privileged:v1 came from the download directory; latest and the new reference were pulled.
+        assert "over 3 unique modules (2 downloaded" in server.log()
+        wait_for(lambda: server.post("/validate/safe-labels", review).status_code == 200)
+
+        registry.stop()
+        os.kill(server.process.pid, signal.SIGHUP)
+        wait_for(lambda: server.log().count("reloaded") == 2)
+        assert "download failed, the running module is kept" not in server.log()  # warnings go to the log line
+        assert "keeping the module in service" in server.log()
+        for policy in ("echo", "pod-privileged", "safe-labels"):
+            assert server.post(f"/validate/{policy}", review).status_code == 200, policy
+
+        config.write_text(yaml.safe_dump({**policies, "new": {"module": registry.ref("lib/new:v1")}}))
+        os.kill(server.process.pid, signal.SIGHUP)
+        wait_for(lambda: "reload refused" in server.log())
+        assert server.post("/validate/safe-labels", review).status_code == 200
+        assert server.post("/validate/new", review).status_code == 404
+    finally:
+        registry.stop()
