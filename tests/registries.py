@@ -269,3 +269,21 @@ def blob_path(registry: Registry, digest: str) -> Path:
     hex_digest = digest.removeprefix("sha256:")
     return registry.directory / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256" / hex_digest[:2] / \
         hex_digest / "data"
+
+
+LIBRARY_REPOSITORY = "kubewarden/policies"
+
+
+def push_library(registry: Registry, dist: Path, sources: Path, cwd: Path) -> dict[str, str]:
+    """`kwserver push` every module of the policy library; returns name -> registry:// reference."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBEWARDEN_", "KWSERVER_", "DOCKER_"))}
+    references = {}
+    for module in sorted(dist.glob("*.wasm")):
+        reference = registry.ref(f"{LIBRARY_REPOSITORY}/{module.stem}:v1.0.0")
+        subprocess.run([sys.executable, "-m", "kwserver", "push", str(module), reference, "--sources-path",
+                        str(sources)], check=True, capture_output=True, cwd=cwd, env=env, timeout=60)
+        references[module.stem] = reference
+    return references

@@ -17,7 +17,7 @@ import requests
 import yaml
 
 from tests.conftest import REPO, free_port
-from tests.registries import TokenServer, blob_path, docker_config, raw_push, start_registry
+from tests.registries import TokenServer, blob_path, docker_config, push_library, raw_push, start_registry
 from tests.test_operations import wait_for
 from tests.test_policy_library import fixture
 from tests.test_sources_https import check_config, kwserver, sources_file
@@ -235,5 +235,36 @@ def test_server_downloads_concurrently_and_reload_pulls_only_what_changed(run_se
         wait_for(lambda: "reload refused" in server.log())
         assert server.post("/validate/safe-labels", review).status_code == 200
         assert server.post("/validate/new", review).status_code == 404
+    finally:
+        registry.stop()
+
+
+def test_the_ten_policy_example_by_registry_reference(run_server, tmp_path):
+    example = REPO / "deploy" / "examples"
+    by_registry = yaml.safe_load((example / "policies-registry.yml").read_text())
+    by_file = yaml.safe_load((example / "policies.yml").read_text())
+    # The same configuration, only the modules are referred to by registry reference.
+    assert {name: {**entry, "module": None} for name, entry in by_registry.items()} == \
+        {name: {**entry, "module": None} for name, entry in by_file.items()}
+    for name, entry in by_file.items():
+        stem = entry["module"].rsplit("/", 1)[1].removesuffix(".wasm")
+        assert by_registry[name]["module"] == f"registry://localhost:5000/kubewarden/policies/{stem}:v1.0.0"
+
+    registry = start_registry(tmp_path / "example-registry")
+    try:
+        sources = sources_file(tmp_path, {"insecure_sources": [registry.host]})
+        push_library(registry, DIST, sources, tmp_path)
+        policies = {name: {**entry, "module": entry["module"].replace("localhost:5000", registry.host)}
+                    for name, entry in by_registry.items()}
+        server = run_server(policies, env={"KUBEWARDEN_SOURCES_PATH": str(sources),
+                                           "KUBEWARDEN_POLICIES_DOWNLOAD_DIR": str(tmp_path / "downloads")})
+        assert "over 8 unique modules (8 downloaded" in server.log()
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                  "request": fixture("pod-privileged-policy/test_data/privileged_container.json")}
+        for name in policies:
+            reply = server.post(f"/validate/{name}", review)
+            assert reply.status_code == 200 and reply.json()["response"]["uid"] == review["request"]["uid"], name
+        # Monitor mode (the chart's default for cluster-wide policies): evaluated, and accepted.
+        assert server.post("/validate/clusterwide-no-privileged-pod", review).json()["response"]["allowed"] is True
     finally:
         registry.stop()
