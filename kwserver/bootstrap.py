@@ -34,6 +34,7 @@ from kwserver.sources.credentials import load_credentials
 from kwserver.sources.fetcher import ModuleFetcher
 from kwserver.sources.transport import FetchOptions, TransportError
 from kwserver.sources.trust import load_sources
+from kwserver.sources.verification import ChecksumError, VerificationError, load_verification
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def make_fetcher(settings: ServerSettings, base_dir: Path) -> ModuleFetcher:
                            max_bytes=settings.max_module_size_mib * 1024 * 1024)
     return ModuleFetcher(base_dir=base_dir, download_dir=Path(settings.policies_download_dir),
                          sources=load_sources(settings.sources_path),
-                         credentials=load_credentials(settings.docker_config_json_path), options=options)
+                         credentials=load_credentials(settings.docker_config_json_path), options=options,
+                         verification=load_verification(settings.verification_path))
 
 
 def _previous_modules(previous: PolicyRegistry | None) -> dict[str, CompiledModule]:
@@ -161,7 +163,11 @@ def build_registry(settings: ServerSettings,
         loaded = by_reference[spec.module]
         if isinstance(loaded, Exception):
             message = str(loaded)
-            if isinstance(loaded, SourceError):
+            if isinstance(loaded, VerificationError):
+                message = f"Policy '{spec.name}' cannot be verified: {message}"
+            elif isinstance(loaded, ChecksumError):
+                message = f"Verification of policy {spec.name} failed: {message}"
+            elif isinstance(loaded, SourceError):
                 message = f"Error while downloading policy '{_download_name(spec)}' from {spec.module}: {message}"
             registry.init_errors[spec.name] = f"bootstrap failure: {spec.name}: {message}"
             continue

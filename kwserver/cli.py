@@ -109,6 +109,25 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from kwserver.bootstrap import make_fetcher
+    from kwserver.sources import SourceError
+    from kwserver.sources.references import parse_reference
+
+    settings = settings_from_args(args)
+    if not settings.verification_path:
+        print("error: kwserver verify needs --verification-path", file=sys.stderr)
+        return 2
+    fetcher = make_fetcher(settings, Path.cwd())
+    try:
+        digest = fetcher.verify(parse_reference(args.reference, Path.cwd()))
+    except SourceError as exc:
+        print(f"error: Policy '{args.reference}' cannot be verified: {exc}", file=sys.stderr)
+        return 1
+    print(f"verified {args.reference}: {digest}")
+    return 0
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from kwserver.observability.top import run
 
@@ -192,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     push_cmd.add_argument("destination", help="registry://host[:port]/repository:tag")
     add_setting_arguments(push_cmd)
     push_cmd.set_defaults(func=cmd_push)
+
+    verify_cmd = commands.add_parser("verify", help="check a registry policy's signatures against verification.yml")
+    verify_cmd.add_argument("reference", help="registry:// reference")
+    add_setting_arguments(verify_cmd)
+    verify_cmd.set_defaults(func=cmd_verify)
 
     top = commands.add_parser("top", help="live memory and activity of a running server's processes")
     top.add_argument("--url", default=f"http://127.0.0.1:{ServerSettings.metrics_port}",

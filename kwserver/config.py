@@ -209,8 +209,7 @@ class ServerSettings:
         "Directory of Docker's config.json with registry credentials (default: $DOCKER_CONFIG, ~/.docker)")
     verification_path: str | None = setting(
         None, "KUBEWARDEN_VERIFICATION_CONFIG_PATH",
-        "Signature verification config; not supported by this build: refuses to start when set",
-        check=refused("policy signature verification (--verification-path) is not supported by this build"))
+        "verification.yml: cosign signatures every registry module must carry (pubKey entries)")
     download_timeout_seconds: float = setting(
         30.0, "KWSERVER_DOWNLOAD_TIMEOUT_SECONDS", "Give up on a registry or web server silent for this long",
         parse=float, check=above(0))

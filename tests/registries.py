@@ -237,7 +237,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def raw_push(registry: Registry, repository: str, tag: str, layers: list[tuple[str, bytes]],
+def raw_push(registry: Registry, repository: str, tag: str, layers: list[tuple],
              config: tuple[str, bytes] = ("application/vnd.wasm.config.v1+json", b"{}"),
              manifest_type: str = "application/vnd.oci.image.manifest.v1+json") -> str:
     """Push an artifact as another OCI client would, any media types; returns the manifest digest."""
@@ -257,7 +257,8 @@ def raw_push(registry: Registry, repository: str, tag: str, layers: list[tuple[s
 
     manifest = {"schemaVersion": 2, "mediaType": manifest_type,
                 "config": {"mediaType": config[0], **blob(config[1])},
-                "layers": [{"mediaType": media_type, **blob(data)} for media_type, data in layers]}
+                "layers": [{"mediaType": layer[0], **blob(layer[1]), **({"annotations": layer[2]} if len(layer) > 2
+                                                                        else {})} for layer in layers]}
     body = json.dumps(manifest).encode()
     requests.put(f"{base}/manifests/{tag}", data=body, headers={"Content-Type": manifest_type}, verify=verify,
                  timeout=10).raise_for_status()
@@ -287,3 +288,24 @@ def push_library(registry: Registry, dist: Path, sources: Path, cwd: Path) -> di
                         str(sources)], check=True, capture_output=True, cwd=cwd, env=env, timeout=60)
         references[module.stem] = reference
     return references
+
+
+def cosign_sign(registry: Registry, repository: str, digest: str, keys: list[Any],
+                annotations: dict[str, str] | None = None) -> None:
+    """Store signatures of `digest` as cosign does: simple-signing layers under `sha256-<hex>.sig`."""
+    layers = []
+    for key in keys:
+        payload = json.dumps({"critical": {"identity": {"docker-reference": f"{registry.host}/{repository}"},
+                                           "image": {"docker-manifest-digest": digest},
+                                           "type": "cosign container image signature"},
+                              "optional": annotations}).encode()
+        signature = base64.b64encode(key.sign(payload, ec.ECDSA(hashes.SHA256()))).decode()
+        layers.append(("application/vnd.dev.cosign.simplesigning.v1+json", payload,
+                       {"dev.cosignproject.cosign/signature": signature}))
+    raw_push(registry, repository, digest.replace(":", "-") + ".sig", layers,
+             config=("application/vnd.oci.image.config.v1+json", b'{"architecture":"","os":""}'))
+
+
+def public_pem(key: Any) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()

@@ -107,7 +107,6 @@ def test_reference_flags_are_accepted():
 
 
 @pytest.mark.parametrize("env,message", [
-    ({"KUBEWARDEN_VERIFICATION_CONFIG_PATH": "verification.yml"}, "signature verification"),
     ({"KUBEWARDEN_DAEMON": "true"}, "--daemon is not supported"),
 ])
 def test_reference_flags_that_cannot_be_honoured_refuse_to_start(env, message):

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kwserver.sources import https, oci
+from kwserver.sources import https, oci, verification
 from kwserver.sources.credentials import Credentials
 from kwserver.sources.errors import SourceError
 from kwserver.sources.file import FetchedModule, check_wasm, read_module
@@ -35,6 +35,7 @@ class ModuleFetcher:
     sources: Sources = field(default_factory=Sources)
     credentials: Credentials = field(default_factory=Credentials)
     options: FetchOptions = field(default_factory=FetchOptions)
+    verification: verification.VerificationConfig | None = None  # verify registry modules before use
     downloaded: int = 0  # modules that came over the network (not from the download directory)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -44,23 +45,38 @@ class ModuleFetcher:
 
     def fetch(self, reference: str) -> FetchedModule:
         parsed = parse_reference(reference, self.base_dir)
+        signed = self.verify(parsed) if self.verification is not None else None
         if isinstance(parsed, LocalReference):
             return read_module(reference, parsed.path)
         store = self.store
         wasm = store.cached(parsed)
-        if wasm is not None:
-            return FetchedModule(reference, store.path_for(parsed), wasm, hashlib.sha256(wasm).hexdigest())
-        wasm = self.download(parsed)
-        path = store.save(parsed, wasm)
-        with self._lock:
-            self.downloaded += 1
+        path = store.path_for(parsed)
+        if wasm is None:
+            wasm = self.download(parsed)
+            path = store.save(parsed, wasm)
+            with self._lock:
+                self.downloaded += 1
+        if signed is not None:
+            verification.check_checksum(self.client(parsed), parsed, signed, wasm)
         return FetchedModule(reference, path, wasm, hashlib.sha256(wasm).hexdigest())
+
+    def client(self, reference: ImageReference) -> oci.OciClient:
+        return oci.OciClient(reference.registry, self.sources, self.credentials, self.options)
+
+    def verify(self, reference: LocalReference | ImageReference | UrlReference) -> str:
+        """The verified manifest digest of a registry module; anything else cannot be verified."""
+        if not isinstance(reference, ImageReference):
+            where = reference.path if isinstance(reference, LocalReference) else reference.url
+            raise verification.VerificationError(
+                f"Verification only works with OCI images: Not a valid oci image: {where}")
+        assert self.verification is not None
+        return verification.verify(self.client(reference), reference, self.verification)
 
     def download(self, reference: ImageReference | UrlReference) -> bytes:
         if isinstance(reference, UrlReference):
             wasm = https.download(reference, self.sources, self.options)
         else:
-            wasm = oci.OciClient(reference.registry, self.sources, self.credentials, self.options).pull(reference)
+            wasm = self.client(reference).pull(reference)
         check_wasm(wasm, "the downloaded file")
         return wasm
 
