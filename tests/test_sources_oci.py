@@ -17,7 +17,7 @@ import requests
 import yaml
 
 from tests.conftest import REPO, free_port
-from tests.registries import TokenServer, blob_path, docker_config, push_library, raw_push, start_registry
+from tests.registries import ForwardProxy, TokenServer, blob_path, docker_config, push_library, raw_push, start_registry
 from tests.test_operations import wait_for
 from tests.test_policy_library import fixture
 from tests.test_sources_https import check_config, kwserver, sources_file
@@ -178,7 +178,8 @@ def test_bearer_token_flow(tmp_path):
         anonymous = kwserver("push", str(MODULE), registry.ref("tok/p:v1"), *sources, cwd=tmp_path)
         assert anonymous.returncode == 1, anonymous.stdout
         push(MODULE, registry.ref("tok/p:v1"), *sources, "--docker-config-json-path", str(good), cwd=tmp_path)
-        assert any("repository:tok/p:pull,push" in r["query"].get("scope", []) for r in tokens.requests)
+        scopes = {scope for r in tokens.requests for scope in r["query"].get("scope", [])}
+        assert any(s.startswith("repository:tok/p:") and "push" in s.split(":")[2].split(",") for s in scopes), scopes
         result = check_config(tmp_path, registry.ref("tok/p:v1"), *sources, "--docker-config-json-path", str(good))
         assert result.returncode == 0, result.stdout + result.stderr
         assert any(r["query"].get("service") == [tokens.service] and r["authorization"] for r in tokens.requests)
@@ -268,3 +269,21 @@ def test_the_ten_policy_example_by_registry_reference(run_server, tmp_path):
         assert server.post("/validate/clusterwide-no-privileged-pod", review).json()["response"]["allowed"] is True
     finally:
         registry.stop()
+
+
+def test_proxies_from_the_environment_are_used_except_for_no_proxy(plain, insecure, tmp_path):
+    proxy = ForwardProxy()
+    try:
+        push(MODULE, plain.ref("proxied/p:v1"), *insecure, cwd=tmp_path)
+        env = {"HTTP_PROXY": proxy.url, "HTTPS_PROXY": proxy.url, "NO_PROXY": ""}
+        through = kwserver("pull", plain.ref("proxied/p:v1"), *insecure, cwd=tmp_path, env=env)
+        assert through.returncode == 0, through.stderr
+        assert f"CONNECT {plain.host}" in proxy.forwarded  # HTTPS first (refused by this proxy), then HTTP
+        assert f"GET http://{plain.host}/v2/proxied/p/manifests/v1" in proxy.forwarded
+        proxy.forwarded.clear()
+        direct = kwserver("pull", plain.ref("proxied/p:v1"), *insecure, cwd=tmp_path,
+                          env={**env, "NO_PROXY": "127.0.0.1"})
+        assert direct.returncode == 0, direct.stderr
+        assert proxy.forwarded == []
+    finally:
+        proxy.stop()
