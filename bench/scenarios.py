@@ -445,9 +445,9 @@ def startup(run: ScenarioRun) -> None:
     env = {"KUBEWARDEN_LOG_LEVEL": "info"}
     measurements: dict[str, dict[str, list[dict[str, float]]]] = {}
 
-    def start(label: str, config: Path, cache: Path, kind: str) -> None:
+    def start(label: str, config: Path, cache: Path, kind: str, extra_env: dict[str, str] | None = None) -> None:
         server = run.kwserver(f"{label}-{kind}-{len(measurements.get(label, {}).get(kind, []))}", config,
-                              cache_dir=cache, env=env)
+                              cache_dir=cache, env={**env, **(extra_env or {})})
         ready = server.ready_after_s
         snap = snapshot(server.name, server.pid)
         run.stop(server)
@@ -461,12 +461,17 @@ def startup(run: ScenarioRun) -> None:
             "total_pss_mib": sum(s.pss for s in snap) / MIB,
         })
 
+    from bench.registry_startup import RegistryPoints
+
+    registry = RegistryPoints(run, [ten, sixty_one])
     for r in range(o.startup_repeats):
         start("empty", empty, run.work / f"cache-empty-{r}", "floor")
         for choice in (ten, sixty_one):
             cache = run.work / f"cache-{choice.policies}-{r}"
             start(f"{choice.policies} policies", choice.path, cache, "cold")
             start(f"{choice.policies} policies", choice.path, cache, "warm")
+        registry.measure(start, r)
+    registry.finish(measurements)
     run.data["startup"] = measurements
     bars: dict[str, Any] = {"file": "ready_times.png", "title": "spawn to ready (median, min-max)",
                             "y_label": "seconds", "labels": [], "medians": [], "lows": [], "highs": []}

@@ -36,7 +36,12 @@ from kwserver.runtime.engine import (
     make_engine,
     malloc_trim,
 )
-from kwserver.sources import SourceError, fetch
+from kwserver.sources import SourceError
+from kwserver.sources.credentials import load_credentials
+from kwserver.sources.fetcher import ModuleFetcher
+from kwserver.sources.transport import FetchOptions, TransportError
+from kwserver.sources.trust import load_sources
+from kwserver.sources.verification import ChecksumError, VerificationError, load_verification
 from kwserver.truncation import bounded
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,7 @@ class BootReport:
     cache_hits: int = 0
     cache_misses: int = 0
     reused_modules: int = 0  # on a reload: unchanged modules kept from the running configuration
+    downloaded_modules: int = 0  # fetched over the network (not from the download directory)
     warnings: list[str] = field(default_factory=list)
     invalid_settings: dict[str, str] = field(default_factory=dict)  # policy -> what its validation said
 
@@ -100,6 +106,22 @@ def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, di
                           compiled_size=compiled_size, source=source)
 
 
+def make_fetcher(settings: ServerSettings, base_dir: Path) -> ModuleFetcher:
+    """The module fetcher `settings` describe; raises ConfigError for a bad sources.yml or docker config."""
+    options = FetchOptions(timeout_seconds=settings.download_timeout_seconds, retries=settings.download_retries,
+                           max_bytes=settings.max_module_size_mib * 1024 * 1024)
+    return ModuleFetcher(base_dir=base_dir, download_dir=Path(settings.policies_download_dir),
+                         sources=load_sources(settings.sources_path),
+                         credentials=load_credentials(settings.docker_config_json_path), options=options,
+                         verification=load_verification(settings.verification_path))
+
+
+def _previous_modules(previous: PolicyRegistry | None) -> dict[str, CompiledModule]:
+    if previous is None:
+        return {}
+    return {policy.spec.module: policy.module for policy in previous.policies.values()}
+
+
 def build_registry(settings: ServerSettings,
                    previous: PolicyRegistry | None = None) -> tuple[PolicyRegistry, BootReport]:
     """Load everything `settings` names. On a reload, modules of `previous` are reused when unchanged."""
@@ -123,13 +145,20 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     registry.groups = {n: e for n, e in entries.items() if isinstance(e, PolicyGroupSpec)}
     registry.specs = {n: e for n, e in entries.items() if isinstance(e, PolicySpec)}
 
-    # One fetch per module string, one compile per unique digest.
+    # One fetch per module string (remote ones concurrently), one compile per unique digest.
+    fetcher = make_fetcher(settings, base_dir)
+    running = _previous_modules(previous) if reuse else {}
     by_reference: dict[str, CompiledModule | Exception] = {}
-    for reference in dict.fromkeys(spec.module for spec in specs):
-        try:
-            fetched = fetch(reference, base_dir)
-        except SourceError as exc:
-            by_reference[reference] = exc
+    for reference, fetched in fetcher.fetch_all(spec.module for spec in specs).items():
+        if isinstance(fetched, TransportError) and reference in running:
+            # A registry that is down during a reload does not take running policies with it.
+            log.warning("cannot download %s (%s); keeping the module in service", reference, fetched)
+            report.warnings.append(f"{reference}: download failed, the running module is kept: {fetched}")
+            registry.modules[running[reference].digest] = by_reference[reference] = running[reference]
+            report.reused_modules += 1
+            continue
+        if isinstance(fetched, SourceError):
+            by_reference[reference] = fetched
             continue
         compiled = registry.modules.get(fetched.digest)
         if compiled is None and fetched.digest in known_modules:
@@ -145,6 +174,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
         registry.modules[fetched.digest] = compiled
         by_reference[reference] = compiled
     report.unique_modules = len(registry.modules)
+    report.downloaded_modules = fetcher.downloaded
     report.cache_hits, report.cache_misses = cache.hits, cache.misses
     malloc_trim()
 
@@ -153,7 +183,11 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
         loaded = by_reference[spec.module]
         if isinstance(loaded, Exception):
             message = str(loaded)
-            if isinstance(loaded, SourceError):
+            if isinstance(loaded, VerificationError):
+                message = f"Policy '{spec.name}' cannot be verified: {message}"
+            elif isinstance(loaded, ChecksumError):
+                message = f"Verification of policy {spec.name} failed: {message}"
+            elif isinstance(loaded, SourceError):
                 message = f"Error while downloading policy '{_download_name(spec)}' from {spec.module}: {message}"
             registry.init_errors[spec.name] = f"bootstrap failure: {spec.name}: {message}"
             continue

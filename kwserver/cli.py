@@ -83,6 +83,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from kwserver.sources import SourceError
+    from kwserver.sources.commands import pull
+
+    try:
+        fetched = pull(settings_from_args(args), args.reference)
+    except SourceError as exc:
+        print(f"error: Error while downloading policy from {args.reference}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{fetched.path}\nsha256:{fetched.digest}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from kwserver.sources import SourceError
+    from kwserver.sources.commands import push
+
+    try:
+        reference, digest = push(settings_from_args(args), Path(args.module), args.destination)
+    except SourceError as exc:
+        print(f"error: cannot push {args.module} to {args.destination}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{reference.registry}/{reference.repository}@{digest}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from kwserver.bootstrap import make_fetcher
+    from kwserver.sources import SourceError
+    from kwserver.sources.references import parse_reference
+
+    settings = settings_from_args(args)
+    if not settings.verification_path:
+        print("error: kwserver verify needs --verification-path", file=sys.stderr)
+        return 2
+    fetcher = make_fetcher(settings, Path.cwd())
+    try:
+        digest = fetcher.verify(parse_reference(args.reference, Path.cwd()))
+    except SourceError as exc:
+        print(f"error: Policy '{args.reference}' cannot be verified: {exc}", file=sys.stderr)
+        return 1
+    print(f"verified {args.reference}: {digest}")
+    return 0
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from kwserver.observability.discovery import DiscoveryError, choose, master_with_pid, running_masters
     from kwserver.observability.top import run
@@ -177,6 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_cmd = commands.add_parser("inspect", help="print the Kubewarden metadata of a policy module")
     inspect_cmd.add_argument("module")
     inspect_cmd.set_defaults(func=cmd_inspect)
+
+    pull_cmd = commands.add_parser("pull", help="download a policy into the download directory; prints its digest")
+    pull_cmd.add_argument("reference", help="registry://, https:// or http:// reference")
+    add_setting_arguments(pull_cmd)
+    pull_cmd.set_defaults(func=cmd_pull)
+
+    push_cmd = commands.add_parser("push", help="push a policy module to an OCI registry in Kubewarden's format")
+    push_cmd.add_argument("module", help="the (annotated) policy module")
+    push_cmd.add_argument("destination", help="registry://host[:port]/repository:tag")
+    add_setting_arguments(push_cmd)
+    push_cmd.set_defaults(func=cmd_push)
+
+    verify_cmd = commands.add_parser("verify", help="check a registry policy's signatures against verification.yml")
+    verify_cmd.add_argument("reference", help="registry:// reference")
+    add_setting_arguments(verify_cmd)
+    verify_cmd.set_defaults(func=cmd_verify)
 
     top = commands.add_parser("top", help="live memory and activity of a running server's processes")
     top.add_argument("--url", help="the server's metrics endpoint (default: found from the running server's "

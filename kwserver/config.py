@@ -201,16 +201,24 @@ class ServerSettings:
         "Recycle a worker gracefully after this many requests, with 10% jitter (0: never)",
         parse=int, check=at_least(0))
     pid_file: str | None = setting(None, "KWSERVER_PID_FILE", "Write the master's pid here (used by `kwserver reload`)")
-    # Accepted so that existing policy-server deployments start unchanged; see ServerSettings.ignored().
-    sources_path: str | None = setting(None, "KUBEWARDEN_SOURCES_PATH",
-                                       "Registry sources (sources.yml); unused: this build loads local modules only")
-    verification_path: str | None = setting(
-        None, "KUBEWARDEN_VERIFICATION_CONFIG_PATH",
-        "Signature verification config; not supported by this build: refuses to start when set",
-        check=refused("policy signature verification (--verification-path) is not supported by this build"))
+    # Where remote modules come from (kwserver/sources/).
+    sources_path: str | None = setting(
+        None, "KUBEWARDEN_SOURCES_PATH", "sources.yml: insecure_sources and per-host CAs (source_authorities)")
     docker_config_json_path: str | None = setting(
         None, "KUBEWARDEN_DOCKER_CONFIG_JSON_PATH",
-        "Registry credentials; unused: this build loads local modules only")
+        "Directory of Docker's config.json with registry credentials (default: $DOCKER_CONFIG, ~/.docker)")
+    verification_path: str | None = setting(
+        None, "KUBEWARDEN_VERIFICATION_CONFIG_PATH",
+        "verification.yml: cosign signatures every registry module must carry (pubKey entries)")
+    download_timeout_seconds: float = setting(
+        30.0, "KWSERVER_DOWNLOAD_TIMEOUT_SECONDS", "Give up on a registry or web server silent for this long",
+        parse=float, check=above(0))
+    download_retries: int = setting(2, "KWSERVER_DOWNLOAD_RETRIES",
+                                    "Retries of a download request after a transient failure (connection, 5xx)",
+                                    parse=int, check=at_least(0))
+    max_module_size_mib: int = setting(128, "KWSERVER_MAX_MODULE_SIZE_MIB",
+                                       "Refuse to download a module larger than this", parse=int, check=at_least(1))
+    # Accepted so that existing policy-server deployments start unchanged; see ServerSettings.ignored().
     sigstore_cache_dir: str | None = setting(None, "KUBEWARDEN_SIGSTORE_CACHE_DIR",
                                              "Sigstore cache; unused by this build")
     enable_metrics: bool = setting(
@@ -244,8 +252,6 @@ class ServerSettings:
     def ignored(self) -> list[str]:
         """Reference-server settings that are set but have no effect here, for a startup warning each."""
         notes = {
-            "sources_path": "registry sources are not used: this build loads local modules only",
-            "docker_config_json_path": "registry credentials are not used: this build loads local modules only",
             "sigstore_cache_dir": "there is no sigstore support in this build",
             "enable_metrics": f"metrics are not pushed over OTLP; Prometheus serves them on port {self.metrics_port}",
             "enable_pprof": "profiling endpoints are not available",

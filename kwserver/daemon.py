@@ -145,9 +145,10 @@ class Daemon:
         )
         compiled = sum(m.compiled_size for m in registry.modules.values())
         log.info(
-            "loaded %d policies and %d groups over %d unique modules (%.1f MiB compiled, %d reused, compile "
-            "cache %d hit / %d miss) in %.2fs", len(registry.specs), len(registry.groups), report.unique_modules,
-            compiled / MIB, report.reused_modules, report.cache_hits, report.cache_misses, report.seconds,
+            "loaded %d policies and %d groups over %d unique modules (%d downloaded, %.1f MiB compiled, %d reused, "
+            "compile cache %d hit / %d miss) in %.2fs", len(registry.specs), len(registry.groups),
+            report.unique_modules, report.downloaded_modules, compiled / MIB, report.reused_modules,
+            report.cache_hits, report.cache_misses, report.seconds,
         )
         return Evaluator(registry, self.pool)
 

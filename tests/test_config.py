@@ -103,12 +103,10 @@ def test_reference_flags_are_accepted():
     settings = ServerSettings.from_env({"KUBEWARDEN_SOURCES_PATH": "sources.yml", "KUBEWARDEN_ENABLE_METRICS": "1",
                                         "NO_COLOR": "anything", "KUBEWARDEN_SIGSTORE_CACHE_DIR": "x"})
     assert settings.log_no_color is True
-    assert [note.split(":")[0] for note in settings.ignored()] == ["sources-path", "sigstore-cache-dir",
-                                                                   "enable-metrics"]
+    assert [note.split(":")[0] for note in settings.ignored()] == ["sigstore-cache-dir", "enable-metrics"]
 
 
 @pytest.mark.parametrize("env,message", [
-    ({"KUBEWARDEN_VERIFICATION_CONFIG_PATH": "verification.yml"}, "signature verification"),
     ({"KUBEWARDEN_DAEMON": "true"}, "--daemon is not supported"),
 ])
 def test_reference_flags_that_cannot_be_honoured_refuse_to_start(env, message):

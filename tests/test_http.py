@@ -10,7 +10,7 @@ import jsonpatch
 import pytest
 import requests
 
-from tests.conftest import SERVER_FIXTURES, load_json, policy_path, start_server, stop_server
+from tests.conftest import SERVER_FIXTURES, free_port, load_json, policy_path, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -326,7 +326,7 @@ def test_policy_timeout_with_global_protection_disabled(run_server):
 def test_policy_initialization_errors_with_continue_on_errors(run_server):
     server = run_server({
         "invalid_settings": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": "abc"}},
-        "wrong_url": {"module": "ghcr.io/kubewarden/tests/not_existing:v0.1.0"},
+        "wrong_url": {"module": f"registry://127.0.0.1:{free_port()}/kubewarden/tests/not_existing:v0.1.0"},
         "monitored_invalid": {"module": policy_path("sleeping"), "policyMode": "monitor",
                               "settings": {"sleepMilliseconds": "abc"}},
     }, args=["--continue-on-errors"])
@@ -336,8 +336,8 @@ def test_policy_initialization_errors_with_continue_on_errors(run_server):
                      r".*expected u64.*", response["status"]["message"])
     response = response_of(server.post("/audit/wrong_url", SLEEP_100MS))
     assert response["allowed"] is False and response["status"]["code"] == 500
-    assert re.search(r"Error while downloading policy 'wrong_url' from ghcr.io/kubewarden/tests/not_existing:v0.1.0",
-                     response["status"]["message"])
+    assert re.search(r"Error while downloading policy 'wrong_url' from registry://127.0.0.1:\d+/kubewarden/tests/"
+                     r"not_existing:v0.1.0: cannot connect to", response["status"]["message"])
     # Initialisation errors reject even in monitor mode.
     assert response_of(server.post("/validate/monitored_invalid", SLEEP_100MS))["allowed"] is False
 

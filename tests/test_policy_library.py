@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.conftest import FIXTURES, REPO, load_json, start_server, stop_server
+from tests.registries import push_library, start_registry
 
 pytestmark = pytest.mark.integration
 
@@ -181,14 +182,26 @@ POLICIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, compile_cache):
-    config = {name: {"module": module(mod), "settings": settings, **extra}
+@pytest.fixture(scope="module", params=["files", "registry"])
+def server(request, tmp_path_factory, compile_cache):
+    """The library from its files, then the same tests with every module pulled from a registry."""
+    directory = tmp_path_factory.mktemp("library")
+    env = {"KUBEWARDEN_CONTINUE_ON_ERRORS": "true"}
+    source, registry = module, None
+    if request.param == "registry":
+        registry = start_registry(directory / "registry")
+        sources = directory / "sources.yml"
+        sources.write_text(yaml.safe_dump({"insecure_sources": [registry.host]}))
+        references = push_library(registry, DIST, sources, directory)
+        source = references.__getitem__
+        env.update(KUBEWARDEN_SOURCES_PATH=str(sources), KUBEWARDEN_POLICIES_DOWNLOAD_DIR=str(directory / "dl"))
+    config = {name: {"module": source(mod), "settings": settings, **extra}
               for name, (mod, settings, extra) in POLICIES.items()}
-    server = start_server(tmp_path_factory.mktemp("library"), config, compile_cache,
-                          env={"KUBEWARDEN_CONTINUE_ON_ERRORS": "true"})
+    server = start_server(directory, config, compile_cache, env=env)
     yield server
     stop_server(server)
+    if registry is not None:
+        registry.stop()
 
 
 def review(server, policy: str, request: dict[str, Any]) -> dict[str, Any]:
