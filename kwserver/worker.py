@@ -50,6 +50,9 @@ HEARTBEAT_SECONDS = 1.0
 # How long a worker with more connections than the others lets a pending connection wait for them.
 BALANCE_WAIT_SECONDS = 0.02
 STOP_KEEPALIVE_LINGER_SECONDS = 2.0
+# A TLS close waits for the client's close_notify; a client that never sends it must not hold a
+# stopping worker for asyncio's default 30 s.
+TLS_SHUTDOWN_TIMEOUT_SECONDS = 2.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -379,7 +382,8 @@ class HttpServer:
             context = self.ssl_context() if self.ssl_context else None
             kwargs: dict[str, Any] = {}
             if context is not None:
-                kwargs = {"ssl": context, "ssl_handshake_timeout": self.limits.handshake_timeout}
+                kwargs = {"ssl": context, "ssl_handshake_timeout": self.limits.handshake_timeout,
+                          "ssl_shutdown_timeout": TLS_SHUTDOWN_TIMEOUT_SECONDS}
             await self.loop.connect_accepted_socket(lambda: Connection(self), sock, **kwargs)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.debug("connection failed before its first request: %s", exc)

@@ -14,24 +14,25 @@ from kwserver.admission import parse_admission_review
 from kwserver.runtime.engine import EpochTicker
 from tests.conftest import SERVER_FIXTURES, load_json, policy_path
 from tests.mode_fixtures import annotated, in_process_evaluator
-from tests.test_operations import metrics_text, sample
+from tests.test_operations import published_metrics, sample
 
 PRIVILEGED = load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json")
 MIB = 1 << 20
-COPIES = 6  # policies on one module: every policy keeps its own instances
+COPIES = 6  # policies on one module, each with instances of its own (`ownInstance`)
 
 
 @pytest.mark.integration
 def test_idle_instances_stay_within_the_worker_budget(run_server):
     """Six policies of about 1.1 MiB each and a 3 MiB budget: the least recently used are evicted."""
-    policies = {f"p{i}": {"module": policy_path("pod-privileged")} for i in range(COPIES)}
+    policies = {f"p{i}": {"module": policy_path("pod-privileged"), "ownInstance": True} for i in range(COPIES)}
     server = run_server(policies, env={"KUBEWARDEN_WORKERS": "1", "KWSERVER_WORKER_INSTANCE_BUDGET_MIB": "3"})
     for _ in range(2):
         for name in policies:
             assert server.post(f"/validate/{name}", PRIVILEGED).json()["response"]["allowed"] is False
-    text = metrics_text(server)
-    idle = sum(sample(text, "kwserver_policy_instances", policy_name=name) for name in policies)
-    idle_bytes = sum(sample(text, "kwserver_policy_instance_memory_bytes", policy_name=name) for name in policies)
+    text = published_metrics(server, served=2 * COPIES)
+    idle = sum(sample(text, "kwserver_policy_instances", instance=f"policy:{name}") for name in policies)
+    idle_bytes = sum(sample(text, "kwserver_policy_instance_memory_bytes", instance=f"policy:{name}")
+                     for name in policies)
     misses, evictions = (sample(text, "kwserver_instance_cache_events_total", event=e) for e in ("miss", "eviction"))
     assert 0 < idle_bytes <= 3 * MIB and 1 <= idle < COPIES, (idle, idle_bytes)
     # Every instance made was kept, taken back (a hit) or evicted; the cyclic order hits nothing.
@@ -39,7 +40,8 @@ def test_idle_instances_stay_within_the_worker_budget(run_server):
     assert evictions == misses - idle and evictions >= COPIES
     # The most recently used policy is still kept.
     server.post(f"/validate/p{COPIES - 1}", PRIVILEGED)
-    assert sample(metrics_text(server), "kwserver_instance_cache_events_total", event="hit") == 1
+    assert sample(published_metrics(server, served=2 * COPIES + 1), "kwserver_instance_cache_events_total",
+                  event="hit") == 1
 
 
 # A waPC guest that grows its memory by 4 MiB on every `validate` and traps when the grow is refused,
@@ -72,7 +74,7 @@ def test_growing_past_the_memory_limit_fails_that_evaluation_and_the_worker_keep
     assert answers[2]["status"]["message"].startswith("internal server error: Guest call failure:")
     # The broken instance was discarded: the fourth evaluation ran on a new one, in the same worker.
     assert [p.pid for p in psutil.Process(server.process.pid).children()] == [worker]
-    text = metrics_text(server)
+    text = published_metrics(server, served=4)
     assert sample(text, "kwserver_instance_cache_events_total", event="discard") == 1
     assert requests.get(f"http://127.0.0.1:{server.readiness_port}/readiness", timeout=5).status_code == 200
 
@@ -105,19 +107,20 @@ def test_pool_bookkeeping_under_any_sequence_of_evaluations(evaluator_parts, bud
     evaluator = Evaluator(registry, pool)
     try:
         for name in order:
+            key = registry.policies[name].instance_key  # a and b share pod-privileged's instances
             before = pool.stats()
             assert "allowed" in evaluator.evaluate(name, REQUEST)
             stats = pool.stats()
-            # An idle instance of the policy is reused; otherwise a new one is made.
-            reused = name in before["per_policy"]
+            # An idle instance of the policy's module is reused; otherwise a new one is made.
+            reused = key in before["per_key"]
             assert (stats["hits"] - before["hits"], stats["misses"] - before["misses"]) == (
                 (1, 0) if reused else (0, 1))
             assert stats["idle_bytes"] <= budget
-            assert stats["idle_instances"] == sum(stats["per_policy"].values())
+            assert stats["idle_instances"] == sum(stats["per_key"].values())
             # Least recently used first: if the instance just returned was evicted, so was every other.
-            assert name in stats["per_policy"] or stats["idle_instances"] == 0
-            # One evaluation at a time: never more than one idle instance per policy.
-            assert set(stats["per_policy"].values()) <= {1}
+            assert key in stats["per_key"] or stats["idle_instances"] == 0
+            # One evaluation at a time: never more than one idle instance per module.
+            assert set(stats["per_key"].values()) <= {1}
             # Every instance made is idle or was evicted (none trapped or grew too large here).
             assert stats["discards"] == 0
             assert stats["evictions"] == stats["misses"] - stats["idle_instances"]
