@@ -36,6 +36,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 import uvloop
+from gunicorn.sock import ssl_context as gunicorn_ssl_context
 from gunicorn.workers.base import Worker
 
 log = logging.getLogger(__name__)
@@ -542,7 +543,9 @@ class EventLoopWorker(Worker):
                 connection.transport.close()
 
     def _ssl_context(self) -> ssl.SSLContext:
-        return self.cfg.ssl_context(self.cfg, lambda: ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
+        # gunicorn's `ssl_context` hook with gunicorn's own default (certfile, keyfile, ca_certs, ...), as
+        # its workers get it for every connection; kwserver's hook returns its rotating cache.
+        return gunicorn_ssl_context(self.cfg)
 
     def _counted(self) -> None:
         self.requests += 1
