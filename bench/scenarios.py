@@ -435,7 +435,9 @@ _BOOT_LINE = re.compile(r"loaded (\d+) policies .*cache (\d+) hit / (\d+) miss\)
           "compile cache (every module compiled in the master) and with the cache the cold start left "
           "(modules loaded with `Module.deserialize_file`), for the ten- and the 61-policy configs, "
           "interleaved cold/warm. The floor is the same with an empty policies.yml (interpreter, imports, "
-          "gunicorn). `boot` is kwserver's own figure from its log (policies loaded, before gunicorn binds).")
+          "gunicorn). `boot` is kwserver's own figure from its log (policies loaded, before gunicorn binds). "
+          "The `registry` points pull the same modules from a local docker-registry (bench/registry_startup.py): "
+          "cold with an empty download dir and compile cache, warm with both kept.")
 def startup(run: ScenarioRun) -> None:
     o = run.options
     ten, sixty_one = ten_policy_config(run), sixty_one_policy_config(run)

@@ -147,3 +147,13 @@ def test_invalid_sources_file_is_refused(tmp_path, doc, message):
     result = check_config(tmp_path, str(MODULE), "--sources-path", str(sources))
     assert result.returncode == 1
     assert "cannot load sources from" in result.stderr and message in result.stderr
+
+
+def test_a_download_dir_that_cannot_be_written_is_that_policys_error(served, tmp_path):
+    _, http, _ = served
+    sources = sources_file(tmp_path, {"insecure_sources": [http.host]})
+    (tmp_path / "blocked").write_text("a file where the download directory should be")
+    result = check_config(tmp_path, http.url("pod-privileged.wasm"), "--sources-path", str(sources),
+                          "--policies-download-dir", str(tmp_path / "blocked"))
+    assert result.returncode == 1
+    assert "Error while downloading policy 'p'" in result.stdout and "wasm module cannot be saved to" in result.stdout

@@ -74,7 +74,7 @@ def with_fallback(host: str, sources: Sources, operation: Callable[[Attempt], T]
             return operation(attempt)
         except TransportError as exc:
             failures.append((attempt, exc))
-            log.info("%s to %s failed: %s", attempt.describe(), host, exc)
+            log.debug("%s to %s failed: %s", attempt.describe(), host, exc)
     if len(failures) == 1:
         raise failures[0][1]
     raise TransportError("; ".join(f"{a.describe()}: {e}" for a, e in failures))
