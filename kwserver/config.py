@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from kwserver.autoscaler import GROW_ABOVE, SHRINK_BELOW
@@ -400,6 +401,10 @@ def _settings(value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise ConfigError(f"invalid type: settings must be a map, found {type(value).__name__}")
+    try:  # handed to the policy as JSON: YAML's integer keys, sets or binary have no JSON form
+        orjson.dumps(value)
+    except TypeError as exc:
+        raise ConfigError(f"invalid settings: not representable as JSON ({exc})") from exc
     return value
 
 
@@ -493,7 +498,7 @@ def _parse_group(name: str, doc: dict[str, Any], tolerate_invalid_expression: bo
             )
         if not isinstance(member_doc, dict):
             raise ConfigError(f"policy group '{name}': member '{member}' must be a map")
-        unknown = sorted(set(member_doc) - _MEMBER_KEYS)
+        unknown = sorted(str(key) for key in set(member_doc) - _MEMBER_KEYS)
         if unknown:
             raise ConfigError(f"policy group '{name}': member '{member}' has unknown field(s) {unknown}")
         member_id = f"{name}/{member}"
@@ -552,5 +557,5 @@ def load_policies(path: str | os.PathLike[str], *,
         with open(path, encoding="utf-8") as stream:
             doc = yaml.safe_load(stream)
         return parse_policies(doc, tolerate_invalid_expressions=tolerate_invalid_expressions)
-    except (OSError, yaml.YAMLError, ConfigError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as exc:
         raise ConfigError(f'error while loading policies from "{path}": {exc}') from exc

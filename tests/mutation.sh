@@ -44,6 +44,8 @@ pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-p", "no:faulthandler", 
 pytest_add_cli_args_test_selection = ["tests"]
 also_copy = ["gunicorn.conf.py", "policies", "deploy", "docs", "README.md"]
 use_git_change_detection = false
+# A mutant that makes a test hang (an endless loop) counts as caught; do not wait 15 times as long for it.
+timeout_multiplier = 4.0
 EOF
 
 cd "$work/repo"

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kwserver.expressions import ExpressionError, compile_expression, evaluate, parse
 
@@ -128,3 +130,106 @@ def test_member_results_take_part_in_the_value():
     assert evaluate(tree, answers.__getitem__) is True
     tree = compile_expression("happy_policy_1() && unhappy_policy_1()", MEMBERS)
     assert evaluate(tree, answers.__getitem__) is False
+
+
+# --- property: any well-typed expression evaluates as a small reference evaluator says ------------------
+
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+# Binding power, lowest first (Rhai's order); unary operators bind tighter than any of these.
+POWER = {"||": 1, "&&": 2, "==": 3, "!=": 3, "<": 4, "<=": 4, ">": 4, ">=": 4, "+": 5, "-": 5, "*": 6, "/": 6, "%": 6}
+UNARY_POWER = 7
+NAMES = ("a", "b", "c")
+
+
+class Failed(Exception):
+    pass
+
+
+def _i64(value):
+    if not I64_MIN <= value <= I64_MAX:
+        raise Failed("overflow")
+    return value
+
+
+def reference(node, answers, calls):
+    """Rust's i64 semantics written independently: quotient = sign * (|a| // |b|), remainder = a - b * q."""
+    kind = node[0]
+    if kind == "lit":
+        return node[1]
+    if kind == "call":
+        calls.append(node[1])
+        return answers[node[1]]
+    if kind == "not":
+        return not reference(node[1], answers, calls)
+    if kind == "neg":
+        return _i64(-reference(node[1], answers, calls))
+    op, left = node[1], reference(node[2], answers, calls)
+    if op == "&&":
+        return left and reference(node[3], answers, calls)
+    if op == "||":
+        return left or reference(node[3], answers, calls)
+    right = reference(node[3], answers, calls)
+    if op in ("/", "%"):
+        if right == 0:
+            raise Failed("Division by zero")
+        sign = -1 if (left < 0) != (right < 0) else 1
+        quotient = _i64(sign * (abs(left) // abs(right)))
+        return quotient if op == "/" else left - right * quotient
+    return {
+        "+": lambda: _i64(left + right), "-": lambda: _i64(left - right), "*": lambda: _i64(left * right),
+        "==": lambda: left == right, "!=": lambda: left != right, "<": lambda: left < right,
+        "<=": lambda: left <= right, ">": lambda: left > right, ">=": lambda: left >= right,
+    }[op]()
+
+
+def render(node, parent=0, right_side=False):
+    """Source text with only the parentheses precedence and left associativity need."""
+    kind = node[0]
+    if kind == "lit":
+        value = node[1]
+        return str(value).lower() if isinstance(value, bool) else (f"-{-value}" if value < 0 else str(value))
+    if kind == "call":
+        return f"{node[1]}()"
+    if kind in ("not", "neg"):
+        return ("!" if kind == "not" else "-") + render(node[1], UNARY_POWER)
+    power = POWER[node[1]]
+    text = f"{render(node[2], power)} {node[1]} {render(node[3], power, right_side=True)}"
+    return f"({text})" if power < parent or (power == parent and right_side) else text
+
+
+# Mostly small numbers (signs and inexact divisions matter there), some at the edges of i64 (overflow).
+literals = st.one_of(st.integers(-9, 9), st.integers(-9, 9), st.integers(-9, 9),
+                     st.sampled_from([I64_MAX, 2**62, -(2**62), I64_MAX // 3]))
+int_exprs = st.recursive(
+    literals.map(lambda v: ("lit", v)),
+    lambda inner: st.one_of(
+        inner.map(lambda x: ("neg", x)),
+        st.tuples(st.just("bin"), st.sampled_from("+-*/%"), inner, inner),
+    ),
+    max_leaves=8,
+)
+bool_exprs = st.recursive(
+    st.one_of(st.booleans().map(lambda v: ("lit", v)), st.sampled_from(NAMES).map(lambda n: ("call", n)),
+              st.tuples(st.just("bin"), st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), int_exprs, int_exprs)),
+    lambda inner: st.one_of(
+        inner.map(lambda x: ("not", x)),
+        st.tuples(st.just("bin"), st.sampled_from(["&&", "||", "==", "!="]), inner, inner),
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(tree=bool_exprs, answers=st.fixed_dictionaries({name: st.booleans() for name in NAMES}))
+def test_expressions_evaluate_as_the_reference_evaluator(tree, answers):
+    text = render(tree)
+    compiled = compile_expression(text, set(NAMES))
+    expected_calls, calls = [], []
+    try:
+        expected = reference(tree, answers, expected_calls)
+    except Failed as failure:
+        with pytest.raises(ExpressionError, match=str(failure).split()[0]):
+            evaluate(compiled, lambda name: calls.append(name) or answers[name])
+    else:
+        assert evaluate(compiled, lambda name: calls.append(name) or answers[name]) is expected, text
+    assert calls == expected_calls, text  # the same members, in the same order (short-circuits included)
