@@ -22,7 +22,7 @@ log = logging.getLogger("bench")
 QUICK = {
     "duration": 1.0, "warmup": 0.5, "repeats": 1, "transports": ("http",), "worker_counts": (1, 2),
     "soak_requests": 5_000, "soak_warmup_requests": 500, "soak_segment": 1.0, "soak_max_seconds": 20.0,
-    "startup_repeats": 1, "interval": 0.25,
+    "startup_repeats": 1, "interval": 0.25, "pool_burst_seconds": 4.0, "pool_scale_down_seconds": 2.0,
 }
 
 

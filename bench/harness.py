@@ -52,6 +52,8 @@ class Options:
     soak_segment: float = 5.0
     soak_warmup_requests: int = 20_000
     startup_repeats: int = 3
+    pool_burst_seconds: float = 30.0  # `pool`: the load that grows the pool
+    pool_scale_down_seconds: float = 30.0  # `pool`: kwserver's --scale-down-after-seconds (its default)
     # Keep-alive connections stay with the worker that accepted them; a stack that accepts greedily
     # (gunicorn's gthread) often gives one worker every connection wrk opens. With `balance`, a load point
     # whose connections left a worker idle (fewer busy workers than min(workers, CPUs)) is restarted,

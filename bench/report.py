@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 MIB = 1024 * 1024
 
 # Scenario order of `python -m bench all` and of the summary.
-ORDER = ("ceiling", "hostile", "instances", "naive", "workers", "policies", "startup", "soak", "mix")
+ORDER = ("ceiling", "hostile", "instances", "naive", "workers", "policies", "pool", "startup", "soak", "mix")
 
 
 # --- tables ----------------------------------------------------------------------------------------
@@ -221,6 +221,30 @@ def plot_fit(fit: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_lines(lines: dict[str, Any], path: Path) -> bool:
+    """Series against time, each on its own axis (e.g. workers and total PSS)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    series = lines["series"]
+    fig, axes = plt.subplots(len(series), 1, figsize=(10, 3 * len(series)), sharex=True, squeeze=False)
+    for ax, (label, points) in zip(axes[:, 0], series.items(), strict=True):
+        xs, ys = zip(*points, strict=True) if points else ((), ())
+        ax.step(xs, ys, where="post")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        for t, text in lines.get("marks", []):
+            ax.axvline(t, color="0.5", linestyle="--", linewidth=1)
+            if ax is axes[0, 0]:
+                ax.annotate(text, (t, ax.get_ylim()[1]), fontsize=8, va="top", rotation=90)
+    axes[-1, 0].set_xlabel(lines["x_label"])
+    fig.suptitle(lines["title"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
 def plot_bars(bars: dict[str, Any], path: Path) -> bool:
     """Medians as bars with min-max whiskers."""
     plt = _pyplot()
@@ -285,6 +309,9 @@ def write_scenario(run: ScenarioRun) -> None:
     for bars in run.data.get("bars", []):
         if plot_bars(bars, out / bars["file"]):
             figures.append((bars["file"], bars["title"]))
+    for lines in run.data.get("lines", []):
+        if plot_lines(lines, out / lines["file"]):
+            figures.append((lines["file"], lines["title"]))
     (out / "report.md").write_text(render_report(run, figures))
 
 

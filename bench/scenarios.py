@@ -6,6 +6,7 @@ import importlib.util
 import math
 import re
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -423,6 +424,68 @@ def policies(run: ScenarioRun) -> None:
                  f"USS slope {slope_uss:.0f} KiB/policy", slope_kib=slope_kib, slope_uss_kib=slope_uss)
     ratio_headline(run, f"req/s {n61} / {n10} policies (different mixes: more policies per object)", "mix",
                    f"{n61} policies", f"{n10} policies")
+
+
+# --- 5b. pool --------------------------------------------------------------------------------------
+
+@scenario("pool", "the worker pool through a load burst and the idle time after it",
+          "kwserver with the ten-policy config, `--min-workers 1 --max-workers 4` and its default "
+          "`--scale-up-after-seconds` and `--scale-down-after-seconds`, starting at one worker. A burst of the "
+          "realistic mix (16 connections) grows the pool; then no load at all. Workers and total PSS are "
+          "sampled every half second; the figure is how long after the load stopped the pool was back at its "
+          "minimum, against the goal of `--scale-down-after-seconds` + 5 s.")
+def pool(run: ScenarioRun) -> None:
+    o = run.options
+    ten = ten_policy_config(run)
+    mix = wl.mix_workload(workdir(run, "pool"), "ten-policy-mix", ten.path, "realistic mix over the ten-policy config")
+    down = o.pool_scale_down_seconds
+    server = run.kwserver("kwserver-pool", ten.path, workers=1, env={
+        "KWSERVER_MIN_WORKERS": "1", "KWSERVER_MAX_WORKERS": "4", "KWSERVER_SCALE_DOWN_AFTER_SECONDS": f"{down:g}"})
+    run.preflight(server, mix)
+    timeline: list[tuple[float, int, float]] = []  # (t, workers, total PSS MiB)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            samples = snapshot(server.name, server.pid)
+            timeline.append((run.clock.now(), sum(1 for s in samples if s.role == "worker"),
+                             sum(s.pss for s in samples) / MIB))
+            stop.wait(0.5)
+
+    watcher = threading.Thread(target=watch, name="pool-watch", daemon=True)
+    watcher.start()
+    try:
+        point = run.load(server, mix, label="burst", series="pool", duration=o.pool_burst_seconds, connections=16)
+        load_end = point.t_end
+        deadline = time.monotonic() + down + 60
+        while time.monotonic() < deadline and not (timeline and timeline[-1][0] > load_end
+                                                     and timeline[-1][1] == 1):
+            time.sleep(0.5)
+        time.sleep(2)  # a little of the idle pool after it settled
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+        run.stop(server)
+    peak = max((w for _, w, _ in timeline), default=0)
+    back = next((t for t, w, _ in timeline if t > load_end and w == 1), None)
+    after = back - load_end if back is not None else math.nan
+    peak_pss = max((p for _, _, p in timeline), default=math.nan)
+    idle_pss = timeline[-1][2] if timeline else math.nan
+    run.data["pool"] = {"timeline": timeline, "load_end": load_end, "back_at_min_after_s": after}
+    run.data["lines"] = [{"file": "pool.png", "title": "workers and total PSS through a burst and after it",
+                          "x_label": "time since scenario start (s)",
+                          "series": {"workers": [(t, w) for t, w, _ in timeline],
+                                     "total PSS (MiB)": [(t, p) for t, _, p in timeline]},
+                          "marks": [(point.t_start, "load starts"), (load_end, "load stops")]}]
+    if peak <= 1:
+        value = "the burst did not grow the pool"
+    elif back is None:
+        value = "not back within the wait"
+    else:
+        value = f"{after:.1f} s (goal: {down:g} s + 5 s)"
+    run.headline("pool back at --min-workers after the load stopped", value,
+                 f"peak {peak} workers, total PSS {peak_pss:.1f} MiB at the peak, {idle_pss:.1f} MiB idle",
+                 seconds=after, peak_workers=peak, peak_pss_mib=peak_pss, idle_pss_mib=idle_pss)
 
 
 # --- 6. startup ------------------------------------------------------------------------------------
