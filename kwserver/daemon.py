@@ -30,6 +30,7 @@ from kwserver import __version__
 from kwserver.api import create_app
 from kwserver.autoscaler import PoolController, ScalingPolicy
 from kwserver.bootstrap import BootError, BootReport, build_registry
+from kwserver.cluster import connection
 from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
 from kwserver.logs import configure_logging
@@ -122,7 +123,10 @@ class Daemon:
         self.metrics = metrics.WorkerMetrics()
         try:
             registry, report = build_registry(self.settings)
-        except (BootError, ConfigError) as exc:
+            connection.connect_at_startup(
+                required=any(p.spec.context_aware_resources for p in registry.policies.values()),
+                ignore_failure=self.settings.ignore_kubernetes_connection_failure)
+        except (BootError, ConfigError, connection.ConnectionFailure) as exc:
             log.error("%s", exc)
             sys.exit(1)
         evaluator = self._install(registry, report)

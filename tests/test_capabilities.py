@@ -27,9 +27,10 @@ def test_log_never_fails():
     (("other", "x", "y"), "unknown binding: other"),
     (("kubewarden", "nope", "y"), "unknown namespace: nope"),
     (("kubewarden", "net", "v2/other"), "unknown operation: v2/other"),
-    (("kubewarden", "kubernetes", "get_resource"), NO_KUBERNETES_CLIENT),
+    (("kubewarden", "kubernetes", "get_resource"), "missing field `api_version`"),
     (("kubernetes", "namespaces", "list"), NO_KUBERNETES_CLIENT),
 ])
-def test_reference_error_strings(call, message):
+def test_reference_error_strings(call, message, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", "/nonexistent/kubeconfig")
     with pytest.raises(HostCallError, match=message):
         CAPABILITIES(*call, b"{}")

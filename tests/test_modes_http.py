@@ -207,9 +207,12 @@ def test_wasi_mutation(server):
 
 def test_wasi_host_calls(server):
     message = validate(server, "wasi", with_behaviour("host-call"))["status"]["message"]
-    assert message == 'log: 0 ""; list_resources_all: 1 kube::Client was not initialized properly'
+    # the policy has no contextAwareResources: the allow-list refuses the Kubernetes call
+    assert message == ('log: 0 ""; list_resources_all: 1 Policy has not been granted access to Kubernetes '
+                       'v1/Namespace resources. The violation has been reported.')
     assert validate(server, "wasi-javy", POD)["status"]["message"] == \
-        "javy host call returned 1: kube::Client was not initialized properly"
+        ("javy host call returned 1: Policy has not been granted access to Kubernetes "
+        "v1/Namespace resources. The violation has been reported.")
 
 
 @pytest.mark.parametrize(("behaviour", "message"), [

@@ -93,7 +93,8 @@ def test_timeouts_are_reported_with_stderr(testbed, behaviour, stderr):
 def test_host_call_reversed_status_and_answer_appended_to_stdin(testbed):
     answer = validate(policy(testbed), {"behaviour": "host-call"})
     # tracing/log succeeds (0, empty answer); the Kubernetes call fails (1, error text on stdin)
-    assert answer["message"] == 'log: 0 ""; list_resources_all: 1 kube::Client was not initialized properly'
+    assert answer["message"] == ('log: 0 ""; list_resources_all: 1 Policy has not been granted access to Kubernetes '
+                                 'v1/Namespace resources. The violation has been reported.')
 
 
 def test_javy_host_call_import(engine):
@@ -101,7 +102,8 @@ def test_javy_host_call_import(engine):
                                epoch_interruption=True)
     answer = json.loads(policy(module).call("validate", b'{"request": {}, "settings": {}}'))
     assert answer == {"valid": True, "accepted": False,
-                      "message": "javy host call returned 1: kube::Client was not initialized properly"}
+                      "message": "javy host call returned 1: Policy has not been granted access to Kubernetes "
+                                 "v1/Namespace resources. The violation has been reported."}
 
 
 def test_without_host_capabilities_host_calls_fail(testbed):

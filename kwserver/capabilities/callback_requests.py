@@ -1,62 +1,21 @@
-"""Host capabilities: what a guest can ask the server for through `__host_call`.
+"""The reference's callback requests: what a guest's host call asks for, decoded from its payload.
 
-One dispatcher per policy, so every call knows which policy made it and what that policy may access.
-This build implements `kubewarden/tracing/log` and `kubewarden/net/v1/dns_lookup_host`; the Kubernetes
-callbacks answer as the reference server does when it has no cluster connection, and every other name gets
-the reference's "unknown" errors.
-
-A dispatcher may be given a `HostHandler` (`kwserver run` does): then every call the reference hands to its
-asynchronous callback handler is first decoded into a `HostRequest` — the reference's callback request, by
-variant name and fields — checked against the policy's Kubernetes allow-list, and answered by the handler,
-which may replay recorded answers or record this build's own (`kwserver.host_sessions`).
+Every call the reference hands to its asynchronous callback handler is decoded into a `HostRequest` (the
+reference's request variant by name, and its fields), with serde's wording for payloads that do not decode.
+Session files (`kwserver.host_sessions`) store these, and the Kubernetes callbacks are answered from them.
 """
 
 from __future__ import annotations
 
-import logging
-import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
-
-from kwserver.config import ContextAwareResource
-
-log = logging.getLogger(__name__)
-policy_log = logging.getLogger("policy_log")
-
-NO_KUBERNETES_CLIENT = "kube::Client was not initialized properly"
-
-_LEVELS = {
-    "trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
-    "warning": logging.WARNING, "warn": logging.WARNING, "error": logging.ERROR,
-}
-_KUBERNETES_OPERATIONS = {"list_resources_by_namespace", "list_resources_all", "get_resource", "can_i"}
-_LEGACY_KUBERNETES_NAMESPACES = {"namespaces", "services", "ingresses"}
 
 
 class HostCallError(Exception):
     """A failed host call; its text is the error the guest reads."""
 
-
-def dns_lookup_host(payload: bytes) -> bytes:
-    """`net/v1/dns_lookup_host`: a JSON string naming a host -> `{"ips": [...]}` (IPv4 and IPv6)."""
-    try:
-        host = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise HostCallError(str(exc)) from exc
-    if not isinstance(host, str):
-        raise HostCallError("invalid type: expected a string naming a host")
-    try:
-        answers = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise HostCallError(f"cannot resolve {host}: {exc}") from exc
-    ips = list(dict.fromkeys(info[4][0] for info in answers))
-    return orjson.dumps({"ips": ips})
-
-
-# --- the reference's callback requests -------------------------------------------------------------
 
 # How a field of a request is read from the guest's JSON payload.
 STRING, BOOL, VALUE, OPTIONAL = "string", "bool", "value", "optional"
@@ -211,91 +170,3 @@ def host_request(binding: str, namespace: str, operation: str, payload: bytes) -
             return _request("KubernetesCanI", {"request": doc["subject_access_review"],
                                                "disable_cache": doc.get("disable_cache")}, "CanIRequest")
     return None
-
-
-def access_denied_message(api_version: str, kind: str) -> str:
-    return (f"Policy has not been granted access to Kubernetes {api_version}/{kind} resources. "
-            "The violation has been reported.")
-
-
-class HostHandler(Protocol):
-    """Answers decoded host requests. `direct` computes this build's own answer to the call."""
-
-    def answer(self, request: HostRequest, direct: Callable[[], bytes]) -> bytes: ...
-
-    def finish(self) -> None:
-        """The evaluation is over (a recording is written now)."""
-
-
-class DirectHandler:
-    """This build's own answers, behind the reference's decoding and allow-list checks."""
-
-    def answer(self, request: HostRequest, direct: Callable[[], bytes]) -> bytes:
-        return direct()
-
-    def finish(self) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    policy_id: str
-    allowed_resources: tuple[ContextAwareResource, ...] = ()
-    # None: the server's answers as they are; a handler also gets the reference's decoding and checks.
-    handler: HostHandler | None = None
-
-    def __call__(self, binding: str, namespace: str, operation: str, payload: bytes) -> bytes:
-        if self.handler is not None:
-            request = host_request(binding, namespace, operation, payload)
-            if request is not None:
-                if binding == "kubewarden":  # the legacy `kubernetes` binding is not checked (reference QUIRK)
-                    self._check_access(request)
-                return self.handler.answer(request, lambda: self._direct(binding, namespace, operation, payload))
-        return self._direct(binding, namespace, operation, payload)
-
-    def _check_access(self, request: HostRequest) -> None:
-        if request.kind not in _ACCESS_CHECKED:
-            return  # can_i is not restricted
-        api_version, kind = request.fields["api_version"], request.fields["kind"]
-        if ContextAwareResource(api_version, kind) not in self.allowed_resources:
-            log.error("policy %s tried to access Kubernetes %s/%s resources it has not been granted (allowed: %s)",
-                      self.policy_id, api_version, kind,
-                      ", ".join(f"{r.api_version}/{r.kind}" for r in self.allowed_resources) or "none")
-            raise HostCallError(access_denied_message(api_version, kind))
-
-    def _direct(self, binding: str, namespace: str, operation: str, payload: bytes) -> bytes:
-        if binding == "kubewarden":
-            if namespace == "tracing":
-                if operation != "log":
-                    raise HostCallError(f"unknown operation: {operation}")
-                self._log(payload)
-                return b""
-            if namespace == "kubernetes":
-                if operation not in _KUBERNETES_OPERATIONS:
-                    raise HostCallError(f"unknown operation: {operation}")
-                raise HostCallError(NO_KUBERNETES_CLIENT)
-            if namespace == "net":
-                if operation != "v1/dns_lookup_host":
-                    raise HostCallError(f"unknown operation: {operation}")
-                return dns_lookup_host(payload)
-            raise HostCallError(f"unknown namespace: {namespace}")
-        if binding == "kubernetes":
-            if namespace in _LEGACY_KUBERNETES_NAMESPACES:
-                log.warning("policy %s uses the deprecated `kubernetes` host binding", self.policy_id)
-                raise HostCallError(NO_KUBERNETES_CLIENT)
-            raise HostCallError(f"unknown namespace: {namespace}")
-        raise HostCallError(f"unknown binding: {binding}")
-
-    def _log(self, payload: bytes) -> None:
-        """Policy log lines never fail the guest; a malformed one is only reported here."""
-        try:
-            entry = orjson.loads(payload)
-            if not isinstance(entry, dict):
-                raise ValueError("expected a JSON object")
-        except ValueError as exc:
-            log.warning("policy %s sent a malformed log entry: %s", self.policy_id, exc)
-            return
-        level = _LEVELS.get(str(entry.pop("level", "info")).lower(), logging.INFO)
-        message = entry.pop("message", "")
-        data = orjson.dumps(entry).decode() if entry else ""
-        policy_log.log(level, "%s", message, extra={"policy_id": self.policy_id, "data": data})

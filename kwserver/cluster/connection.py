@@ -1,0 +1,107 @@
+"""Where the cluster is and one client per process.
+
+The configuration is found as kubectl finds it: `KUBECONFIG`, then the in-cluster service account, then
+`~/.kube/config` (lightkube reads each). The master only checks at startup that the API server answers,
+with a client it closes again: threads and sockets do not survive the fork, so each worker builds its own
+client on its first Kubernetes callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import httpx2 as httpx
+from lightkube.config.client_adapter import Client as http_client
+from lightkube.config.client_adapter import ConnectionParams
+from lightkube.config.kubeconfig import KubeConfig, SingleConfig
+from lightkube.core.exceptions import ConfigError
+
+from kwserver.cluster.client import ClusterClient, ClusterError, describe, request_json
+
+log = logging.getLogger(__name__)
+
+CONNECT_FAILURE = "Cannot connect to Kubernetes, context aware policies would not work properly"
+REQUEST_TIMEOUT_SECONDS = 10.0
+STARTUP_TIMEOUT_SECONDS = 5.0
+
+
+class ConnectionFailure(Exception):
+    pass
+
+
+def load_config() -> SingleConfig:
+    """The cluster and credentials to use; ConnectionFailure when there is no configuration."""
+    try:
+        if os.environ.get("KUBECONFIG"):
+            config = KubeConfig.from_file(os.environ["KUBECONFIG"].split(os.pathsep)[0])
+        else:
+            config = KubeConfig.from_env()
+        single = config.get()
+    except (ConfigError, OSError, KeyError, ValueError) as exc:
+        raise ConnectionFailure(f"no Kubernetes configuration: {describe(exc)}") from exc
+    if single is None:
+        raise ConnectionFailure("no Kubernetes configuration: the kubeconfig has no current context")
+    return single
+
+
+def open_http(config: SingleConfig, timeout: float = REQUEST_TIMEOUT_SECONDS) -> httpx.Client:
+    return http_client(config, ConnectionParams(timeout=httpx.Timeout(timeout), trust_env=True))
+
+
+def check_connection(timeout: float = STARTUP_TIMEOUT_SECONDS) -> str:
+    """The API server's version (`v1.31.0`); ConnectionFailure when it cannot be reached."""
+    config = load_config()
+    try:
+        with open_http(config, timeout) as http:
+            version = request_json(http, "GET", "/version")
+    except (ClusterError, httpx.HTTPError, ValueError, OSError) as exc:
+        raise ConnectionFailure(f"{config.cluster.server}: {describe(exc)}") from exc
+    return f"{config.cluster.server} ({version.get('gitVersion', 'unknown version')})"
+
+
+class _ProcessClient:
+    """The client of the current process, built on first use; None when there is no connection."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.pid: int | None = None
+        self.client: ClusterClient | None = None
+        self.lock = threading.Lock()
+
+    def get(self) -> ClusterClient | None:
+        if not self.enabled:
+            return None
+        with self.lock:
+            if self.pid != os.getpid():
+                self.pid, self.client = os.getpid(), None
+                try:
+                    self.client = ClusterClient(open_http(load_config()))
+                except (ConnectionFailure, OSError, ValueError) as exc:
+                    log.error("no Kubernetes client in this process: %s", exc)
+            return self.client
+
+
+_process = _ProcessClient()
+
+
+def cluster() -> ClusterClient | None:
+    return _process.get()
+
+
+def disable() -> None:
+    """Serve without a cluster: every Kubernetes callback fails as the reference's do without a client."""
+    _process.enabled = False
+
+
+def connect_at_startup(*, required: bool, ignore_failure: bool) -> None:
+    """Check the cluster before serving. Without a connection the server refuses to start when some
+    policy needs the cluster (unless told to ignore it); otherwise the callbacks fail without a client."""
+    try:
+        log.info("connected to Kubernetes at %s", check_connection())
+    except ConnectionFailure as exc:
+        if required and not ignore_failure:
+            raise ConnectionFailure(f"{CONNECT_FAILURE}: {exc}") from exc
+        log.warning("%s: %s; Kubernetes callbacks will fail", CONNECT_FAILURE, exc)
+        disable()

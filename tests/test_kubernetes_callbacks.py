@@ -1,0 +1,247 @@
+"""Kubernetes callbacks end to end: a kwserver connected through a kubeconfig to a local HTTPS API server
+(tests/kube_api.py), and a waPC guest that makes one host call and answers with what the host said."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import wasmtime
+
+from tests.kube_api import KubeApi
+from tests.mode_fixtures import _wat_string, annotated
+
+pytestmark = pytest.mark.integration
+
+PREFIX = '{"accepted":false,"message":"'
+
+
+def host_call_wat(binding: str, namespace: str, operation: str, payload: bytes) -> str:
+    """A raw waPC policy: validate makes the host call and rejects with `ok:<answer>` or `error:<text>`
+    (JSON-escaped into the message); validate_settings accepts."""
+    texts = {0: binding, 64: namespace, 128: operation, 4096: '{"valid":true}', 4128: PREFIX,
+             4200: "ok:", 4208: "error:", 4220: '"}'}
+    data = "\n".join(f'  (data (i32.const {at}) "{_wat_string(text)}")' for at, text in texts.items())
+    lengths = {at: len(text.encode()) for at, text in texts.items()}
+    assert len(payload) < 3800
+    return f"""(module
+  (import "wapc" "__guest_response" (func $respond (param i32 i32)))
+  (import "wapc" "__host_call" (func $host_call (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "wapc" "__host_response_len" (func $response_len (result i32)))
+  (import "wapc" "__host_response" (func $response (param i32)))
+  (import "wapc" "__host_error_len" (func $error_len (result i32)))
+  (import "wapc" "__host_error" (func $error (param i32)))
+  (memory (export "memory") 8)
+{data}
+  (data (i32.const 256) "{_wat_string(payload.decode())}")
+  (func $copy (param $dst i32) (param $src i32) (param $len i32) (result i32)
+    (memory.copy (local.get $dst) (local.get $src) (local.get $len))
+    (i32.add (local.get $dst) (local.get $len)))
+  (func $escape (param $dst i32) (param $src i32) (param $len i32) (result i32) (local $end i32) (local $c i32)
+    (local.set $end (i32.add (local.get $src) (local.get $len)))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $src) (local.get $end)))
+      (local.set $c (i32.load8_u (local.get $src)))
+      (if (i32.or (i32.eq (local.get $c) (i32.const 34)) (i32.eq (local.get $c) (i32.const 92)))
+        (then (i32.store8 (local.get $dst) (i32.const 92)) (local.set $dst (i32.add (local.get $dst) (i32.const 1)))))
+      (if (i32.lt_u (local.get $c) (i32.const 32)) (then (local.set $c (i32.const 32))))
+      (i32.store8 (local.get $dst) (local.get $c))
+      (local.set $dst (i32.add (local.get $dst) (i32.const 1)))
+      (local.set $src (i32.add (local.get $src) (i32.const 1)))
+      (br $next)))
+    (local.get $dst))
+  (func (export "__guest_call") (param $op_len i32) (param $msg_len i32) (result i32) (local $len i32) (local $at i32)
+    (if (i32.eq (local.get $op_len) (i32.const 17))
+      (then (call $respond (i32.const 4096) (i32.const {lengths[4096]})) (return (i32.const 1))))
+    (local.set $at (call $copy (i32.const 131072) (i32.const 4128) (i32.const {lengths[4128]})))
+    (if (call $host_call (i32.const 0) (i32.const {lengths[0]}) (i32.const 64) (i32.const {lengths[64]})
+                         (i32.const 128) (i32.const {lengths[128]}) (i32.const 256) (i32.const {len(payload)}))
+      (then (local.set $len (call $response_len)) (call $response (i32.const 8192))
+            (local.set $at (call $copy (local.get $at) (i32.const 4200) (i32.const 3))))
+      (else (local.set $len (call $error_len)) (call $error (i32.const 8192))
+            (local.set $at (call $copy (local.get $at) (i32.const 4208) (i32.const 6)))))
+    (local.set $at (call $escape (local.get $at) (i32.const 8192) (local.get $len)))
+    (local.set $at (call $copy (local.get $at) (i32.const 4220) (i32.const 2)))
+    (call $respond (i32.const 131072) (i32.sub (local.get $at) (i32.const 131072)))
+    (i32.const 1)))"""
+
+
+@pytest.fixture
+def kube_api(tmp_path: Path):
+    api = KubeApi(tmp_path).start()
+    api.put("v1", "Namespace", "default")
+    api.put("v1", "Namespace", "team-a", metadata={"labels": {"team": "a"}, "annotations": {
+        "kubectl.kubernetes.io/last-applied-configuration": "{...}", "owner": "alice"}})
+    api.put("v1", "Service", "web", "team-a", spec={"ports": [{"port": 80}]})
+    api.put("v1", "Service", "db", "default", spec={"ports": [{"port": 5432}]})
+    yield api
+    api.stop()
+
+
+def host_policy(directory: Path, name: str, operation: str, payload: dict[str, Any] | str, *,
+                binding: str = "kubewarden", namespace: str = "kubernetes", **policy: Any) -> dict[str, Any]:
+    wasm = wasmtime.wat2wasm(host_call_wat(binding, namespace, operation, json.dumps(payload).encode()))
+    module = annotated(directory, name, wasm, "kubewarden-wapc", policyType="raw", protocolVersion="v1")
+    return {"module": module, **policy}
+
+
+def answer(server: Any, policy: str) -> tuple[str, Any]:
+    """("ok", decoded answer) or ("error", text) of the guest's host call."""
+    response = server.post(f"/validate_raw/{policy}", {"request": {"uid": "u"}}).json()["response"]
+    outcome, _, text = response["status"]["message"].partition(":")
+    return outcome, json.loads(text) if outcome == "ok" else text
+
+
+SERVICES = [{"apiVersion": "v1", "kind": "Service"}]
+NAMESPACES = [{"apiVersion": "v1", "kind": "Namespace"}]
+
+
+def connected(run_server, kube_api: KubeApi, tmp_path: Path, policies: dict[str, Any], **kwargs: Any):
+    config = kube_api.kubeconfig(tmp_path / "kubeconfig")
+    return run_server(policies, env={"KUBECONFIG": str(config), "KUBEWARDEN_WORKERS": "1", **kwargs.pop("env", {})},
+                      **kwargs)
+
+
+def test_list_get_and_can_i_answer_from_the_cluster(run_server, kube_api, tmp_path):
+    kube_api.grants.add(("alice", "create", "pods", "team-a"))
+    policies = {
+        "by-namespace": host_policy(tmp_path, "by-namespace", "list_resources_by_namespace", {
+            "api_version": "v1", "kind": "Service", "namespace": "team-a"}, contextAwareResources=SERVICES),
+        "all": host_policy(tmp_path, "all", "list_resources_all", {"api_version": "v1", "kind": "Namespace"},
+                           contextAwareResources=NAMESPACES),
+        "labelled": host_policy(tmp_path, "labelled", "list_resources_all", {
+            "api_version": "v1", "kind": "Namespace", "label_selector": "team=a"}, contextAwareResources=NAMESPACES),
+        "get": host_policy(tmp_path, "get", "get_resource", {
+            "api_version": "v1", "kind": "Namespace", "name": "team-a", "disable_cache": False},
+            contextAwareResources=NAMESPACES),
+        "can-i": host_policy(tmp_path, "can-i", "can_i", {"subject_access_review": {
+            "user": "alice", "groups": None, "resource_attributes": {
+                "namespace": "team-a", "verb": "create", "resource": "pods"}}, "disable_cache": False}),
+        "cannot": host_policy(tmp_path, "cannot", "can_i", {"subject_access_review": {
+            "user": "bob", "resource_attributes": {"verb": "delete", "resource": "pods"}}, "disable_cache": True}),
+        "legacy": host_policy(tmp_path, "legacy", "list", {}, binding="kubernetes", namespace="services"),
+    }
+    server = connected(run_server, kube_api, tmp_path, policies)
+
+    outcome, services = answer(server, "by-namespace")
+    assert outcome == "ok"
+    assert services["apiVersion"] == "v1" and services["kind"] == "ServiceList" and services["metadata"] == {}
+    assert [(s["metadata"]["namespace"], s["metadata"]["name"]) for s in services["items"]] == [("team-a", "web")]
+    assert services["items"][0]["kind"] == "Service"
+
+    outcome, namespaces = answer(server, "all")
+    assert [n["metadata"]["name"] for n in namespaces["items"]] == ["default", "team-a"]
+    team = namespaces["items"][1]["metadata"]
+    assert "managedFields" not in team and team["annotations"] == {"owner": "alice"}
+
+    assert [n["metadata"]["name"] for n in answer(server, "labelled")[1]["items"]] == ["team-a"]
+
+    outcome, namespace = answer(server, "get")
+    assert outcome == "ok" and namespace["kind"] == "Namespace" and namespace["metadata"]["name"] == "team-a"
+
+    assert answer(server, "can-i") == ("ok", {"allowed": True, "reason": "granted by the test"})
+    assert answer(server, "cannot")[1]["allowed"] is False
+
+    # The legacy binding lists every Service and is not checked against the allow-list (as the reference).
+    outcome, legacy = answer(server, "legacy")
+    assert outcome == "ok" and len(legacy["items"]) == 2
+    assert "deprecated `kubernetes` host binding" in server.log()
+
+
+def test_lists_follow_the_cluster_through_the_watch(run_server, kube_api, tmp_path):
+    policies = {"all": host_policy(tmp_path, "all", "list_resources_all", {"api_version": "v1", "kind": "Namespace"},
+                                   contextAwareResources=NAMESPACES)}
+    server = connected(run_server, kube_api, tmp_path, policies)
+    assert len(answer(server, "all")[1]["items"]) == 2
+    kube_api.put("v1", "Namespace", "team-b")
+    kube_api.delete("v1", "Namespace", "default")
+    deadline = time.monotonic() + 10
+    names: list[str] = []
+    while time.monotonic() < deadline:
+        names = [n["metadata"]["name"] for n in answer(server, "all")[1]["items"]]
+        if names == ["team-a", "team-b"]:
+            break
+        time.sleep(0.1)
+    assert names == ["team-a", "team-b"]
+    # One list, then watches: later answers come from the reflector, not from new lists.
+    assert kube_api.count("GET /api/v1/namespaces?") == 1
+
+
+def test_get_resource_is_cached_unless_disabled(run_server, kube_api, tmp_path):
+    payload = {"api_version": "v1", "kind": "Service", "name": "web", "namespace": "team-a"}
+    policies = {
+        "cached": host_policy(tmp_path, "cached", "get_resource", {**payload, "disable_cache": False},
+                              contextAwareResources=SERVICES),
+        "uncached": host_policy(tmp_path, "uncached", "get_resource", {**payload, "disable_cache": True},
+                                contextAwareResources=SERVICES),
+    }
+    server = connected(run_server, kube_api, tmp_path, policies)
+    path = "GET /api/v1/namespaces/team-a/services/web"
+    for _ in range(3):
+        assert answer(server, "cached")[0] == "ok"
+    assert kube_api.count(path) == 1
+    for _ in range(3):
+        assert answer(server, "uncached")[0] == "ok"
+    assert kube_api.count(path) == 4
+
+
+@pytest.mark.parametrize("operation,payload,allowed,message", [
+    ("list_resources_all", {"api_version": "v1", "kind": "Pod"}, SERVICES,
+     "Policy has not been granted access to Kubernetes v1/Pod resources. The violation has been reported."),
+    ("get_resource", {"api_version": "v1", "kind": "service", "name": "web", "namespace": "team-a",
+                      "disable_cache": False}, SERVICES,
+     "Policy has not been granted access to Kubernetes v1/service resources. The violation has been reported."),
+    ("list_resources_all", {"api_version": "v1", "kind": "Gadget"}, [{"apiVersion": "v1", "kind": "Gadget"}],
+     "Cannot find resource v1/Gadget"),
+    ("list_resources_by_namespace", {"api_version": "v1", "kind": "Namespace", "namespace": "team-a"}, NAMESPACES,
+     "resource v1/Namespace is cluster wide. Cannot search for it inside of a namespace"),
+    ("get_resource", {"api_version": "v1", "kind": "Service", "name": "web", "disable_cache": False}, SERVICES,
+     "Resource v1/Service is namespaced, but no namespace was provided"),
+    ("get_resource", {"api_version": "v1", "kind": "Service", "name": "nope", "namespace": "team-a",
+                      "disable_cache": False}, SERVICES,
+     "Cannot find v1/Service named 'nope' inside of namespace 'Some(\"team-a\")'"),
+    ("get_resource", {"api_version": "v1", "kind": "Namespace", "name": "nope", "disable_cache": False}, NAMESPACES,
+     "Cannot find v1/Namespace named 'nope' inside of namespace 'None'"),
+])
+def test_callback_errors(run_server, kube_api, tmp_path, operation, payload, allowed, message):
+    policies = {"p": host_policy(tmp_path, "p", operation, payload, contextAwareResources=allowed)}
+    server = connected(run_server, kube_api, tmp_path, policies)
+    assert answer(server, "p") == ("error", message)
+    if "granted" in message:
+        assert f"policy p tried to access Kubernetes {payload['api_version']}/{payload['kind']}" in server.log()
+
+
+def test_without_a_reachable_cluster(run_server, kube_api, tmp_path):
+    policies = {"p": host_policy(tmp_path, "p", "list_resources_all", {"api_version": "v1", "kind": "Service"},
+                                 contextAwareResources=SERVICES, timeoutEvalSeconds=2)}
+    config = kube_api.kubeconfig(tmp_path / "kubeconfig")
+    kube_api.stop()
+    server = run_server(policies, env={"KUBECONFIG": str(config)}, wait=False)
+    assert server.process.wait(timeout=60) == 1
+    assert "Cannot connect to Kubernetes, context aware policies would not work properly" in server.log()
+
+    server = run_server(policies, env={"KUBECONFIG": str(config)}, args=["--ignore-kubernetes-connection-failure"])
+    assert answer(server, "p") == ("error", "kube::Client was not initialized properly")
+
+
+def test_an_api_server_that_goes_away_fails_the_call_within_the_policy_timeout(run_server, kube_api, tmp_path):
+    payload = {"api_version": "v1", "kind": "Service", "name": "web", "namespace": "team-a", "disable_cache": True}
+    policies = {"p": host_policy(tmp_path, "p", "get_resource", payload, contextAwareResources=SERVICES,
+                                 timeoutEvalSeconds=2)}
+    server = connected(run_server, kube_api, tmp_path, policies)
+    assert answer(server, "p")[0] == "ok"
+    kube_api.stop()
+    outcome, text = answer(server, "p")
+    assert outcome == "error" and text.startswith("cannot get v1/Service web:")
+
+
+def test_wrong_credentials_are_a_startup_failure(run_server, kube_api, tmp_path):
+    config = kube_api.kubeconfig(tmp_path / "kubeconfig", token="wrong")
+    policies = {"p": host_policy(tmp_path, "p", "list_resources_all", {"api_version": "v1", "kind": "Service"},
+                                 contextAwareResources=SERVICES)}
+    server = run_server(policies, env={"KUBECONFIG": str(config)}, wait=False)
+    assert server.process.wait(timeout=60) == 1
+    assert "401" in server.log()
