@@ -139,7 +139,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     reuse = previous is not None and previous.engine_options == options
     engine = previous.engine if reuse else make_engine(options)
     known_modules = previous.modules if reuse else {}
-    cache = CompileCache(settings.cache_dir, options)
+    cache = CompileCache(settings.cache_dirs, options)
     registry = PolicyRegistry(engine=engine, engine_options=options)
     report = BootReport()
     registry.groups = {n: e for n, e in entries.items() if isinstance(e, PolicyGroupSpec)}

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import yaml
 
-from kwserver import KUBEWARDEN_COMPAT_VERSION, __version__, offline
+from kwserver import KUBEWARDEN_COMPAT_VERSION, __version__, manifests, offline
 from kwserver.config import ConfigError, ServerSettings, add_setting_arguments, settings_from_args
 from kwserver.metadata import MetadataError, WasmFormatError, annotate, parse_metadata
 
@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     reload_cmd.set_defaults(func=cmd_reload)
 
     offline.add_parser(commands)
+    manifests.add_parser(commands)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -141,7 +142,9 @@ class ServerSettings:
         "Start even when the Kubernetes API cannot be reached", parse=parse_bool)
     log_level: str = setting("info", "KUBEWARDEN_LOG_LEVEL", f"Log level: {', '.join(LOG_LEVELS)}",
                              check=one_of(*LOG_LEVELS))
-    log_fmt: str = setting("text", "KUBEWARDEN_LOG_FMT", "Log format: text or json", check=one_of("text", "json"))
+    # `otlp` is what the Kubewarden controller sets when tracing is on: text logs, as the reference also writes.
+    log_fmt: str = setting("text", "KUBEWARDEN_LOG_FMT", "Log format: text, json or otlp (text logs; no spans)",
+                           check=one_of("text", "json", "otlp"))
     # kwserver's own settings.
     compile_cache_dir: str | None = setting(
         None, "KWSERVER_COMPILE_CACHE_DIR",
@@ -222,6 +225,9 @@ class ServerSettings:
     # Accepted so that existing policy-server deployments start unchanged; see ServerSettings.ignored().
     sigstore_cache_dir: str | None = setting(None, "KUBEWARDEN_SIGSTORE_CACHE_DIR",
                                              "Sigstore cache; unused by this build")
+    sigstore_trust_config: str | None = setting(
+        None, "KUBEWARDEN_SIGSTORE_TRUST_CONFIG_PATH",
+        "Sigstore trust root (keyless signatures); unused: keyless verification is refused")
     enable_metrics: bool = setting(
         False, "KUBEWARDEN_ENABLE_METRICS",
         "OTLP metrics push; kwserver serves Prometheus metrics on --metrics-port instead", parse=parse_bool)
@@ -254,9 +260,12 @@ class ServerSettings:
         """Reference-server settings that are set but have no effect here, for a startup warning each."""
         notes = {
             "sigstore_cache_dir": "there is no sigstore support in this build",
+            "sigstore_trust_config": "keyless signatures are refused, so no sigstore trust root is read",
             "enable_metrics": f"metrics are not pushed over OTLP; Prometheus serves them on port {self.metrics_port}",
             "enable_pprof": "profiling endpoints are not available",
         }
+        if self.log_fmt == "otlp":
+            notes["log_fmt"] = "spans are not exported over OTLP; logs are written as text"
         return [f"{name.replace('_', '-')}: {note}" for name, note in notes.items() if getattr(self, name)]
 
     @property
@@ -289,10 +298,16 @@ class ServerSettings:
 
     @property
     def cache_dir(self) -> Path:
+        return self.cache_dirs[0]
+
+    @property
+    def cache_dirs(self) -> list[Path]:
+        """Where compiled modules may go, best first. Under a read-only root filesystem (the Kubewarden
+        controller's default) the home directory cannot be written, so the temporary directory follows."""
         if self.compile_cache_dir:
-            return Path(self.compile_cache_dir)
+            return [Path(self.compile_cache_dir)]
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        return Path(base) / "kwserver"
+        return [Path(base) / "kwserver", Path(tempfile.gettempdir()) / "kwserver-cache"]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
@@ -376,6 +391,8 @@ class PolicySpec:
     entrypoint: str | None = None  # OPA/Gatekeeper: the entrypoint to evaluate, by name (an extension)
     # An extension: instances of its own instead of sharing them with policies on the same module.
     own_instance: bool = False
+    # Written by the Kubewarden controller (1.32+); read and checked, not enforced (docs/compatibility.md).
+    host_capabilities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -392,8 +409,9 @@ class PolicyGroupSpec:
 PolicyEntry = PolicySpec | PolicyGroupSpec
 
 _POLICY_KEYS = {"module", "policyMode", "allowedToMutate", "settings", "contextAwareResources", "message",
-                "timeoutEvalSeconds", "entrypoint", "ownInstance"}
-_MEMBER_KEYS = {"module", "settings", "contextAwareResources", "timeoutEvalSeconds", "entrypoint", "ownInstance"}
+                "timeoutEvalSeconds", "entrypoint", "ownInstance", "hostCapabilities"}
+_MEMBER_KEYS = {"module", "settings", "contextAwareResources", "timeoutEvalSeconds", "entrypoint", "ownInstance",
+                "hostCapabilities"}
 
 
 def _settings(value: Any) -> dict[str, Any]:
@@ -451,6 +469,14 @@ def _own_instance(value: Any, where: str) -> bool:
     return value
 
 
+def _host_capabilities(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{where}: `hostCapabilities` must be a list of strings")
+    return tuple(value)
+
+
 def _module(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: `module` must be a non-empty string")
@@ -475,6 +501,7 @@ def _parse_policy(name: str, doc: dict[str, Any]) -> PolicySpec:
         timeout_eval_seconds=_timeout(doc.get("timeoutEvalSeconds")),
         entrypoint=_entrypoint(doc.get("entrypoint"), f"policy '{name}'"),
         own_instance=_own_instance(doc.get("ownInstance", False), f"policy '{name}'"),
+        host_capabilities=_host_capabilities(doc.get("hostCapabilities"), f"policy '{name}'"),
     )
 
 
@@ -511,6 +538,8 @@ def _parse_group(name: str, doc: dict[str, Any], tolerate_invalid_expression: bo
             entrypoint=_entrypoint(member_doc.get("entrypoint"), f"policy group '{name}' member '{member}'"),
             own_instance=_own_instance(member_doc.get("ownInstance", False),
                                        f"policy group '{name}' member '{member}'"),
+            host_capabilities=_host_capabilities(member_doc.get("hostCapabilities"),
+                                                 f"policy group '{name}' member '{member}'"),
         )
     expression, message = doc["expression"], doc["message"]
     if not isinstance(expression, str) or not isinstance(message, str):

@@ -245,14 +245,16 @@ def raw_push(registry: Registry, repository: str, tag: str, layers: list[tuple],
 
     base = f"{'https' if registry.tls else 'http'}://{registry.host}/v2/{repository}"
     verify = str(registry.tls.cert) if registry.tls else True
+    auth = next(iter(registry.users.items()), None)  # a registry with basic auth: push as its first user
 
     def blob(data: bytes) -> dict[str, Any]:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        start = requests.post(f"{base}/blobs/uploads/", verify=verify, timeout=10)
+        start = requests.post(f"{base}/blobs/uploads/", verify=verify, auth=auth, timeout=10)
         start.raise_for_status()
         location = requests.compat.urljoin(base, start.headers["Location"])
         sep = "&" if "?" in location else "?"
-        requests.put(f"{location}{sep}digest={digest}", data=data, verify=verify, timeout=10).raise_for_status()
+        requests.put(f"{location}{sep}digest={digest}", data=data, verify=verify, auth=auth,
+                     timeout=10).raise_for_status()
         return {"digest": digest, "size": len(data)}
 
     manifest = {"schemaVersion": 2, "mediaType": manifest_type,
@@ -261,7 +263,7 @@ def raw_push(registry: Registry, repository: str, tag: str, layers: list[tuple],
                                                                         else {})} for layer in layers]}
     body = json.dumps(manifest).encode()
     requests.put(f"{base}/manifests/{tag}", data=body, headers={"Content-Type": manifest_type}, verify=verify,
-                 timeout=10).raise_for_status()
+                 auth=auth, timeout=10).raise_for_status()
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 

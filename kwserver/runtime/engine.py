@@ -18,6 +18,7 @@ import platform
 import stat
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -93,9 +94,22 @@ class CompileCache:
     used from a directory that belongs to this user and that nobody else can write to.
     """
 
-    def __init__(self, directory: Path | None, options: EngineOptions):
+    def __init__(self, directory: Path | Sequence[Path] | None, options: EngineOptions):
+        """`directory` may be a list of candidates: the first usable one is taken (a read-only home
+        directory falls back to the temporary directory); with none usable, modules compile in memory."""
         self.options = options
-        self.directory = self._usable(directory) if directory else None
+        candidates = [directory] if isinstance(directory, Path) else list(directory or ())
+        self.directory = None
+        problems = []
+        for candidate in candidates:
+            self.directory, problem = self._usable(candidate)
+            if self.directory is not None:
+                break
+            problems.append(f"{candidate} {problem}")
+        if problems and self.directory is None:
+            log.warning("compiled-module cache: %s; compiling in memory", "; ".join(problems))
+        elif problems:
+            log.info("compiled-module cache: %s; using %s", "; ".join(problems), self.directory)
         self.hits = 0
         self.misses = 0
 
@@ -105,7 +119,7 @@ class CompileCache:
         return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
     @classmethod
-    def _usable(cls, directory: Path) -> Path | None:
+    def _usable(cls, directory: Path) -> tuple[Path | None, str]:
         """The directory itself if only we can write to it, else a private subdirectory of it.
 
         A shared directory (a Kubernetes emptyDir is world-writable) gets a `kwserver-<uid>` subdirectory
@@ -113,17 +127,17 @@ class CompileCache:
         """
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if cls._private(directory):
-                return directory
-            private = directory / f"kwserver-{os.getuid()}"
-            private.mkdir(mode=0o700, exist_ok=True)
-            if cls._private(private):
-                return private
+            chosen = directory
+            if not cls._private(directory):
+                chosen = directory / f"kwserver-{os.getuid()}"
+                chosen.mkdir(mode=0o700, exist_ok=True)
+                if not cls._private(chosen):
+                    return None, "is writable by others or not ours"
+            if not os.access(chosen, os.W_OK | os.X_OK):
+                return None, "is not writable"
+            return chosen, ""
         except OSError as exc:
-            log.warning("compiled-module cache %s is not usable (%s); compiling in memory", directory, exc)
-            return None
-        log.warning("compiled-module cache %s is writable by others or not ours; compiling in memory", directory)
-        return None
+            return None, f"is not usable ({exc})"
 
     def path_for(self, digest: str) -> Path | None:
         if self.directory is None:

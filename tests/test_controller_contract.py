@@ -1,0 +1,309 @@
+"""kwserver under the Kubewarden controller's contract: the policy-server Deployment it builds.
+
+The pod is laid out in a directory as the controller mounts it (internal/controller/
+policyserver_controller_deployment.go): certificates in /pki, policies.yml in /config, the policy
+store emptyDir in /tmp, sources.yml in /sources, verification.yml in /verification, Docker's
+config.json in /home/kubewarden/.docker, the sigstore trust root in /sigstore-trust and the mTLS CAs
+in /ca and /client-ca. Everything but the emptyDir is read-only (readOnlyRootFilesystem): chmod makes
+it so for an unprivileged user, and when the tests run as root (which chmod does not stop) the server
+runs in a mount namespace of its own where those directories are read-only bind mounts.
+The server gets exactly the controller's variables, with the paths rebased into that directory,
+and pulls its modules from a real TLS registry with basic auth, checking cosign signatures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.conftest import (
+    FIXTURES,
+    SERVER_FIXTURES,
+    TEST_POLICIES,
+    as_review,
+    free_port,
+    load_json,
+    make_ca,
+    make_cert,
+)
+from tests.registries import cosign_sign, docker_config, public_pem, start_registry
+
+pytestmark = pytest.mark.skipif(not shutil.which("docker-registry"), reason="needs Debian's docker-registry")
+
+SIGNER = ec.generate_private_key(ec.SECP256R1())
+READ_ONLY_MOUNTS = ("pki", "config", "sources", "verification", "home", "sigstore-trust", "ca", "client-ca")
+# What a PolicyServer's spec.env adds (the controller appends it to its own variables) and what the
+# controller sets with tracing and metrics on and the OTel sidecar injected.
+SPEC_ENV = {"KUBEWARDEN_LOG_LEVEL": "info", "KUBEWARDEN_WORKERS": "2"}
+TELEMETRY_ENV = {"KUBEWARDEN_ENABLE_METRICS": "true", "KUBEWARDEN_LOG_FMT": "otlp",
+                 "OTEL_EXPORTER_OTLP_ENDPOINT": "http://localhost:4317"}
+DEPLOYMENTS_NAMESPACE = "kubewarden"
+
+
+def _push(module: Path, reference: str, sources: Path, docker: Path, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "kwserver", "push", str(module), reference,
+                             "--sources-path", str(sources), "--docker-config-json-path", str(docker)],
+                            capture_output=True, text=True, cwd=cwd, timeout=60,
+                            env={k: v for k, v in os.environ.items() if not k.startswith(("KUBEWARDEN_", "KWSERVER_"))})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split("@")[1]
+
+
+def _read_only(path: Path) -> None:
+    """chmod a mount read-only, as the kubelet mounts secrets and config maps (readOnly: true)."""
+    for item in sorted(path.rglob("*"), reverse=True):
+        item.chmod(0o555 if item.is_dir() else 0o444)
+    path.chmod(0o555)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for mount in READ_ONLY_MOUNTS
+            for p in (root / mount).rglob("*") if p.is_file()}
+
+
+def _mount_namespaces() -> bool:
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+def _with_read_only_mounts(command: list[str], mounts: list[Path]) -> list[str]:
+    """Run `command` with `mounts` read-only even for root: bind mounts in a private mount namespace."""
+    if os.getuid() != 0:
+        return command
+    remounts = [f"mount --bind {shlex.quote(str(m))} {shlex.quote(str(m))} && "
+                f"mount -o remount,bind,ro {shlex.quote(str(m))}" for m in mounts]
+    return ["unshare", "-m", "sh", "-c", " && ".join(remounts) + ' && exec "$@"', "sh", *command]
+
+
+class Pod:
+    def __init__(self, root: Path, process: subprocess.Popen, port: int, readiness: int, client: tuple[str, str],
+                 ca: str, log: Path):
+        self.root, self.process, self.port, self.readiness = root, process, port, readiness
+        self.client, self.ca = client, ca
+        self.session = requests.Session()
+        self.log_path = log
+
+    def post(self, path: str, body: object) -> requests.Response:
+        # Per request: a session's verify loses to REQUESTS_CA_BUNDLE from the environment.
+        return self.session.post(f"https://127.0.0.1:{self.port}{path}", json=body, cert=self.client,
+                                 verify=self.ca, timeout=30)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def _wait_ready(pod: Pod) -> None:
+    import time
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if pod.process.poll() is not None:
+            raise RuntimeError(f"kwserver exited with {pod.process.returncode}:\n{pod.log()}")
+        try:
+            if requests.get(f"http://127.0.0.1:{pod.readiness}/readiness", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"kwserver not ready:\n{pod.log()}")
+
+
+@pytest.fixture(scope="module")
+def pod() -> Iterator[Pod]:
+    # Not pytest's tmp_path: its base is private to root, and the server may run as another user.
+    if os.getuid() == 0 and not _mount_namespaces():
+        pytest.skip("running as root without mount namespaces (unshare -m): read-only mounts cannot be made")
+    root = Path(tempfile.mkdtemp(prefix="kwserver-pod-"))
+    root.chmod(0o755)
+    work = root / "test-side"  # the registry, keys and the client's certificate: not part of the pod
+    work.mkdir()
+    registry = start_registry(work / "registry", tls=True, users={"puller": "s3cret"})
+    process = None
+    try:
+        # The controller's sources ConfigMap holds sources.yml as JSON, CAs inline (type Data).
+        sources_doc = {"insecure_sources": [], "source_authorities": {
+            registry.host: [{"type": "Data", "data": registry.tls.cert.read_text()}]}}
+        (root / "sources").mkdir()
+        (root / "sources" / "sources.yml").write_text(json.dumps(sources_doc))
+        docker = docker_config(root / "home" / "kubewarden" / ".docker", {registry.host: ("puller", "s3cret")})
+
+        references = {}
+        for name in ("pod-privileged", "raw-mutation"):
+            reference = registry.ref(f"kubewarden/policies/{name}:v1.0.0")
+            digest = _push(TEST_POLICIES / f"{name}.wasm", reference, root / "sources" / "sources.yml", docker, work)
+            cosign_sign(registry, f"kubewarden/policies/{name}", digest, [SIGNER])
+            references[name] = reference
+
+        (root / "verification").mkdir()
+        (root / "verification" / "verification.yml").write_text(json.dumps(
+            {"apiVersion": "v1", "allOf": [{"kind": "pubKey", "key": public_pem(SIGNER)}]}))
+        (root / "sigstore-trust").mkdir()
+        (root / "sigstore-trust" / "sigstore-trust-config.json").write_text("{}")
+
+        # The ConfigMap's policies.yml, as the controller writes it (JSON, with namespacedName and
+        # hostCapabilities).
+        raw_settings = {"forbiddenResources": ["banana", "carrot"], "defaultResource": "hay"}
+        policies = {
+            "clusterwide-pod-privileged": {
+                "namespacedName": {"Namespace": "", "Name": "pod-privileged"},
+                "module": references["pod-privileged"], "policyMode": "protect", "settings": {},
+                "hostCapabilities": ["*"]},
+            "namespaced-default-raw-mutation": {
+                "namespacedName": {"Namespace": "default", "Name": "raw-mutation"},
+                "module": references["raw-mutation"], "policyMode": "protect", "allowedToMutate": True,
+                "settings": raw_settings, "hostCapabilities": []},
+            "clusterwide-group": {
+                "namespacedName": {"Namespace": "", "Name": "group"}, "policyMode": "protect",
+                "policies": {"pod_privileged": {"module": references["pod-privileged"], "hostCapabilities": []}},
+                "expression": "pod_privileged()", "message": "The group policy rejected your request"},
+        }
+        (root / "config").mkdir()
+        (root / "config" / "policies.yml").write_text(json.dumps(policies))
+
+        (root / "pki").mkdir()
+        kubewarden_ca = make_ca(work, "kubewarden-ca")
+        server = make_cert(work, "policy-server", kubewarden_ca)
+        shutil.copy(server.cert, root / "pki" / "tls.crt")
+        shutil.copy(server.key, root / "pki" / "tls.key")
+        client_ca = make_ca(work, "client-ca")
+        client = make_cert(work, "api-server", client_ca)
+        (root / "ca").mkdir()
+        shutil.copy(kubewarden_ca.cert, root / "ca" / "ca.crt")
+        (root / "client-ca").mkdir()
+        shutil.copy(client_ca.cert, root / "client-ca" / "client-ca.crt")
+
+        store = root / "tmp"  # the policy-store emptyDir: world-writable, as the kubelet makes it
+        store.mkdir()
+        store.chmod(0o1777)
+        for mount in READ_ONLY_MOUNTS:
+            _read_only(root / mount)
+        work.chmod(0o755)  # the client's files stay the test's; the pod never reads them
+        before = _snapshot(root)
+
+        port, readiness = free_port(), free_port()
+        env = {
+            # The controller's own variables (getPolicyServerContainer and its configure* helpers).
+            "KUBEWARDEN_CERT_FILE": str(root / "pki" / "tls.crt"),
+            "KUBEWARDEN_KEY_FILE": str(root / "pki" / "tls.key"),
+            "KUBEWARDEN_PORT": str(port),
+            "KUBEWARDEN_READINESS_PROBE_PORT": str(readiness),
+            "KUBEWARDEN_POLICIES_DOWNLOAD_DIR": str(store),
+            "KUBEWARDEN_POLICIES": str(root / "config" / "policies.yml"),
+            "KUBEWARDEN_SIGSTORE_CACHE_DIR": str(store / "sigstore-data"),
+            "KUBEWARDEN_VERIFICATION_CONFIG_PATH": str(root / "verification" / "verification.yml"),
+            "KUBEWARDEN_SIGSTORE_TRUST_CONFIG_PATH": str(root / "sigstore-trust" / "sigstore-trust-config.json"),
+            "KUBEWARDEN_DOCKER_CONFIG_JSON_PATH": str(root / "home" / "kubewarden" / ".docker"),
+            "KUBEWARDEN_SOURCES_PATH": str(root / "sources" / "sources.yml"),
+            "KUBEWARDEN_CLIENT_CA_FILE": f"{root / 'ca' / 'ca.crt'},{root / 'client-ca' / 'client-ca.crt'}",
+            "KUBEWARDEN_ALWAYS_ACCEPT_ADMISSION_REVIEWS_ON_NAMESPACE": DEPLOYMENTS_NAMESPACE,
+            **TELEMETRY_ENV,
+            **SPEC_ENV,
+            # Not the controller's: a shared test host needs loopback and free ports.
+            "KUBEWARDEN_BIND_ADDRESS": "127.0.0.1",
+            "KWSERVER_METRICS_PORT": str(free_port()),
+            # The image's environment: a home directory on the read-only root filesystem; /tmp is the
+            # emptyDir, which TMPDIR stands for here.
+            "HOME": str(root / "home"),
+            "TMPDIR": str(store),
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        }
+        log = work / "server.log"
+        with open(log, "wb") as out:
+            command = _with_read_only_mounts([sys.executable, "-m", "kwserver", "serve"],
+                                             [root / mount for mount in READ_ONLY_MOUNTS])
+            process = subprocess.Popen(command, env=env, cwd=root / "config", stdout=out, stderr=subprocess.STDOUT)
+        pod = Pod(root, process, port, readiness, (str(client.cert), str(client.key)), str(kubewarden_ca.cert), log)
+        _wait_ready(pod)
+        pod.before = before
+        yield pod
+    finally:
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        registry.stop()
+        for path in [root, *root.rglob("*")]:
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(stat.S_IRWXU)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def privileged_review() -> dict:
+    return as_review(load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json"))
+
+
+def test_validate_pulls_verified_modules_into_the_policy_store(pod):
+    response = pod.post("/validate/clusterwide-pod-privileged", privileged_review())
+    assert response.status_code == 200
+    assert response.json()["response"]["allowed"] is False
+    assert response.json()["response"]["status"]["message"] == "Privileged container is not allowed"
+    stored = list((pod.root / "tmp" / "registry").rglob("pod-privileged:v1.0.0"))
+    assert [p.read_bytes() for p in stored] == [(TEST_POLICIES / "pod-privileged.wasm").read_bytes()]
+
+
+def test_audit_and_group(pod):
+    audit = pod.post("/audit/clusterwide-pod-privileged", privileged_review())
+    assert audit.status_code == 200 and audit.json()["response"]["allowed"] is False
+    group = pod.post("/validate/clusterwide-group", privileged_review()).json()["response"]
+    assert group["allowed"] is False
+    assert group["status"]["message"] == "The group policy rejected your request"
+
+
+def test_validate_raw_mutates(pod):
+    response = pod.post("/validate_raw/namespaced-default-raw-mutation", load_json(SERVER_FIXTURES / "raw_review.json"))
+    assert response.status_code == 200
+    body = response.json()["response"]
+    assert body["allowed"] is True and body["patchType"] == "JSONPatch" and body["patch"]
+
+
+def test_requests_in_the_deployments_namespace_are_always_accepted(pod):
+    review = privileged_review()
+    review["request"]["namespace"] = DEPLOYMENTS_NAMESPACE
+    response = pod.post("/validate/clusterwide-pod-privileged", review)
+    assert response.status_code == 200 and response.json()["response"]["allowed"] is True
+
+
+def test_clients_without_a_certificate_of_the_client_cas_are_refused(pod):
+    # TLS 1.3 reports the missing certificate after the handshake: an SSL error or a closed connection.
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.post(f"https://127.0.0.1:{pod.port}/validate/clusterwide-pod-privileged", json=privileged_review(),
+                      verify=pod.ca, timeout=10)
+    assert pod.post("/validate/clusterwide-pod-privileged", privileged_review()).status_code == 200
+
+
+def test_readiness_is_plain_http_on_the_probe_port(pod):
+    response = requests.get(f"http://127.0.0.1:{pod.readiness}/readiness", timeout=5)
+    assert response.status_code == 200
+
+
+def test_only_the_emptydir_is_written_and_compiled_modules_are_cached_there(pod):
+    assert _snapshot(pod.root) == pod.before
+    cached = list((pod.root / "tmp").rglob("*.cwasm"))
+    assert len(cached) == 2  # one per unique module: the group's member shares pod-privileged's
+
+
+def test_settings_without_effect_are_named_at_startup(pod):
+    log = pod.log()
+    for setting in ("sigstore-cache-dir", "sigstore-trust-config", "enable-metrics", "log-fmt"):
+        assert f"{setting}:" in log, setting
+    assert "Traceback" not in log
+
+
+def test_deployment_fixture_in_another_namespace_is_evaluated(pod):
+    review = as_review(load_json(FIXTURES / "kubewarden-policy-server" / "deployment_admission_review.json"))
+    response = pod.post("/validate/clusterwide-pod-privileged", review)
+    assert response.status_code == 200 and response.json()["response"]["allowed"] is True
