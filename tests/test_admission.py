@@ -173,6 +173,8 @@ def test_shape_errors_name_the_field_and_what_was_found(change, message):
 def test_request_itself_must_be_a_map():
     with pytest.raises(RequestShapeError, match=r"^request: invalid type: null, expected a map$"):
         admission.parse_admission_review({"request": None})
+    with pytest.raises(RequestShapeError, match=r"^request: invalid type: integer `3`, expected a map$"):
+        admission.parse_admission_review({"request": 3})
     with pytest.raises(RequestShapeError, match=r"^invalid type: integer `3`, expected a map$"):
         admission.parse_admission_review(3)
 
@@ -192,6 +194,7 @@ def test_parsed_request_fields():
     assert json.loads(request.json) == request.value
     without_kind = admission.parse_admission_review(_review_with(lambda r: r.pop("requestKind")))
     assert without_kind.kind == ""
+    assert admission.parse_admission_review(_review_with(lambda r: r.__setitem__("requestKind", {}))).kind == ""
     deleted = admission.parse_admission_review(_review_with(lambda r: r.__setitem__("object", None)))
     assert deleted.has_base_object is False and deleted.base_object is None
 
@@ -262,3 +265,17 @@ def test_wasi_answer_that_is_not_json_keeps_the_uid():
     assert response["uid"] == "req-1"
     assert response["status"]["message"].startswith(
         "internal server error: Cannot deserialize policy validation response: unexpected character")
+
+
+def test_custom_message_keeps_the_details_and_causes_a_policy_gave():
+    given = {"details": {"causes": [admission.cause("first", "spec.a")], "name": "x"}, "code": 403}
+    rejected = admission.admission_response("u", False, status=given)
+    result = _post(rejected, message="Custom")
+    assert result["status"] == {"message": "Custom", "code": 403, "details": {
+        "name": "x", "causes": [admission.cause("first", "spec.a"), admission.cause("")]}}
+
+
+def test_mutation_rejected_message_names_the_policy():
+    assert admission.mutation_rejected_message("p1") == (
+        "Request rejected by policy p1. The policy attempted to mutate the request, but it is currently configured "
+        "to not allow mutations.")
