@@ -2,6 +2,7 @@
 # Mutation testing of the modules whose bugs the suite must catch (not run by CI: it takes 20-40 minutes).
 #
 #   tests/mutation.sh [REVISION]      # default: the working tree; e.g. `tests/mutation.sh main~3` for a baseline
+#   MUTATION_MODULES="kwserver/tls.py" MUTATION_JOBS=2 tests/mutation.sh   # some modules; parallel mutants
 #
 # mutmut plants one small change (a mutant) at a time in a scratch copy of the code and runs the tests that
 # reach the mutated function; a mutant that no test notices "survives". The score per module is printed at
@@ -19,6 +20,7 @@ work="${MUTATION_DIR:-${TMPDIR:-/tmp}/kwserver-mutation}"
 python="$repo/.venv/bin/python"
 modules=(kwserver/expressions.py kwserver/admission.py kwserver/evaluation/pool.py kwserver/evaluation/evaluator.py
          kwserver/autoscaler.py kwserver/tls.py kwserver/runtime/engine.py)
+if [ -n "${MUTATION_MODULES:-}" ]; then read -r -a modules <<< "$MUTATION_MODULES"; fi  # e.g. "kwserver/tls.py"
 
 "$python" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed: $repo/.venv/bin/pip install -e '.[mutation]'" >&2; exit 1; }
 
@@ -46,6 +48,10 @@ also_copy = ["gunicorn.conf.py", "policies", "deploy", "docs", "README.md"]
 use_git_change_detection = false
 # A mutant that makes a test hang (an endless loop) counts as caught; do not wait 15 times as long for it.
 timeout_multiplier = 4.0
+# Workers are forked from a server that never ran a test: wasmtime's compiler threads do not survive fork, so a
+# worker forked after tests compiled modules would hang in its first compile.
+process_isolation = "forkserver"
+forkserver_warmup = "none"
 EOF
 
 cd "$work/repo"
@@ -60,7 +66,7 @@ import sys
 from collections import Counter
 
 results, modules = sys.argv[1], [m.removesuffix(".py").replace("/", ".") for m in sys.argv[2:]]
-killed, total, survivors = Counter(), Counter(), []
+killed, total, timeouts, survivors = Counter(), Counter(), Counter(), []
 for line in open(results):
     match = re.match(r"\s*(\S+)__mutmut_\d+: (.+)", line)
     if not match:
@@ -72,11 +78,12 @@ for line in open(results):
     total[module] += 1
     if status in ("killed", "timeout", "caught by type check", "segfault"):
         killed[module] += 1
+        timeouts[module] += status == "timeout"
     else:
         survivors.append(line.strip())
 for module in modules:
     share = f"{100 * killed[module] / total[module]:.0f}%" if total[module] else "-"
-    print(f"{module:34} {killed[module]:4} / {total[module]:4}  {share}")
+    print(f"{module:34} {killed[module]:4} / {total[module]:4}  {share:>4}  ({timeouts[module]} by timeout)")
 print(f"{'all':34} {sum(killed.values()):4} / {sum(total.values()):4}")
 print("\nsurvivors:")
 print("\n".join(survivors))

@@ -141,3 +141,141 @@ def test_custom_message_keeps_original_as_cause_and_code():
         "code": 500,
     }
     assert _post(admission.admission_response("u", True), message="x")["allowed"] is True
+
+
+def _review_with(change):
+    doc = json.loads(json.dumps(POD_REVIEW))
+    change(doc["request"])
+    return doc
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r.__setitem__("uid", 1), "request.uid: invalid type: integer `1`, expected a string"),
+    (lambda r: r.__setitem__("kind", []), "request.kind: invalid type: sequence, expected a map"),
+    (lambda r: r["kind"].__setitem__("version", True), "request.kind.version: invalid type: boolean `true`, "
+                                                        "expected a string"),
+    (lambda r: r["resource"].pop("group"), "request.resource.missing field `group`"),
+    (lambda r: r["resource"].__setitem__("resource", 1.5), "request.resource.resource: invalid type: "
+                                                           "floating point `1.5`, expected a string"),
+    (lambda r: r.__setitem__("operation", None), "request.missing field `operation`"),
+    (lambda r: r.__setitem__("userInfo", "me"), 'request.userInfo: invalid type: string "me", expected a map'),
+    (lambda r: r.__setitem__("name", {}), "request.name: invalid type: map, expected a string"),
+    (lambda r: r.__setitem__("namespace", 7), "request.namespace: invalid type: integer `7`, expected a string"),
+    (lambda r: r.__setitem__("subResource", False), "request.subResource: invalid type: boolean `false`"),
+    (lambda r: r.__setitem__("requestSubResource", [1]), "request.requestSubResource: invalid type: sequence"),
+])
+def test_shape_errors_name_the_field_and_what_was_found(change, message):
+    with pytest.raises(RequestShapeError) as error:
+        admission.parse_admission_review(_review_with(change))
+    assert str(error.value).startswith(message)
+
+
+def test_request_itself_must_be_a_map():
+    with pytest.raises(RequestShapeError, match=r"^request: invalid type: null, expected a map$"):
+        admission.parse_admission_review({"request": None})
+    with pytest.raises(RequestShapeError, match=r"^request: invalid type: integer `3`, expected a map$"):
+        admission.parse_admission_review({"request": 3})
+    with pytest.raises(RequestShapeError, match=r"^invalid type: integer `3`, expected a map$"):
+        admission.parse_admission_review(3)
+
+
+def test_parsed_request_fields():
+    doc = _review_with(lambda r: (r["kind"].__setitem__("extra", 1), r["resource"].__setitem__("extra", 2),
+                                  r["userInfo"].__setitem__("unknown", 3)))
+    request = admission.parse_admission_review(doc)
+    original = doc["request"]
+    assert (request.uid, request.namespace, request.operation, request.kind, request.raw) == (
+        original["uid"], "default", "CREATE", "Pod", False)
+    assert request.base_object == original["object"] and request.has_base_object is True
+    # Re-serialised as the reference's structs: group/version/kind only, known userInfo fields only.
+    assert request.value["kind"] == {k: original["kind"][k] for k in ("group", "version", "kind")}
+    assert request.value["resource"] == {k: original["resource"][k] for k in ("group", "version", "resource")}
+    assert "unknown" not in request.value["userInfo"] and request.value["userInfo"]["username"]
+    assert json.loads(request.json) == request.value
+    without_kind = admission.parse_admission_review(_review_with(lambda r: r.pop("requestKind")))
+    assert without_kind.kind == ""
+    assert admission.parse_admission_review(_review_with(lambda r: r.__setitem__("requestKind", {}))).kind == ""
+    deleted = admission.parse_admission_review(_review_with(lambda r: r.__setitem__("object", None)))
+    assert deleted.has_base_object is False and deleted.base_object is None
+
+
+def test_envelopes_and_canned_answers():
+    response = admission.admission_response("u", True)
+    assert admission.review_envelope(response) == {"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1",
+                                                   "response": response}
+    assert admission.raw_envelope(response) == {"response": response}
+    assert admission.interrupted("u") == {"uid": "u", "allowed": False, "status": {
+        "message": "Policy execution interrupted because it exceeded the allowed execution time", "code": 500},
+        "auditAnnotations": None, "warnings": None}
+    assert admission.internal_error("u", "boom")["status"] == {"message": "internal server error: boom", "code": 500}
+
+
+REQUEST = admission.parse_raw_review({"request": {"uid": "req-1"}})
+
+
+@pytest.mark.parametrize("result,message", [
+    (b"not json", "cannot interpret OPA policy result"),
+    (b'[{"result": {"response": 3}}]', "invalid type: integer `3`, expected struct AdmissionResponse"),
+    (b'[{"result": {"response": {"allowed": true}}}]', "missing field `uid`"),
+    (b'[{"result": {"response": {"uid": 1, "allowed": true}}}]', "invalid type: integer `1`, expected a string"),
+    (b'[{"result": {"response": {"uid": "x", "allowed": "yes"}}}]',
+     'invalid type: string "yes", expected a boolean'),
+    (b'[{"result": {"response": {"uid": "x", "allowed": true, "status": []}}}]',
+     "invalid type: sequence, expected struct Status"),
+    (b'[{"result": {"response": {"uid": "x", "allowed": true, "patch": 5}}}]',
+     "invalid type: integer `5`, expected a base64 string"),
+])
+def test_uninterpretable_opa_results_keep_the_request_uid(result, message):
+    response = admission.response_from_opa(REQUEST, result)
+    assert response == admission.internal_error("req-1", message)
+
+
+def test_opa_status_keeps_only_the_status_fields_that_are_set():
+    result = b'[{"result": {"response": {"uid": "x", "allowed": false, "status": {"message": "no", "code": null}}}}]'
+    assert admission.response_from_opa(REQUEST, result)["status"] == {"message": "no"}
+    result = b'[{"result": {"response": {"uid": "x", "allowed": true, "status": {}}}}]'
+    assert "status" not in admission.response_from_opa(REQUEST, result)
+
+
+@pytest.mark.parametrize("result,message", [
+    (b"nope", "not JSON: invalid literal"),
+    (b"[]", "the entrypoint is undefined (it produced no result)"),
+    (b'[{"other": 1}]', "the entrypoint is undefined (it produced no result)"),
+    (b"[3]", "the entrypoint is undefined (it produced no result)"),
+    (b'[{"result": {"a": 1}}]', "expected a set of violations, got map"),
+    (b'[{"result": ["x"]}]', 'a violation must be an object, got string "x"'),
+    (b'[{"result": [{"msg": 1}]}]', "a violation's `msg` must be a string, got integer `1`"),
+])
+def test_uninterpretable_gatekeeper_results_say_why_and_keep_the_uid(result, message):
+    response = admission.response_from_gatekeeper(REQUEST, result)
+    assert response["uid"] == "req-1" and response["allowed"] is False and response["status"]["code"] == 500
+    assert response["status"]["message"].startswith(
+        f"internal server error: cannot interpret Gatekeeper policy result: {message}")
+
+
+def test_gatekeeper_answers_keep_the_uid():
+    assert admission.response_from_gatekeeper(REQUEST, b'[{"result": []}]') == admission.admission_response(
+        "req-1", True)
+    rejected = admission.response_from_gatekeeper(REQUEST, b'[{"result": [{"msg": "a"}, {}, {"msg": "b"}]}]')
+    assert rejected == admission.admission_response("req-1", False, status={"message": "a, b"})
+
+
+def test_wasi_answer_that_is_not_json_keeps_the_uid():
+    response = admission.response_from_wasi(REQUEST, b"{oops")
+    assert response["uid"] == "req-1"
+    assert response["status"]["message"].startswith(
+        "internal server error: Cannot deserialize policy validation response: unexpected character")
+
+
+def test_custom_message_keeps_the_details_and_causes_a_policy_gave():
+    given = {"details": {"causes": [admission.cause("first", "spec.a")], "name": "x"}, "code": 403}
+    rejected = admission.admission_response("u", False, status=given)
+    result = _post(rejected, message="Custom")
+    assert result["status"] == {"message": "Custom", "code": 403, "details": {
+        "name": "x", "causes": [admission.cause("first", "spec.a"), admission.cause("")]}}
+
+
+def test_mutation_rejected_message_names_the_policy():
+    assert admission.mutation_rejected_message("p1") == (
+        "Request rejected by policy p1. The policy attempted to mutate the request, but it is currently configured "
+        "to not allow mutations.")

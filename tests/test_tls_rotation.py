@@ -135,3 +135,14 @@ def test_no_usable_client_ca_at_start_is_an_error(pki):
     bad.write_bytes(b"garbage")
     with pytest.raises(ssl.SSLError, match="no usable client CA certificate"):
         TlsContextCache(str(pki["cert"]), str(pki["key"]), [str(bad), str(pki["dir"] / "missing.pem")]).context()
+
+
+def test_a_client_ca_rotation_keeps_a_half_rotated_pair_out(pki):
+    files = _client_ca_files(pki, 1)
+    cache = TlsContextCache(str(pki["cert"]), str(pki["key"]), [str(files[0])])
+    cache.context()
+    pki["cert"].write_bytes(pki["pairs"][1].cert.read_bytes())  # the certificate alone: half a rotation
+    files[0].write_bytes(pki["client_cas"][1].cert.read_bytes())
+    rotated = cache.context()
+    assert client_ca_names(rotated) == ["client-ca-1"] and cache.reloads == 1
+    assert served_name(rotated, pki["ca"].cert) == "server-1"  # the loaded pair, not the files' new certificate
