@@ -137,13 +137,9 @@ def test_workers_over_the_memory_ceiling_get_sigterm_and_the_others_do_not():
             process.wait()
 
 
-def test_the_controller_asks_the_master_to_grow_and_then_to_shrink():
-    """Growing and shrinking go through gunicorn's own signals to the master: SIGTTIN and SIGTTOU."""
-    import signal
-
-    received = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGTTIN, signal.SIGTTOU)}
+def test_the_controller_resizes_the_pool_up_and_then_down():
+    """The controller sets the pool's size (the arbiter's worker count) as the load asks."""
+    sizes: list[int] = []
     busy = {"load": 1.0, "total": 0.0, "at": time.monotonic()}
 
     def busy_seconds():  # one worker, fully busy (load 1.0) or idle (load 0.0) since the last sample
@@ -153,20 +149,17 @@ def test_the_controller_asks_the_master_to_grow_and_then_to_shrink():
         return busy["total"]
 
     controller = PoolController(policy=ScalingPolicy(1, 2, 0.0, 0.0), max_uss_bytes=0, busy_seconds=busy_seconds,
-                                workers=lambda: dict.fromkeys(range(1 + received.count(signal.SIGTTIN)
-                                                                     - received.count(signal.SIGTTOU)), 1),
-                                uss=lambda pid: None)
+                                workers=lambda: dict.fromkeys(range(sizes[-1] if sizes else 1), 1),
+                                uss=lambda pid: None, resize=sizes.append)
     controller.start()
     try:
         deadline = time.monotonic() + 20
-        while signal.SIGTTIN not in received and time.monotonic() < deadline:
+        while 2 not in sizes and time.monotonic() < deadline:
             time.sleep(0.05)
         busy["load"] = 0.0
         deadline = time.monotonic() + 20  # the cool-down passes first
-        while signal.SIGTTOU not in received and time.monotonic() < deadline:
+        while sizes[-1:] != [1] and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         controller.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    assert received[:1] == [signal.SIGTTIN] and signal.SIGTTOU in received
+    assert sizes[:1] == [2] and sizes[-1] == 1

@@ -103,6 +103,12 @@ class InstancePool:
     def instance(self, policy: LoadedPolicy) -> Iterator[PolicyInstance]:
         key = policy.instance_key
         instance = self._take_idle(key) if self.reuse else None
+        if instance is not None and instance.memory_size > policy.limits.memory_bytes:
+            # Grown by another policy of the module past what this one may use: not for this policy.
+            self.discards += 1
+            self.observer.event("discard")
+            instance.close()
+            instance = None
         if instance is None:
             self.misses += 1
             self.observer.event("miss")
