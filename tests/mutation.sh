@@ -48,6 +48,8 @@ also_copy = ["gunicorn.conf.py", "policies", "deploy", "docs", "README.md"]
 use_git_change_detection = false
 # A mutant that makes a test hang (an endless loop) counts as caught; do not wait 15 times as long for it.
 timeout_multiplier = 4.0
+# Each mutant is a fresh pytest process that collects the suite first: seconds the estimate does not count.
+timeout_constant = 20.0
 # Workers are forked from a server that never ran a test: wasmtime's compiler threads do not survive fork, so a
 # worker forked after tests compiled modules would hang in its first compile.
 process_isolation = "forkserver"
