@@ -101,7 +101,7 @@ def test_a_member_that_failed_to_initialise_rejects_with_its_error(evaluator):
 ])
 def test_an_expression_that_cannot_be_evaluated_is_a_500_rejection(evaluator, group, detail):
     response = evaluator.evaluate(group, REQUEST)
-    assert response["allowed"] is False and response["status"]["code"] == 500
+    assert response["uid"] == "u1" and response["allowed"] is False and response["status"]["code"] == 500
     assert response["status"]["message"].startswith(f"error evaluating policy group expression: {detail}")
     assert "details" not in response["status"]
 

@@ -97,14 +97,30 @@ def evaluator_parts(tmp_path_factory):
 REQUEST = parse_admission_review(PRIVILEGED)
 
 
+class RecordingObserver:
+    """What the metrics see of a pool (kwserver.observability.metrics.WorkerMetrics implements the same)."""
+
+    def __init__(self):
+        self.events: dict[str, int] = {}
+        self.idle_by_key: dict[str, tuple[int, int]] = {}
+
+    def event(self, name: str, count: int = 1) -> None:
+        self.events[name] = self.events.get(name, 0) + count
+
+    def idle(self, instance_key: str, count: int, memory_bytes: int) -> None:
+        self.idle_by_key[instance_key] = (count, memory_bytes)
+
+
 @settings(max_examples=40, deadline=None)
 @given(budget=st.integers(0, 4 * MIB), order=st.lists(st.sampled_from("abc"), min_size=1, max_size=12))
 def test_pool_bookkeeping_under_any_sequence_of_evaluations(evaluator_parts, budget, order):
     from kwserver.evaluation import Evaluator, InstancePool
 
     _, registry = evaluator_parts
-    pool = InstancePool(registry, reuse=True, keep_bytes=32 * MIB, budget_bytes=budget)
+    observer = RecordingObserver()
+    pool = InstancePool(registry, reuse=True, keep_bytes=32 * MIB, budget_bytes=budget, observer=observer)
     evaluator = Evaluator(registry, pool)
+    sizes: dict[str, int] = {}  # memory of each module's instance, as last reported while idle alone
     try:
         for name in order:
             key = registry.policies[name].instance_key  # a and b share pod-privileged's instances
@@ -119,10 +135,24 @@ def test_pool_bookkeeping_under_any_sequence_of_evaluations(evaluator_parts, bud
             assert stats["idle_instances"] == sum(stats["per_key"].values())
             # Least recently used first: if the instance just returned was evicted, so was every other.
             assert key in stats["per_key"] or stats["idle_instances"] == 0
+            # ... and it is evicted only when it alone is over the budget.
+            count, memory = observer.idle_by_key[key]
+            if count:
+                sizes[key] = memory
+            elif key in sizes:
+                assert sizes[key] > budget
             # One evaluation at a time: never more than one idle instance per module.
             assert set(stats["per_key"].values()) <= {1}
             # Every instance made is idle or was evicted (none trapped or grew too large here).
             assert stats["discards"] == 0
             assert stats["evictions"] == stats["misses"] - stats["idle_instances"]
+            # The metrics see the same: per policy, the idle count and memory; the events, counted.
+            reported = {key: entry for key, entry in observer.idle_by_key.items() if entry[0]}
+            assert {key: entry[0] for key, entry in reported.items()} == stats["per_key"]
+            assert sum(entry[1] for entry in reported.values()) == stats["idle_bytes"]
+            assert {event: observer.events.get(event, 0) for event in ("hit", "miss", "eviction")} == {
+                "hit": stats["hits"], "miss": stats["misses"], "eviction": stats["evictions"]}
+        assert stats["linked_modules"] == len({registry.policies[name].module.digest for name in set(order)})
     finally:
         pool.clear()
+    assert pool.stats()["idle_instances"] == pool.stats()["idle_bytes"] == 0
