@@ -70,7 +70,8 @@ def _tokenize(text: str) -> list[str]:
     while pos < len(text):
         match = _TOKEN.match(text, pos)
         if not match:
-            raise ExpressionError(f"unexpected character {text[pos:].strip()[:1]!r} at position {pos + 1}")
+            at = len(text) - len(text[pos:].lstrip())  # the character itself, not the blanks before it
+            raise ExpressionError(f"unexpected character {text[at]!r} at position {at + 1}")
         tokens.append(match.group(match.lastgroup))
         pos = match.end()
     return tokens

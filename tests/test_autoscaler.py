@@ -163,3 +163,22 @@ def test_the_controller_resizes_the_pool_up_and_then_down():
     finally:
         controller.stop()
     assert sizes[:1] == [2] and sizes[-1] == 1
+
+
+def test_a_worker_still_draining_does_not_keep_the_others_from_being_checked():
+    first, second = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    uss = {first.pid: 200 << 20, second.pid: 10 << 20}
+    # gunicorn lists a retiring worker until it has drained: the first stays listed after its SIGTERM.
+    controller = PoolController(policy=None, max_uss_bytes=100 << 20, busy_seconds=lambda: 0.0,
+                                workers=lambda: {first.pid: 1, second.pid: 2}, uss=uss.get,
+                                resize=lambda workers: None)
+    controller.start()
+    try:
+        assert first.wait(timeout=10) == -15
+        uss[second.pid] = 300 << 20  # the second grows later
+        assert second.wait(timeout=10) == -15
+    finally:
+        controller.stop()
+        for process in (first, second):
+            process.kill()
+            process.wait()

@@ -233,3 +233,21 @@ def test_expressions_evaluate_as_the_reference_evaluator(tree, answers):
     else:
         assert evaluate(compiled, lambda name: calls.append(name) or answers[name]) is expected, text
     assert calls == expected_calls, text  # the same members, in the same order (short-circuits included)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a() # b()", "unexpected character '#' at position 5"),
+    ("   ?", "unexpected character '?' at position 4"),
+    ("a() &&", "unexpected end of expression"),
+    ("(a()", "unexpected end of expression, expected `)`"),
+    ("a(", "unexpected end of expression, expected `)`"),
+    ("a(1)", "expected `)`, found `1`"),
+    ("(a() b())", "expected `)`, found `b`"),
+    ("a() )", "unexpected `)` after the end of the expression"),
+    ("&& a()", "unexpected `&&`"),
+    ("   ", "empty expression"),
+])
+def test_syntax_errors_say_what_and_where(text, message):
+    with pytest.raises(ExpressionError) as error:
+        compile_expression(text, {"a", "b"})
+    assert str(error.value) == message
