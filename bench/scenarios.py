@@ -90,6 +90,12 @@ def pod_privileged_policy(config: Path) -> str:
     raise ValueError(f"{config} has no Kubernetes policy")
 
 
+def pod_workloads(directory: Path, policy: str = "pod-privileged") -> tuple[wl.Workload, wl.Workload]:
+    """The reference server's ~5 KB pods sent to `policy`: one accepted, one rejected."""
+    return (wl.single_request(directory, "pod-accept-5k", policy, wl.POD_UNPRIVILEGED, "5.4 KB Pod, accepted"),
+            wl.single_request(directory, "pod-reject-5k", policy, wl.POD_PRIVILEGED, "5.3 KB Pod, rejected"))
+
+
 def plain_policies(config: Path) -> set[str]:
     return {i.name for i in wl.describe_config(config) if not i.group}
 
@@ -145,10 +151,7 @@ CANNED_UVICORN = "canned on uvicorn-worker"
 def ceiling(run: ScenarioRun) -> None:
     o = run.options
     config = single_config(run)
-    policy = "pod-privileged"
-    d = workdir(run, "ceiling")
-    accept = wl.single_request(d, "pod-accept-5k", policy, wl.POD_UNPRIVILEGED, "5.4 KB Pod, accepted")
-    reject = wl.single_request(d, "pod-reject-5k", policy, wl.POD_PRIVILEGED, "5.3 KB Pod, rejected")
+    accept, reject = pod_workloads(workdir(run, "ceiling"))
     stacks = {CANNED: "event-loop", CANNED_GTHREAD: "gthread"}
     if importlib.util.find_spec("uvicorn_worker") is not None:
         stacks[CANNED_UVICORN] = "uvicorn"
@@ -195,8 +198,7 @@ STALLED_COUNTS = (10, 100, 1000)
 def hostile(run: ScenarioRun) -> None:
     o = run.options
     config = single_config(run)
-    accept = wl.single_request(workdir(run, "hostile"), "pod-accept-5k", "pod-privileged", wl.POD_UNPRIVILEGED,
-                               "5.4 KB Pod, accepted")
+    accept, _ = pod_workloads(workdir(run, "hostile"))
     kw = run.kwserver("kwserver-https", config, tls=True)
     check_outcomes(run, kw, accept, "accept")
     run.warmup(kw, accept)
