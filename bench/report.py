@@ -245,6 +245,41 @@ def plot_lines(lines: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_comparison(comparison: dict[str, Any], path: Path) -> bool:
+    """Panels of measured lines with reference figures beside them, on a log scale (they differ by orders of
+    magnitude). A reference given as (x, low, high) is drawn as a range."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    panels = comparison["panels"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for label, points in panel["measured"].items():
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=label)
+            for x, y in points:
+                ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
+        for label, points in panel["reference"].items():
+            for point in points:
+                x, low, high = point if len(point) == 3 else (point[0], point[1], point[1])
+                ax.vlines(x, low, high, colors="tab:red", linewidth=6, alpha=0.6)
+                ax.scatter([x], [(low + high) / 2], color="tab:red", marker="s", zorder=3)
+                text = f"{low:,.0f}" if low == high else f"{low:,.0f}-{high:,.0f}"
+                ax.annotate(text, (x, high), textcoords="offset points", xytext=(4, 2), fontsize=8)
+            ax.scatter([], [], color="tab:red", marker="s", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel(panel["x_label"])
+        ax.set_ylabel(panel["y_label"])
+        ax.set_title(panel["title"], fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(comparison["title"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
 def plot_bars(bars: dict[str, Any], path: Path) -> bool:
     """Medians as bars with min-max whiskers."""
     plt = _pyplot()
@@ -309,6 +344,9 @@ def write_scenario(run: ScenarioRun) -> None:
     for bars in run.data.get("bars", []):
         if plot_bars(bars, out / bars["file"]):
             figures.append((bars["file"], bars["title"]))
+    for comparison in run.data.get("comparisons", []):
+        if plot_comparison(comparison, out / comparison["file"]):
+            figures.append((comparison["file"], comparison["title"]))
     for lines in run.data.get("lines", []):
         if plot_lines(lines, out / lines["file"]):
             figures.append((lines["file"], lines["title"]))

@@ -428,6 +428,82 @@ def policies(run: ScenarioRun) -> None:
                    f"{n61} policies", f"{n10} policies")
 
 
+# --- 5a. seed ---------------------------------------------------------------------------------------
+
+# The figures the project started from: Kubewarden 1.7's policy-server with the ten-policy configuration
+# (1 and 4 workers), and a user's report of 61 policies. MB as reported (10^6 bytes), drawn in MiB.
+SEED_WORKERS_MB = {1: 634, 4: 1108}
+SEED_61_POLICIES_GB = (40, 50)
+
+
+@scenario("seed", "the seed's memory comparisons, on this machine",
+          "The comparisons that started the project, measured on kwserver: total PSS of the ten-policy "
+          "configuration at 1, 2, 4 and 8 workers, and of the ten- and the 61-policy configurations at 4 "
+          "workers, each server alone, after every worker served every policy (warm-up rounds) and one load "
+          "point of the realistic mix. Drawn beside the seed's figures for Kubewarden 1.7's policy-server "
+          "(634 MB at 1 worker, 1,108 MB at 4) and the user's report (61 policies, 40-50 GB). Those are "
+          "quoted, not measured here: the ratios say how far apart the two servers are, not a same-run race.")
+def seed(run: ScenarioRun) -> None:
+    o = run.options
+    ten, sixty_one = ten_policy_config(run), sixty_one_policy_config(run)
+    d = workdir(run, "seed")
+
+    def measure(choice: wl.ConfigChoice, count: int) -> float:
+        mix = wl.mix_workload(d, f"mix-{choice.policies}", choice.path,
+                              f"realistic mix over all {choice.policies} policies")
+        server = run.kwserver(f"kwserver-{choice.policies}p-{count}w", choice.path, workers=count)
+        try:
+            run.preflight(server, mix)
+            run.warm_every_worker(server, mix, connections=4 * count)
+            point = run.load(server, mix, label=f"{choice.policies} policies, {count} worker(s)",
+                             series="seed", connections=max(o.connections, 2 * count))
+        finally:
+            run.stop(server)
+        return point.memory["pss"] / MIB
+
+    by_workers = {count: measure(ten, count) for count in o.worker_counts}
+    by_policies = {ten.policies: by_workers[4] if 4 in by_workers else measure(ten, 4),
+                   sixty_one.policies: measure(sixty_one, 4)}
+    mb = 1e6 / MIB
+    seed_workers = {count: value * mb for count, value in SEED_WORKERS_MB.items()}
+    low, high = (gb * 1000 * mb for gb in SEED_61_POLICIES_GB)
+    run.data["seed"] = {"kwserver_pss_mib_by_workers": by_workers, "kwserver_pss_mib_by_policies": by_policies,
+                        "kubewarden_1_7_mb_by_workers": SEED_WORKERS_MB, "report_61_policies_gb": SEED_61_POLICIES_GB}
+    run.data["comparisons"] = [{
+        "file": "seed.png", "title": "total PSS: kwserver (measured) beside the seed's figures (quoted)",
+        "panels": [
+            {"title": "ten-policy configuration", "x_label": "workers", "y_label": "total PSS (MiB, log)",
+             "measured": {"kwserver": sorted(by_workers.items())},
+             "reference": {"Kubewarden 1.7 (seed)": sorted(seed_workers.items())}},
+            {"title": "4 workers", "x_label": "policies", "y_label": "total PSS (MiB, log)",
+             "measured": {"kwserver": sorted(by_policies.items())},
+             "reference": {"user report, 61 policies": [(sixty_one.policies, low, high)]}},
+        ]}]
+    run.tables.append(("Total PSS, kwserver beside the seed's figures", ["configuration", "kwserver MiB",
+                                                                          "seed's figure MiB", "ratio"],
+                       [[f"{ten.policies} policies, {count} worker(s)", fmt(value, 1),
+                         fmt(seed_workers[count], 0) if count in seed_workers else "-",
+                         f"1/{seed_workers[count] / value:.0f}" if count in seed_workers else "-"]
+                        for count, value in by_workers.items()]
+                       + [[f"{sixty_one.policies} policies, 4 workers", fmt(by_policies[sixty_one.policies], 1),
+                           f"{low:,.0f}-{high:,.0f}", f"1/{low / by_policies[sixty_one.policies]:,.0f}"]]))
+    for count in sorted(set(by_workers) & set(seed_workers)):
+        run.headline(f"total PSS, ten policies, {count} worker(s): kwserver / Kubewarden 1.7",
+                     f"1/{seed_workers[count] / by_workers[count]:.0f}",
+                     f"{by_workers[count]:.1f} MiB vs {seed_workers[count]:.0f} MiB",
+                     kwserver_mib=by_workers[count], seed_mib=seed_workers[count])
+    counts = sorted(by_workers)
+    growth = (by_workers[counts[-1]] - by_workers[counts[0]]) / (counts[-1] - counts[0]) if len(counts) > 1 \
+        else math.nan
+    seed_growth = (seed_workers[4] - seed_workers[1]) / 3
+    run.headline("cost of one more worker: kwserver / Kubewarden 1.7", f"{growth:.1f} MiB vs {seed_growth:.0f} MiB",
+                 f"kwserver {counts[0]}->{counts[-1]} workers, seed 1->4", kwserver_mib=growth,
+                 seed_mib=seed_growth)
+    sixty = by_policies[sixty_one.policies]
+    run.headline(f"{sixty_one.policies} policies at 4 workers", f"{sixty:.1f} MiB",
+                 f"the user's report: {SEED_61_POLICIES_GB[0]}-{SEED_61_POLICIES_GB[1]} GB", kwserver_mib=sixty)
+
+
 # --- 5b. pool --------------------------------------------------------------------------------------
 
 @scenario("pool", "the worker pool through a load burst and the idle time after it",
