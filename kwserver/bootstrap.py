@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 import wasmtime
@@ -36,13 +37,12 @@ from kwserver.runtime.engine import (
     make_engine,
     malloc_trim,
 )
-from kwserver.sources import SourceError
-from kwserver.sources.credentials import load_credentials
-from kwserver.sources.fetcher import ModuleFetcher
-from kwserver.sources.transport import FetchOptions, TransportError
-from kwserver.sources.trust import load_sources
-from kwserver.sources.verification import ChecksumError, VerificationError, load_verification
+from kwserver.sources.errors import ChecksumError, SourceError, TransportError, VerificationError
+from kwserver.sources.isolated import fetch_modules
 from kwserver.truncation import bounded
+
+if TYPE_CHECKING:
+    from kwserver.sources.fetcher import ModuleFetcher
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,12 @@ def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, di
 
 def make_fetcher(settings: ServerSettings, base_dir: Path) -> ModuleFetcher:
     """The module fetcher `settings` describe; raises ConfigError for a bad sources.yml or docker config."""
+    from kwserver.sources.credentials import load_credentials
+    from kwserver.sources.fetcher import ModuleFetcher
+    from kwserver.sources.transport import FetchOptions
+    from kwserver.sources.trust import load_sources
+    from kwserver.sources.verification import load_verification
+
     options = FetchOptions(timeout_seconds=settings.download_timeout_seconds, retries=settings.download_retries,
                            max_bytes=settings.max_module_size_mib * 1024 * 1024)
     return ModuleFetcher(base_dir=base_dir, download_dir=Path(settings.policies_download_dir),
@@ -146,10 +152,10 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     registry.specs = {n: e for n, e in entries.items() if isinstance(e, PolicySpec)}
 
     # One fetch per module string (remote ones concurrently), one compile per unique digest.
-    fetcher = make_fetcher(settings, base_dir)
+    fetched_modules = fetch_modules(settings, base_dir, (spec.module for spec in specs))
     running = _previous_modules(previous) if reuse else {}
     by_reference: dict[str, CompiledModule | Exception] = {}
-    for reference, fetched in fetcher.fetch_all(spec.module for spec in specs).items():
+    for reference, fetched in fetched_modules.modules.items():
         if isinstance(fetched, TransportError) and reference in running:
             # A registry that is down during a reload does not take running policies with it.
             log.warning("cannot download %s (%s); keeping the module in service", reference, fetched)
@@ -174,7 +180,11 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
         registry.modules[fetched.digest] = compiled
         by_reference[reference] = compiled
     report.unique_modules = len(registry.modules)
-    report.downloaded_modules = fetcher.downloaded
+    if any(m.metadata.execution_mode in ("opa", "gatekeeper") for m in registry.modules.values()):
+        from kwserver.runtime.opa_builtins import text
+
+        text.preload()
+    report.downloaded_modules = fetched_modules.downloaded
     report.cache_hits, report.cache_misses = cache.hits, cache.misses
     malloc_trim()
 

@@ -22,7 +22,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from kwserver import __version__
-from kwserver.sources.errors import SourceError
+from kwserver.sources.errors import SourceError, TransportError
 from kwserver.sources.trust import Sources
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ class Attempt:
         if self.scheme == "http":
             return "plain HTTP"
         return "HTTPS without TLS verification" if self.verify is False else "HTTPS"
-
-
-class TransportError(SourceError):
-    """A request failed before any HTTP answer (connection, TLS, timeout)."""
 
 
 def attempts(host: str, sources: Sources, scheme: str = "https") -> list[Attempt]:

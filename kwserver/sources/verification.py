@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from kwserver.config import ConfigError
-from kwserver.sources.errors import SourceError
+from kwserver.sources.errors import ChecksumError, VerificationError
 from kwserver.sources.oci import OciClient, sha256_digest, wasm_layer
 from kwserver.sources.references import ImageReference
 
@@ -37,14 +37,6 @@ KEYLESS_KINDS = ("genericIssuer", "githubAction")
 _SIGNATURE_KEYS = {"pubKey": ({"key"}, {"owner", "annotations"}),
                    "genericIssuer": ({"issuer", "subject"}, {"annotations"}),
                    "githubAction": ({"owner"}, {"repo", "annotations"})}
-
-
-class VerificationError(SourceError):
-    """The module's signatures do not satisfy verification.yml (`Policy '<name>' cannot be verified`)."""
-
-
-class ChecksumError(SourceError):
-    """The module's bytes are not the signed ones (`Verification of policy <name> failed`)."""
 
 
 @dataclass(frozen=True)

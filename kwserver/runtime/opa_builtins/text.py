@@ -15,7 +15,6 @@ from typing import Any
 
 import jsonpatch
 import orjson
-import re2
 import yaml
 
 from kwserver.runtime.opa_builtins._common import (
@@ -29,6 +28,19 @@ from kwserver.runtime.opa_builtins._common import (
 from kwserver.runtime.opa_builtins.gofmt import sprintf as go_sprintf
 
 # --- strings --------------------------------------------------------------------------------------
+
+
+def _re2() -> Any:
+    """RE2, imported when a Rego policy is loaded (`preload`): only those need it, and it maps ~3 MiB (with
+    libstdc++) into every process."""
+    import re2
+
+    return re2
+
+
+def preload() -> None:
+    """Import what Rego builtins need in the master, before the fork, so that workers share it."""
+    _re2()
 
 
 def sprintf(fmt: Any, values: Any) -> str:
@@ -63,8 +75,8 @@ def strings_reverse(value: Any) -> str:
 @functools.lru_cache(maxsize=256)
 def _compile(pattern: str) -> Any:
     try:
-        return re2.compile(pattern)
-    except re2.error as exc:
+        return _re2().compile(pattern)
+    except _re2().error as exc:
         raise BuiltinError(f"error parsing regexp: {exc}: `{pattern}`") from exc
 
 
@@ -156,7 +168,7 @@ def _go_expand(template: str, match: Any) -> str:
 def _group(match: Any, name: str) -> str:
     try:
         value = match.group(int(name)) if name.isdigit() else match.group(name)
-    except (IndexError, KeyError, re2.error):
+    except (IndexError, KeyError, _re2().error):
         return ""
     return value or ""
 
@@ -175,13 +187,13 @@ def regex_template_match(template: Any, value: Any, start: Any, end: Any) -> boo
         elif ch == close_ch:
             level -= 1
             if level == 0:
-                pattern.append(re2.escape(tpl[pos:idx]) + "(" + tpl[idx + 1:i] + ")")
+                pattern.append(_re2().escape(tpl[pos:idx]) + "(" + tpl[idx + 1:i] + ")")
                 pos = i + 1
             elif level < 0:
                 raise BuiltinError(f"regex.template_match: unbalanced braces in {tpl!r}")
     if level != 0:
         raise BuiltinError(f"regex.template_match: unbalanced braces in {tpl!r}")
-    pattern.append(re2.escape(tpl[pos:]) + "$")
+    pattern.append(_re2().escape(tpl[pos:]) + "$")
     return _compile("".join(pattern)).search(text) is not None
 
 
