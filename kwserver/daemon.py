@@ -147,6 +147,7 @@ class Daemon:
             budget_bytes=settings.worker_instance_budget_mib * MIB,
             observer=self.metrics,
         )
+        self.pool.link_all()
         compiled = sum(m.compiled_size for m in registry.modules.values())
         log.info(
             "loaded %d policies and %d groups over %d unique modules (%d downloaded, %.1f MiB compiled, %d reused, "
