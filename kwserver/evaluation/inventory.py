@@ -25,29 +25,25 @@ from typing import Any, Protocol
 
 import orjson
 
-from kwserver.capabilities.kubernetes import NO_KUBERNETES_CLIENT
+from kwserver.capabilities.callback_requests import HostCallError, HostRequest
 from kwserver.cluster import connection
-from kwserver.cluster.client import ClusterError
 from kwserver.config import ContextAwareResource
 
 log = logging.getLogger(__name__)
 
 # A policy without a timeout still gets an answer: the cluster client's own request bound.
 _MAX_WAIT_SECONDS = connection.REQUEST_TIMEOUT_SECONDS
-_MIN_WAIT_SECONDS = 0.05
 
 
 class InventoryUnavailable(Exception):
     """The cluster could not be listed; the text is the rejection message."""
 
 
-class Cluster(Protocol):
-    """What the inventory needs of the cluster client (`kwserver.cluster.connection.cluster()`)."""
+class HostRequests(Protocol):
+    """How the inventory reaches the cluster: the policy's own capabilities (kwserver.capabilities), so the
+    lists are recorded and replayed as the policy's calls are (`kwserver run`), as in the reference."""
 
-    def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
-             field_selector: str | None, timeout: float) -> bytes: ...
-
-    def resource(self, api_version: str, kind: str, timeout: float) -> Any: ...
+    def on_behalf(self, request: HostRequest, deadline: float | None) -> bytes: ...
 
 
 def _named(items: Sequence[dict[str, Any]]) -> list[tuple[str | None, str, dict[str, Any]]]:
@@ -107,12 +103,14 @@ class InventoryCache:
         self.built: dict[tuple[Any, ...], _Built] = {}
         self.lock = threading.Lock()
 
-    def opa(self, policy_name: str, resources: Sequence[ContextAwareResource], settings_json: bytes,
-            timeout_seconds: float | None) -> bytes:
+    def opa(self, host: HostRequests, policy_name: str, resources: Sequence[ContextAwareResource],
+            settings_json: bytes, timeout_seconds: float | None) -> bytes:
         """The `data` of an OPA policy: its settings with the inventory as `kubernetes`."""
-        client, deadline = _client(), _deadline(timeout_seconds)
-        lists = _fetch(client, resources, deadline)
-        key = ("opa", tuple(resources), settings_json)
+        deadline = _deadline(timeout_seconds)
+        lists = _fetch(host, resources, deadline)
+        # Asked every time, after the lists, as the reference does (recorded sessions see the same calls).
+        plurals = tuple(_plural(host, resource, deadline) for resource in resources)
+        key = ("opa", tuple(resources), plurals, settings_json)
         cached = self._cached(key, lists)
         if cached is not None:
             return cached
@@ -122,13 +120,13 @@ class InventoryCache:
         if "kubernetes" in settings and key not in self.built:
             log.warning("policy %s: the `kubernetes` key of its settings is replaced by the cluster inventory",
                         policy_name)
-        plurals = [_plural(client, resource, deadline) for resource in resources]
         inventory = opa_inventory([(plural, _items(raw)) for plural, raw in zip(plurals, lists, strict=True)])
         return self._store(key, lists, orjson.dumps(opa_data(settings, inventory)))
 
-    def gatekeeper(self, resources: Sequence[ContextAwareResource], timeout_seconds: float | None) -> bytes:
+    def gatekeeper(self, host: HostRequests, resources: Sequence[ContextAwareResource],
+                   timeout_seconds: float | None) -> bytes:
         """The `data` of a Gatekeeper policy: `{"inventory": ...}`."""
-        lists = _fetch(_client(), resources, _deadline(timeout_seconds))
+        lists = _fetch(host, resources, _deadline(timeout_seconds))
         key = ("gatekeeper", tuple(resources))
         cached = self._cached(key, lists)
         if cached is not None:
@@ -148,52 +146,54 @@ class InventoryCache:
         return data
 
 
-def _client() -> Cluster:
-    client = connection.cluster()
-    if client is None:
-        raise InventoryUnavailable(NO_KUBERNETES_CLIENT)
-    return client
-
-
 def _deadline(timeout_seconds: float | None) -> float:
     wait = _MAX_WAIT_SECONDS if timeout_seconds is None else min(float(timeout_seconds), _MAX_WAIT_SECONDS)
     return time.monotonic() + wait
 
 
-def _remaining(deadline: float) -> float:
-    return max(_MIN_WAIT_SECONDS, deadline - time.monotonic())
-
-
-def _fetch(client: Cluster, resources: Sequence[ContextAwareResource], deadline: float) -> tuple[bytes, ...]:
+def _fetch(host: HostRequests, resources: Sequence[ContextAwareResource], deadline: float) -> tuple[bytes, ...]:
     """The List of every kind, all namespaces, no selectors; the whole fetch ends by `deadline`."""
-    lists = []
-    for resource in resources:
-        try:
-            lists.append(client.list(resource.api_version, resource.kind, None, None, None, _remaining(deadline)))
-        except ClusterError as exc:
-            raise InventoryUnavailable(str(exc)) from exc
-    return tuple(lists)
+    return tuple(_ask(host, "KubernetesListResourceAll", resource, deadline, label_selector=None,
+                      field_selector=None) for resource in resources)
 
 
-def _plural(client: Cluster, resource: ContextAwareResource, deadline: float) -> str:
+def _plural(host: HostRequests, resource: ContextAwareResource, deadline: float) -> str:
+    answer = _ask(host, "KubernetesGetResourcePluralName", resource, deadline)
     try:
-        return str(client.resource(resource.api_version, resource.kind, _remaining(deadline)).plural)
-    except ClusterError as exc:
+        plural = orjson.loads(answer)
+    except orjson.JSONDecodeError:
+        plural = None
+    if not isinstance(plural, str):
+        raise InventoryUnavailable(f"get plural name failure, cannot convert callback response: {answer[:200]!r}")
+    return plural
+
+
+def _ask(host: HostRequests, kind: str, resource: ContextAwareResource, deadline: float, **fields: Any) -> bytes:
+    request = HostRequest(kind, {"api_version": resource.api_version, "kind": resource.kind, **fields})
+    try:
+        return host.on_behalf(request, deadline)
+    except HostCallError as exc:
         raise InventoryUnavailable(str(exc)) from exc
 
 
 def _items(raw: bytes) -> list[dict[str, Any]]:
-    items = orjson.loads(raw).get("items") or []
-    return [item for item in items if isinstance(item, dict)]
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InventoryUnavailable(f"cannot convert callback response into a list of kubernetes objects: {exc}") \
+            from exc
+    items = doc.get("items") if isinstance(doc, dict) else None
+    return [item for item in items or [] if isinstance(item, dict)]
 
 
 _process_cache = InventoryCache()
 
 
-def opa_data_json(policy_name: str, resources: Sequence[ContextAwareResource], settings_json: bytes,
-                  timeout_seconds: float | None) -> bytes:
-    return _process_cache.opa(policy_name, resources, settings_json, timeout_seconds)
+def opa_data_json(host: HostRequests, policy_name: str, resources: Sequence[ContextAwareResource],
+                  settings_json: bytes, timeout_seconds: float | None) -> bytes:
+    return _process_cache.opa(host, policy_name, resources, settings_json, timeout_seconds)
 
 
-def gatekeeper_data_json(resources: Sequence[ContextAwareResource], timeout_seconds: float | None) -> bytes:
-    return _process_cache.gatekeeper(resources, timeout_seconds)
+def gatekeeper_data_json(host: HostRequests, resources: Sequence[ContextAwareResource],
+                         timeout_seconds: float | None) -> bytes:
+    return _process_cache.gatekeeper(host, resources, timeout_seconds)

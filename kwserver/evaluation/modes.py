@@ -142,8 +142,9 @@ class OpaMode(ExecutionMode):
         """Input and data; a context-aware policy's data carries the cluster inventory as `kubernetes`."""
         input_json, data_json = admission.opa_documents(request, policy.settings_json)
         if policy.spec.context_aware_resources:
-            data_json = inventory.opa_data_json(policy.name, policy.spec.context_aware_resources,
-                                                policy.settings_json, policy.limits.timeout_seconds)
+            data_json = inventory.opa_data_json(policy.capabilities, policy.name,
+                                                policy.spec.context_aware_resources, policy.settings_json,
+                                                policy.limits.timeout_seconds)
         return input_json, data_json
 
     def evaluate(self, instance: OpaInstance, policy: LoadedPolicy, request: EvaluationRequest) -> dict[str, Any]:
@@ -179,7 +180,7 @@ class GatekeeperMode(OpaMode):
         """Input and data; a context-aware policy's data is `{"inventory": ...}`."""
         input_json, data_json = admission.gatekeeper_documents(request, policy.settings_json)
         if policy.spec.context_aware_resources:
-            data_json = inventory.gatekeeper_data_json(policy.spec.context_aware_resources,
+            data_json = inventory.gatekeeper_data_json(policy.capabilities, policy.spec.context_aware_resources,
                                                        policy.limits.timeout_seconds)
         return input_json, data_json
 
