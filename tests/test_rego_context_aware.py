@@ -9,13 +9,18 @@ Rego policy would read.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import wasmtime
+import yaml
 
+from tests.conftest import CONFORMANCE
 from tests.kube_api import KubeApi
 from tests.mode_fixtures import _wat_string, annotated
 from tests.test_kubernetes_callbacks import connected
@@ -227,3 +232,24 @@ def test_an_api_server_that_goes_away_answers_from_the_last_inventory(run_server
     before = data_seen(server, "p")
     kube_api.stop()
     assert data_seen(server, "p") == before
+
+
+def test_kwserver_run_replays_the_inventory_lists_of_a_recorded_session(tmp_path, compile_cache):
+    """As `kwctl run --replay-host-capabilities-interactions` does for upstream's unique-ingress Gatekeeper
+    policy: the inventory is built from the session's recorded `KubernetesListResourceAll` answer."""
+    upstream = CONFORMANCE / "fixtures/kubewarden-policies/unique-ingress-policy/test_data"
+    wasm = wasmtime.wat2wasm(data_echo_wat("gatekeeper"))
+    module = annotated(tmp_path, "echo", wasm, "gatekeeper",
+                       contextAwareResources=[{"apiVersion": "networking.k8s.io/v1", "kind": "Ingress"}])
+    result = subprocess.run(
+        [sys.executable, "-m", "kwserver", "run", module, "--request-path", str(upstream / "ingress.json"),
+         "--allow-context-aware", "--replay-host-capabilities-interactions", str(upstream / "k8s_ctx_duplicate.yml")],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "KWSERVER_COMPILE_CACHE_DIR": str(compile_cache)})
+    assert result.returncode == 0, result.stderr
+    response = json.loads(result.stdout.strip().splitlines()[-1])
+    session = yaml.safe_load((upstream / "k8s_ctx_duplicate.yml").read_text())
+    recorded = json.loads(session[0]["response"]["payload"])["items"][0]
+    assert json.loads(response["status"]["message"]) == {"inventory": {
+        "cluster": {}, "namespace": {"default": {"networking.k8s.io/v1": {"Ingress": {"test": recorded}}}}}}
+    assert "have not been replayed" not in result.stderr
