@@ -20,7 +20,7 @@ import pytest
 import wasmtime
 import yaml
 
-from tests.conftest import CONFORMANCE
+from tests.conftest import CONFORMANCE, REPO
 from tests.kube_api import KubeApi
 from tests.mode_fixtures import _wat_string, annotated
 from tests.test_kubernetes_callbacks import connected
@@ -253,3 +253,34 @@ def test_kwserver_run_replays_the_inventory_lists_of_a_recorded_session(tmp_path
     assert json.loads(response["status"]["message"]) == {"inventory": {
         "cluster": {}, "namespace": {"default": {"networking.k8s.io/v1": {"Ingress": {"test": recorded}}}}}}
     assert "have not been replayed" not in result.stderr
+
+
+def test_a_gatekeeper_policy_decides_on_the_inventory(run_server, kube_api, tmp_path):
+    """tests/policies/opa-ingress-hosts: an OPA-ABI module (no Rego compiler offline) that parses its data
+    and rejects an Ingress host that another Ingress of data.inventory has, as the Rego example does."""
+    kube_api.put("networking.k8s.io/v1", "Ingress", "shop", "team-a", spec={"rules": [{"host": "shop.example"}]})
+    module = str(REPO / "tests" / "policies" / "opa-ingress-hosts.wasm")
+    grant = [{"apiVersion": "networking.k8s.io/v1", "kind": "Ingress"}]
+    server = connected(run_server, kube_api, tmp_path, {"hosts": {"module": module, "contextAwareResources": grant}})
+
+    def ingress(namespace: str, name: str, *hosts: str) -> dict[str, Any]:
+        return {"request": {"uid": "u", "kind": {"group": "networking.k8s.io", "version": "v1", "kind": "Ingress"},
+                            "resource": {"group": "networking.k8s.io", "version": "v1", "resource": "ingresses"},
+                            "userInfo": {"username": "alice"}, "operation": "CREATE",
+                            "namespace": namespace, "name": name,
+                            "object": {"metadata": {"name": name, "namespace": namespace},
+                                       "spec": {"rules": [{"host": host} for host in hosts]}}}}
+
+    def verdict(doc: dict[str, Any]) -> tuple[bool, Any]:
+        response = server.post("/validate/hosts", doc).json()["response"]
+        return response["allowed"], (response.get("status") or {}).get("message")
+
+    conflict = ingress("team-b", "web", "new.example", "shop.example")
+    assert verdict(conflict) == (False, "ingress host conflicts with an existing ingress <shop.example>")
+    assert verdict(ingress("team-b", "web", "new.example")) == (True, None)
+    assert verdict(ingress("team-a", "shop", "shop.example")) == (True, None)  # itself
+    kube_api.delete("networking.k8s.io/v1", "Ingress", "shop", "team-a")
+    deadline = time.monotonic() + 10
+    while verdict(conflict)[0] is False and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert verdict(conflict) == (True, None)
