@@ -249,9 +249,6 @@ def _admission_from_validation(request: EvaluationRequest, answer: dict[str, Any
 # --- WASI, OPA and Gatekeeper results (spec §4, §5.3-5.4) -------------------------------------------
 
 GATEKEEPER_RAW_UNSUPPORTED = "Gatekeeper does not support raw validation requests"
-REGO_CONTEXT_AWARE_UNSUPPORTED = (
-    "context-aware OPA and Gatekeeper policies are not supported yet: no Kubernetes inventory to inject as data"
-)
 OPA_UNINTERPRETABLE = "cannot interpret OPA policy result"
 GATEKEEPER_UNINTERPRETABLE = "cannot interpret Gatekeeper policy result"
 
@@ -290,12 +287,14 @@ def wasi_settings_error(stdout: bytes) -> str | None:
 
 
 def opa_documents(request: EvaluationRequest, settings_json: bytes) -> tuple[bytes, bytes]:
-    """OPA mode: input `{"request": <request>}`, data = the settings."""
+    """OPA mode: input `{"request": <request>}`, data = the settings (plus the inventory, see
+    kwserver.evaluation.inventory)."""
     return b'{"request":' + request.json + b"}", settings_json
 
 
 def gatekeeper_documents(request: EvaluationRequest, settings_json: bytes) -> tuple[bytes, bytes]:
-    """Gatekeeper mode: input `{"parameters": <settings>, "review": <request>}`, data `{}`."""
+    """Gatekeeper mode: input `{"parameters": <settings>, "review": <request>}`, data `{}` (or the
+    inventory, see kwserver.evaluation.inventory)."""
     return b'{"parameters":' + settings_json + b',"review":' + request.json + b"}", b"{}"
 
 

@@ -151,7 +151,8 @@ def config_map_policies(entries_text: str, base_dir: Path, module_dir: str) -> s
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def deployment(args: argparse.Namespace, settings: ServerSettings, config_data: dict[str, str]) -> dict[str, Any]:
+def deployment(args: argparse.Namespace, settings: ServerSettings, config_data: dict[str, str], *,
+               reads_cluster: bool = False) -> dict[str, Any]:
     env = [
         {"name": "KUBEWARDEN_POLICIES", "value": f"{CONFIG_DIR}/policies.yml"},
         {"name": "KUBEWARDEN_CERT_FILE", "value": f"{PKI_DIR}/tls.crt"},
@@ -210,7 +211,8 @@ def deployment(args: argparse.Namespace, settings: ServerSettings, config_data: 
                     "prometheus.io/scrape": "true", "prometheus.io/port": str(settings.metrics_port)}},
                 "spec": {
                     "serviceAccountName": args.name,
-                    "automountServiceAccountToken": False,
+                    # The service account's token is how context-aware policies read the cluster.
+                    "automountServiceAccountToken": reads_cluster,
                     # Workers get 30 s to finish their requests after SIGTERM.
                     "terminationGracePeriodSeconds": 40,
                     "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
@@ -256,6 +258,10 @@ def network_policy(args: argparse.Namespace, settings: ServerSettings) -> dict[s
             ]}}
 
 
+def _reads_cluster(entries: dict[str, PolicySpec | PolicyGroupSpec]) -> bool:
+    return any(member.context_aware_resources for entry in entries.values() for member in _members(entry))
+
+
 def rbac(args: argparse.Namespace, entries: dict[str, PolicySpec | PolicyGroupSpec]) -> list[dict[str, Any]]:
     account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(args)}
     resources: set[ContextAwareResource] = {r for entry in entries.values() for member in _members(entry)
@@ -291,7 +297,7 @@ def build(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(args), "data": config_data},
         *rbac(args, entries),
-        deployment(args, settings, config_data),
+        deployment(args, settings, config_data, reads_cluster=_reads_cluster(entries)),
         service(args),
         pod_disruption_budget(args),
         horizontal_pod_autoscaler(args),

@@ -51,6 +51,7 @@ def entry(name: str, policies_dir: Path, dist: Path) -> dict[str, Any]:
         "mutating": meta.mutating,
         "background_audit": meta.background_audit,
         "rules": meta.rules,
+        "context_aware_resources": meta.context_aware_resources,
         "settings": summary.get("settings") or [],
         "invalid_settings": summary.get("invalid_settings") or [],
         "messages": summary.get("messages") or [],
@@ -96,6 +97,10 @@ def markdown(policies: list[dict[str, Any]]) -> str:
         lines += [f"## {p['name']}", "", cell(p["description"]) + ".", ""]
         if p["compatible_with"]:
             lines += [f"Settings, defaults and messages of {p['compatible_with']}.", ""]
+        if p.get("context_aware_resources"):
+            granted = ", ".join(f"`{r['apiVersion']}/{r['kind']}`" for r in p["context_aware_resources"])
+            lines += [f"Context-aware: reads {granted} from the cluster; grant it with `contextAwareResources` in "
+                      "`policies.yml` (and RBAC get/list/watch for the server's service account).", ""]
         if p["settings"]:
             lines += ["| setting | type | default | meaning |", "|---|---|---|---|"]
             for s in p["settings"]:

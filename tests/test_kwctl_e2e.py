@@ -28,6 +28,7 @@ LIBRARY = {
     "hostpaths-psp-policy": "hostpaths-psp",
     "pod-privileged-policy": "pod-privileged",
     "safe-labels-policy": "safe-labels",
+    "unique-ingress-policy": "unique-ingress",
     "user-group-psp-policy": "user-group-psp",
 }
 BATS = shutil.which("bats")

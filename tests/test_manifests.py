@@ -20,6 +20,7 @@ from tests.conftest import REPO
 kubernetes = pytest.importorskip("kubernetes")
 
 EXAMPLE = REPO / "deploy" / "examples" / "policies.yml"
+STATIC = REPO / "deploy" / "kubernetes" / "kwserver.yaml"
 DIST = REPO / "policies" / "dist"
 MODELS = {
     "ConfigMap": "V1ConfigMap", "ServiceAccount": "V1ServiceAccount", "Deployment": "V1Deployment",
@@ -134,9 +135,36 @@ def test_context_aware_resources_get_read_only_rbac_and_groups_get_their_members
                      {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"],
                       "verbs": ["get", "list", "watch"]}]
     assert kinds["ClusterRoleBinding"]["subjects"][0]["name"] == "kwserver"
+    assert kinds["Deployment"]["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
     group = next(h for h in kinds["ValidatingWebhookConfiguration"]["webhooks"]
                  if h["clientConfig"]["service"]["path"] == "/validate/group")
     assert group["rules"] == metadata_of("apparmor-psp.wasm")["rules"] + metadata_of("safe-labels.wasm")["rules"]
+
+
+def test_without_context_aware_policies_the_pod_gets_no_token():
+    spec = by_kind(manifests("--policies", str(EXAMPLE)))["Deployment"]["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+
+
+def test_the_static_deployment_grants_what_its_policies_read(tmp_path):
+    """deploy/kubernetes/kwserver.yaml: valid objects; the Deployment runs as the ServiceAccount that the
+    ClusterRoleBinding binds to a read-only role with the rules `kwserver manifests` derives from the
+    ConfigMap's policies.yml."""
+    documents = list(yaml.safe_load_all(STATIC.read_text()))
+    for obj in documents:
+        assert_valid(obj)
+    kinds = by_kind(documents)
+    account = kinds["ServiceAccount"]["metadata"]["name"]
+    assert kinds["Deployment"]["spec"]["template"]["spec"]["serviceAccountName"] == account
+    binding = kinds["ClusterRoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "kwserver"}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": kinds["ClusterRole"]["metadata"]["name"]}
+    policies = kinds["ConfigMap"]["data"]["policies.yml"].replace("/opt/kwserver/policies/dist", str(DIST))
+    (tmp_path / "policies.yml").write_text(policies)
+    generated = by_kind(manifests("--policies", str(tmp_path / "policies.yml"), cwd=tmp_path))
+    assert kinds["ClusterRole"]["rules"] == generated["ClusterRole"]["rules"]
+    assert all(set(rule["verbs"]) == {"get", "list", "watch"} for rule in kinds["ClusterRole"]["rules"])
 
 
 def test_a_module_without_metadata_rules_is_an_error(tmp_path):

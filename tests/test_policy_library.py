@@ -34,7 +34,7 @@ DIST = LIBRARY / "dist"
 UPSTREAM = FIXTURES / "kubewarden-policies"
 NAMES = [
     "allow-privilege-escalation-psp", "apparmor-psp", "capabilities-psp", "deprecated-api-versions", "echo",
-    "host-namespaces-psp", "hostpaths-psp", "pod-privileged", "safe-labels", "user-group-psp",
+    "host-namespaces-psp", "hostpaths-psp", "pod-privileged", "safe-labels", "unique-ingress", "user-group-psp",
 ]
 
 

@@ -90,6 +90,12 @@ class Capabilities:
         direct = lambda: self._direct(binding, namespace, operation, payload, request)  # noqa: E731
         return direct() if self.handler is None else self.handler.answer(request, direct)
 
+    def on_behalf(self, request: HostRequest, deadline: float | None) -> bytes:
+        """A Kubernetes request the host makes for the policy (the inventory of a Rego policy), answered
+        like the policy's own calls: through the handler (recorded, replayed), else by the cluster."""
+        direct = lambda: kubernetes.answer(request, deadline)  # noqa: E731
+        return direct() if self.handler is None else self.handler.answer(request, direct)
+
     def _direct(self, binding: str, namespace: str, operation: str, payload: bytes,
                 request: HostRequest | None) -> bytes:
         if binding == "kubewarden":

@@ -40,6 +40,8 @@ REQUEST_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "KubernetesGetResource": (("api_version", STRING), ("kind", STRING), ("name", STRING),
                               ("namespace", OPTIONAL), ("disable_cache", BOOL)),
     "KubernetesCanI": (("request", VALUE), ("disable_cache", BOOL)),
+    # Made by the host for the inventory of OPA policies, never by a guest.
+    "KubernetesGetResourcePluralName": (("api_version", STRING), ("kind", STRING)),
     "CryptoIsCertificateTrusted": (("request", VALUE),),
 }
 _SIGSTORE_V1 = ("SigstorePubKeyVerify", "SigstoreKeylessVerify")

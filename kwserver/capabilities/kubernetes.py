@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import Iterable
 
+import orjson
+
 from kwserver.capabilities.callback_requests import HostCallError, HostRequest
 from kwserver.cluster import connection
 from kwserver.cluster.client import ClusterError
@@ -60,6 +62,8 @@ def answer(request: HostRequest, deadline: float | None = None) -> bytes:
                               bool(fields.get("disable_cache")), wait)
         if request.kind == "KubernetesCanI":
             return client.can_i(fields["request"], bool(fields.get("disable_cache")), wait)
+        if request.kind == "KubernetesGetResourcePluralName":
+            return orjson.dumps(client.resource(fields["api_version"], fields["kind"], wait).plural)
     except ClusterError as exc:
         raise HostCallError(str(exc)) from exc
     raise HostCallError(f"unknown operation: {request.kind}")

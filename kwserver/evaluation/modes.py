@@ -16,6 +16,7 @@ import wasmtime
 
 from kwserver import admission, metadata
 from kwserver.admission import EvaluationRequest
+from kwserver.evaluation import inventory
 from kwserver.runtime import GuestCallFailure, GuestTimeout, InstantiationFailure, LinkedModule
 from kwserver.runtime.opa import OpaInstance, OpaModule, rego_entrypoint_warning
 from kwserver.runtime.wapc import WapcInstance, WapcModule
@@ -137,16 +138,21 @@ class OpaMode(ExecutionMode):
     def settings_error(self, instance: OpaInstance, settings_json: bytes) -> str | None:
         return None  # Rego policies have no settings validation: always valid (spec §5.4)
 
-    def refusal(self, policy: LoadedPolicy, request: EvaluationRequest) -> dict[str, Any] | None:
+    def documents(self, policy: LoadedPolicy, request: EvaluationRequest) -> tuple[bytes, bytes]:
+        """Input and data; a context-aware policy's data carries the cluster inventory as `kubernetes`."""
+        input_json, data_json = admission.opa_documents(request, policy.settings_json)
         if policy.spec.context_aware_resources:
-            return admission.internal_error(request.uid, admission.REGO_CONTEXT_AWARE_UNSUPPORTED)
-        return None
-
-    def documents(self, request: EvaluationRequest, settings_json: bytes) -> tuple[bytes, bytes]:
-        return admission.opa_documents(request, settings_json)
+            data_json = inventory.opa_data_json(policy.capabilities, policy.name,
+                                                policy.spec.context_aware_resources, policy.settings_json,
+                                                policy.limits.timeout_seconds)
+        return input_json, data_json
 
     def evaluate(self, instance: OpaInstance, policy: LoadedPolicy, request: EvaluationRequest) -> dict[str, Any]:
-        input_json, data_json = self.documents(request, policy.settings_json)
+        try:
+            input_json, data_json = self.documents(policy, request)
+        except inventory.InventoryUnavailable as exc:
+            log.error("policy %s: no cluster inventory: %s", policy.name, exc)
+            return admission.internal_error(request.uid, str(exc))
         result = instance.evaluate(instance.module.entrypoint_id(policy.entrypoint), input_json, data_json)
         return self.response(request, result)
 
@@ -168,10 +174,15 @@ class GatekeeperMode(OpaMode):
     def refusal(self, policy: LoadedPolicy, request: EvaluationRequest) -> dict[str, Any] | None:
         if request.raw:
             return admission.internal_error(request.uid, admission.GATEKEEPER_RAW_UNSUPPORTED)
-        return super().refusal(policy, request)
+        return None
 
-    def documents(self, request: EvaluationRequest, settings_json: bytes) -> tuple[bytes, bytes]:
-        return admission.gatekeeper_documents(request, settings_json)
+    def documents(self, policy: LoadedPolicy, request: EvaluationRequest) -> tuple[bytes, bytes]:
+        """Input and data; a context-aware policy's data is `{"inventory": ...}`."""
+        input_json, data_json = admission.gatekeeper_documents(request, policy.settings_json)
+        if policy.spec.context_aware_resources:
+            data_json = inventory.gatekeeper_data_json(policy.capabilities, policy.spec.context_aware_resources,
+                                                       policy.limits.timeout_seconds)
+        return input_json, data_json
 
     def response(self, request: EvaluationRequest, result: bytes) -> dict[str, Any]:
         return admission.response_from_gatekeeper(request, result)

@@ -34,7 +34,8 @@ fi
 
 # policy name, rust target. `sleeping` needs WASI (it reads the clock) and
 # `wasi-testbed` is a WASI command; the others import nothing but waPC.
-policies="pod-privileged:wasm32-unknown-unknown
+policies="opa-ingress-hosts:wasm32-unknown-unknown
+pod-privileged:wasm32-unknown-unknown
 raw-mutation:wasm32-unknown-unknown
 raw-validation:wasm32-unknown-unknown
 sleeping:wasm32-wasi
