@@ -1,9 +1,13 @@
 """Prometheus metrics in gunicorn's multiprocess world.
 
-Workers count into per-process files (prometheus-client multiprocess mode); the master serves the
-merged view. When a worker exits, its counters and histograms are folded into the master's archive
-files and its files are deleted, so totals never go backwards and the directory does not grow with
-every recycled worker. Process memory is read by the master at scrape time.
+Workers count into per-process files; the master serves the merged view. The per-policy evaluation
+counters and latency histograms are many series (policies x outcomes x buckets), so a worker keeps their
+totals in two dicts and writes them as one JSON file (`evaluations_<pid>.json`); in prometheus-client's
+multiprocess files they cost about 40 KiB per policy in every worker (a Python value object and an mmap
+entry per bucket). The few other metrics use prometheus-client's multiprocess files. When a worker exits,
+its counts are folded into the master's archive files and its files are deleted, so totals never go
+backwards and the directory does not grow with every recycled worker. Process memory is read by the master
+at scrape time.
 
 Metric names and labels of the reference server (`kubewarden_policy_evaluations_total`,
 `kubewarden_policy_evaluation_latency_milliseconds`) are kept. Its attribute sets vary by request
@@ -21,10 +25,11 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import orjson
 import prometheus_client
 import prometheus_client.values
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -37,6 +42,8 @@ EVALUATION_LABELS = (
     "request_origin", "resource_namespace", "error_code", "initialization_error",
 )
 ARCHIVE_ID = "archive"
+EVALUATIONS_METRIC = "kubewarden_policy_evaluations"
+LATENCY_METRIC = "kubewarden_policy_evaluation_latency_milliseconds"
 
 
 def prepare_directory(directory: str | None) -> str:
@@ -46,7 +53,7 @@ def prepare_directory(directory: str | None) -> str:
     """
     path = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="kwserver-metrics-")
     os.makedirs(path, exist_ok=True)
-    for stale in glob.glob(os.path.join(path, "*.db")):
+    for stale in glob.glob(os.path.join(path, "*.db")) + glob.glob(os.path.join(path, "evaluations_*.json")):
         os.unlink(stale)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     # prometheus-client picks its value class when first imported; make sure it is the multiprocess one.
@@ -64,11 +71,7 @@ class WorkerMetrics(PoolObserver):
     """
 
     def __init__(self) -> None:
-        self.evaluations = Counter(
-            "kubewarden_policy_evaluations", "Policy evaluations", EVALUATION_LABELS, registry=None)
-        self.latency = Histogram(
-            "kubewarden_policy_evaluation_latency_milliseconds", "Policy evaluation latency in milliseconds",
-            EVALUATION_LABELS, buckets=LATENCY_BUCKETS_MS, registry=None)
+        self.totals = EvaluationTotals()
         self.requests = Counter("kwserver_worker_requests", "Admission requests served", registry=None)
         self.busy = Counter("kwserver_worker_busy_seconds", "Time spent serving admission requests",
                             registry=None)
@@ -123,16 +126,11 @@ class WorkerMetrics(PoolObserver):
     def flush(self) -> None:
         """Publish what was counted since the last flush to this process's multiprocess files."""
         pending, self._pending = self._pending, PendingCounts()
-        for labels, count in pending.evaluations.items():
-            self.evaluations.labels(*labels).inc(count)
-        for labels, counts in pending.latency.items():
-            # prometheus-client keeps one (non-cumulative) value per bucket and the sum; adding to them
-            # is what `observe` would have done once per sample.
-            child = self.latency.labels(*labels)
-            for value, count in zip(child._buckets, counts[:-1], strict=True):
-                if count:
-                    value.inc(count)
-            child._sum.inc(counts[-1])
+        if pending.evaluations or pending.latency:
+            self.totals.add(pending.evaluations, pending.latency)
+            directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+            if directory:
+                self.totals.write(evaluations_path(directory, os.getpid()))
         if pending.requests:
             self.requests.inc(pending.requests)
             self.busy.inc(pending.busy_seconds)
@@ -157,8 +155,96 @@ class PendingCounts:
         self.idle: dict[str, tuple[int, int]] = {}
 
 
+class EvaluationTotals:
+    """Evaluation counts and latency histograms by label values: {labels: count} and {labels: [per-bucket
+    counts (not cumulative), +Inf, sum of milliseconds]}."""
+
+    __slots__ = ("evaluations", "latency")
+
+    def __init__(self) -> None:
+        self.evaluations: dict[tuple[str, ...], int] = {}
+        self.latency: dict[tuple[str, ...], list[int]] = {}
+
+    def add(self, evaluations: dict[tuple[str, ...], int], latency: dict[tuple[str, ...], list[int]]) -> None:
+        for labels, count in evaluations.items():
+            self.evaluations[labels] = self.evaluations.get(labels, 0) + count
+        for labels, counts in latency.items():
+            current = self.latency.get(labels)
+            if current is None:
+                self.latency[labels] = list(counts)
+            else:
+                for index, count in enumerate(counts):
+                    current[index] += count
+
+    def write(self, path: str) -> None:
+        """Replace the file at once, so that a reader sees the old totals or the new ones, never half."""
+        data = orjson.dumps({"evaluations": [[*k, v] for k, v in self.evaluations.items()],
+                             "latency": [[*k, v] for k, v in self.latency.items()]})
+        temporary = f"{path}.tmp"
+        with open(temporary, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+
+    @classmethod
+    def read(cls, path: str) -> EvaluationTotals:
+        totals = cls()
+        try:
+            with open(path, "rb") as f:
+                doc = orjson.loads(f.read())
+        except (OSError, orjson.JSONDecodeError):
+            return totals
+        totals.add({tuple(row[:-1]): row[-1] for row in doc.get("evaluations", [])},
+                   {tuple(row[:-1]): row[-1] for row in doc.get("latency", [])})
+        return totals
+
+
+def evaluations_path(directory: str, pid: int | str) -> str:
+    return os.path.join(directory, f"evaluations_{pid}.json")
+
+
+def evaluation_totals(directory: str) -> EvaluationTotals:
+    """The totals of every process that ever evaluated (live files and the archive)."""
+    merged = EvaluationTotals()
+    for path in glob.glob(os.path.join(directory, "evaluations_*.json")):
+        found = EvaluationTotals.read(path)
+        merged.add(found.evaluations, found.latency)
+    return merged
+
+
+class EvaluationCollector:
+    """The reference's evaluation counter and latency histogram, from the workers' totals files."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        totals = evaluation_totals(self.directory)
+        evaluations = CounterMetricFamily(EVALUATIONS_METRIC, "Policy evaluations", labels=EVALUATION_LABELS)
+        for labels, count in sorted(totals.evaluations.items()):
+            evaluations.add_metric(labels, count)
+        yield evaluations
+        latency = HistogramMetricFamily(LATENCY_METRIC, "Policy evaluation latency in milliseconds",
+                                        labels=EVALUATION_LABELS)
+        bounds = [*(str(float(b)) for b in LATENCY_BUCKETS_MS), "+Inf"]
+        for labels, counts in sorted(totals.latency.items()):
+            cumulative, running = [], 0
+            for bound, count in zip(bounds, counts[:-1], strict=True):
+                running += count
+                cumulative.append((bound, running))
+            latency.add_metric(labels, cumulative, counts[-1])
+        yield latency
+
+
 def archive_dead_worker(directory: str, pid: int) -> None:
-    """Fold a dead worker's counters and histograms into the archive files, then delete its files."""
+    """Fold a dead worker's counts into the archive files, then delete its files."""
+    path = evaluations_path(directory, pid)
+    if os.path.exists(path):
+        archive = evaluations_path(directory, ARCHIVE_ID)
+        totals = EvaluationTotals.read(archive)
+        dead = EvaluationTotals.read(path)
+        totals.add(dead.evaluations, dead.latency)
+        totals.write(archive)
+        os.unlink(path)
     for path in glob.glob(os.path.join(directory, f"*_{pid}.db")):
         kind = os.path.basename(path).split("_", 1)[0]
         if kind in ("counter", "histogram"):
@@ -239,6 +325,7 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 def master_registry(directory: str, extra: Iterable[Any] = ()) -> CollectorRegistry:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=directory)
+    registry.register(EvaluationCollector(directory))
     for collector in extra:
         registry.register(collector)
     return registry
