@@ -1,0 +1,126 @@
+"""`kubewarden/oci/v1/verify` and `v2/verify`: cosign signatures of an image, checked as verification.yml's
+are (kwserver.sources.verification: the `sha256-<digest>.sig` simple-signing payloads, ECDSA / RSA /
+Ed25519 keys, annotations), through the same registry settings as the OCI callbacks.
+
+Public-key requests become one `allOf` constraint per key, as the reference maps them. Keyless requests
+(issuer/subject, URL prefix, GitHub Actions) need Fulcio certificates and Rekor's log from the sigstore
+trust root, which this build does not fetch: like the reference without a trust root, their signatures
+cannot count, so such a request fails with the reference's "missing signatures" error naming the
+constraints. Certificate requests are refused with a message saying so. Only successes are cached, 60 s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import yaml
+from cryptography.hazmat.primitives import serialization
+
+from kwserver.capabilities.callback_requests import HostCallError, HostRequest, _json_type
+from kwserver.capabilities.oci import RegistryAccess, image_reference
+from kwserver.capabilities.waiting import CALLBACK_FAILURE, TtlCache, until_deadline
+from kwserver.sources import verification
+from kwserver.sources.errors import SourceError
+from kwserver.sources.references import ImageReference
+
+KEYLESS_KINDS = ("SigstoreKeylessVerify", "SigstoreKeylessPrefixVerify", "SigstoreGithubActionsVerify")
+_cache = TtlCache()
+
+
+def _failure(text: str) -> HostCallError:
+    return HostCallError(CALLBACK_FAILURE.format(text))
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list):
+        raise HostCallError(f"invalid type: {_json_type(value)}, expected a sequence")
+    if not all(isinstance(item, str) for item in value):
+        raise HostCallError(f"invalid type: {what} must be strings")
+    return value
+
+
+def _annotations(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise HostCallError(f"invalid type: {_json_type(value)}, expected a map of strings")
+    return dict(sorted(value.items()))
+
+
+def _public_keys(pems: list[str], annotations: dict[str, str]) -> tuple[verification.PubKey, ...]:
+    if not pems:
+        raise _failure("Must provide at least one pub key")
+    keys = []
+    for pem in pems:
+        try:
+            key = serialization.load_pem_public_key(pem.encode())
+        except ValueError as exc:
+            raise _failure(f"the public key is not a valid PEM public key: {exc}") from None
+        keys.append(verification.PubKey(pem, key, None, annotations))
+    return tuple(keys)
+
+
+def _keyless_constraints(request: HostRequest, annotations: dict[str, str]) -> list[dict[str, Any]]:
+    """The verification.yml entries the reference builds from a keyless request (for its error text)."""
+    extra = {"annotations": annotations or None}
+    fields = request.fields
+    if request.kind == "SigstoreGithubActionsVerify":
+        if not isinstance(fields["owner"], str) or not fields["owner"]:
+            raise _failure("Must provide owner info")
+        return [{"kind": "githubAction", "owner": fields["owner"], "repo": fields.get("repo"), **extra}]
+    prefix = request.kind == "SigstoreKeylessPrefixVerify"
+    entries = fields["keyless_prefix" if prefix else "keyless"]
+    if not isinstance(entries, list):
+        raise HostCallError(f"invalid type: {_json_type(entries)}, expected a sequence")
+    if not entries:
+        raise _failure("Must provide keyless info")
+    constraints = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("issuer"), str):
+            raise HostCallError("missing field `issuer`")
+        subject_key = "url_prefix" if prefix else "subject"
+        if not isinstance(entry.get(subject_key), str):
+            raise HostCallError(f"missing field `{subject_key}`")
+        subject = {"urlPrefix": entry[subject_key]} if prefix else {"equal": entry[subject_key]}
+        constraints.append({"kind": "genericIssuer", "issuer": entry["issuer"], "subject": subject, **extra})
+    return constraints
+
+
+def _cache_key(request: HostRequest) -> str:
+    return orjson.dumps([request.kind, request.normalized().fields], option=orjson.OPT_SORT_KEYS).decode()
+
+
+def answer(request: HostRequest, access: RegistryAccess, deadline: float | None = None) -> bytes:
+    """This build's answer to a decoded sigstore request; `deadline` (monotonic) bounds the wait."""
+    fields = request.fields
+    annotations = _annotations(fields.get("annotations"))
+    if request.kind == "SigstoreCertificateVerify":
+        raise _failure("verification failed: certificate-based signatures are not supported by this build "
+                       "(use pub_keys)")
+    if request.kind == "SigstorePubKeyVerify":
+        keys = _public_keys(_strings(fields["pub_keys"], "pub_keys"), annotations)
+
+        def check(reference: ImageReference) -> bytes:
+            client = access.client(reference, deadline)
+            digest = verification.verify(client, reference, verification.VerificationConfig(all_of=keys))
+            return orjson.dumps({"is_trusted": True, "digest": digest})
+    else:
+        constraints = _keyless_constraints(request, annotations)
+
+        def check(reference: ImageReference) -> bytes:
+            client = access.client(reference, deadline)
+            digest = client.manifest(reference).digest
+            verification.signed_payloads(client, reference, digest)  # its errors first, as the reference
+            raise verification.VerificationError(
+                "Image verification failed: missing signatures\nThe following constraints were not satisfied:\n"
+                + "".join(yaml.safe_dump(c, sort_keys=False) for c in constraints))
+
+    reference = image_reference(fields["image"])
+
+    def verify() -> bytes:
+        try:
+            return until_deadline(deadline, lambda: check(reference), f"verify {fields['image']}")
+        except SourceError as exc:
+            raise _failure(str(exc)) from exc
+    return _cache.cached(_cache_key(request), verify)
