@@ -50,6 +50,7 @@ def oci(tmp_path: Path, name: str, operation: str, payload: Any, **policy: Any) 
 
 
 def serve(run_server, tmp_path: Path, policies: dict[str, Any], insecure: list[str], *args: str):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     sources = sources_file(tmp_path, {"insecure_sources": insecure})
     return run_server(policies, args=["--sources-path", str(sources), *args], env={"KUBEWARDEN_WORKERS": "1"})
 
@@ -208,9 +209,11 @@ def test_a_hanging_registry_costs_the_policy_its_timeout_not_more(run_server, tm
         policies = {"p": oci(tmp_path, "p", "v1/manifest_digest", f"{hole.host}/apps/web:1.0",
                              timeoutEvalSeconds=1)}
         server = serve(run_server, tmp_path, policies, [hole.host])
-        response = server.post("/validate_raw/p", {"request": {"uid": "u"}}, timeout=20).json()["response"]
+        response = server.post("/validate_raw/p", {"request": {"uid": "u"}}).json()["response"]
         assert response["allowed"] is False
-        assert "deadline" in response["status"]["message"]
+        # The call gave up at the deadline; the guest was then stopped as any policy out of time.
+        assert response["status"]["message"] == \
+            "Policy execution interrupted because it exceeded the allowed execution time"
     finally:
         hole.stop()
 
@@ -221,8 +224,8 @@ def test_public_key_signatures_are_verified(run_server, registry, tmp_path):
     signer, stranger = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     signed = push_image(registry, "signed/app", "1.0")
     cosign_sign(registry, "signed/app", signed, [signer], annotations={"env": "prod"})
-    unsigned = push_image(registry, "signed/unsigned", "1.0")
-    forged = push_image(registry, "signed/forged", "1.0")
+    push_image(registry, "signed/unsigned", "1.0", b"unsigned")
+    forged = push_image(registry, "signed/forged", "1.0", b"forged")
     # A signature layer for the right digest whose bytes were signed over another payload.
     cosign_sign(registry, "signed/forged", forged, [signer])
     manifest_url = f"http://{registry.host}/v2/signed/forged/manifests/{forged.replace(':', '-')}.sig"
@@ -267,7 +270,6 @@ def test_public_key_signatures_are_verified(run_server, registry, tmp_path):
     assert (outcome, text) == ("error", FAILURE + f"no signatures found for image: {registry.host}/signed/unsigned:1.0")
     outcome, text = answer(server, "bad-pem")
     assert outcome == "error" and text.startswith(FAILURE + "the public key is not a valid PEM public key")
-    assert unsigned != signed
 
 
 def cosign_sign_bytes(key: Any, payload: bytes) -> str:
