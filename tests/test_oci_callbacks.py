@@ -405,3 +405,39 @@ def test_certificates_are_checked_against_their_chain(run_server, tmp_path):
     outcome, text = answer(server, "bad-der")
     assert outcome == "error" and text.startswith(FAILURE + "Certificate is not a valid end-entity certificate: ")
     assert answer(server, "bad-time") == ("error", FAILURE + "Timestamp not_after is not in RFC3339 format")
+
+
+def test_certificate_signatures_are_verified_offline(run_server, registry, tmp_path):
+    root = chain()[2]
+    authorities = {"ca": True, "not_before": NOW - 60 * DAY, "not_after": NOW + 60 * DAY}
+    ca = certificate("sigstore root", **authorities)
+    signing_cert, signing_key = certificate("signer@example.com", ca)
+    other_cert = certificate("someone else", ca)[0]
+    digest = push_image(registry, "certified/app", "1.0", b"certified")
+    cosign_sign(registry, "certified/app", digest, [signing_key], annotations={"env": "prod"})
+    image = f"{registry.host}/certified/app:1.0"
+
+    def request(name: str, cert: x509.Certificate, cert_chain: list[x509.Certificate] | None, *,
+                rekor: bool = False, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"type": "SigstoreCertificateVerify", "image": image, "certificate": pem(cert)["data"],
+                "certificate_chain": None if cert_chain is None else [pem(c)["data"] for c in cert_chain],
+                "require_rekor_bundle": rekor, "annotations": annotations}
+        return oci(tmp_path, name, "v2/verify", body)
+
+    policies = {
+        "chained": request("chained", signing_cert, [ca[0]], annotations={"env": "prod"}),
+        "unchained": request("unchained", signing_cert, None),
+        "wrong-chain": request("wrong-chain", signing_cert, [root]),
+        "other-cert": request("other-cert", other_cert, [ca[0]]),
+        "other-annotation": request("other-annotation", signing_cert, None, annotations={"env": "dev"}),
+        "rekor": request("rekor", signing_cert, [ca[0]], rekor=True),
+    }
+    server = serve(run_server, tmp_path, policies, [registry.host])
+    assert answer(server, "chained") == ("ok", {"is_trusted": True, "digest": digest})
+    assert answer(server, "unchained") == ("ok", {"is_trusted": True, "digest": digest})
+    assert answer(server, "wrong-chain") == ("error", FAILURE + "verification failed: the certificate is not "
+                                             "trusted: Certificate is not trusted by the provided cert chain")
+    for name in ("other-cert", "other-annotation", "rekor"):
+        outcome, text = answer(server, name)
+        assert outcome == "error" and text.startswith(FAILURE + "verification failed: "), (name, text)
+    assert "Rekor" in answer(server, "rekor")[1]

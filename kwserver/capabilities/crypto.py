@@ -48,7 +48,7 @@ class CertificateData:
     data: bytes
 
 
-def _certificate_data(value: Any) -> CertificateData:
+def certificate_data(value: Any) -> CertificateData:
     if not isinstance(value, dict):
         raise HostCallError(f"invalid type: {_json_type(value)}, expected struct Certificate")
     for name in ("encoding", "data"):
@@ -100,7 +100,7 @@ def load_certificate(certificate: CertificateData) -> x509.Certificate:
 
 # --- the check -------------------------------------------------------------------------------------
 
-def _validity_problem(certificate: x509.Certificate, at: datetime.datetime) -> str | None:
+def validity_problem(certificate: x509.Certificate, at: datetime.datetime) -> str | None:
     if at > certificate.not_valid_after_utc:
         return EXPIRED
     if at < certificate.not_valid_before_utc:
@@ -144,7 +144,7 @@ def chain_problem(leaf: x509.Certificate, intermediates: list[x509.Certificate],
             if not _is_ca(issuer):
                 problems.append(OTHER_FAILURE.format("EndEntityUsedAsCa"))
                 continue
-            validity = _validity_problem(issuer, at)
+            validity = validity_problem(issuer, at)
             if validity is not None:
                 problems.append(validity)
                 continue
@@ -179,11 +179,11 @@ def is_certificate_trusted(request: dict[str, Any]) -> dict[str, Any]:
     """`{"trusted": bool, "reason": str}` for a CertificateVerificationRequest; host errors as the reference."""
     if request.get("cert") is None:
         raise HostCallError("missing field `cert`")
-    leaf_data = _certificate_data(request["cert"])
+    leaf_data = certificate_data(request["cert"])
     chain_data = request.get("cert_chain")
     if chain_data is not None and not isinstance(chain_data, list):
         raise HostCallError(f"invalid type: {_json_type(chain_data)}, expected a sequence")
-    chain_data = [_certificate_data(item) for item in chain_data] if chain_data is not None else None
+    chain_data = [certificate_data(item) for item in chain_data] if chain_data is not None else None
     leaf = load_certificate(leaf_data)
     at = verification_time(request.get("not_after"))
     if chain_data is not None:  # an empty chain has no anchor: nothing is trusted
@@ -193,7 +193,7 @@ def is_certificate_trusted(request: dict[str, Any]) -> dict[str, Any]:
         intermediates, anchors = [], _mozilla_roots.get()
     if _is_ca(leaf):
         return {"trusted": False, "reason": OTHER_FAILURE.format("CaUsedAsEndEntity")}
-    problem = _validity_problem(leaf, at) or chain_problem(leaf, intermediates, anchors, at)
+    problem = validity_problem(leaf, at) or chain_problem(leaf, intermediates, anchors, at)
     return {"trusted": problem is None, "reason": problem or TRUSTED}
 
 

@@ -6,17 +6,23 @@ Public-key requests become one `allOf` constraint per key, as the reference maps
 (issuer/subject, URL prefix, GitHub Actions) need Fulcio certificates and Rekor's log from the sigstore
 trust root, which this build does not fetch: like the reference without a trust root, their signatures
 cannot count, so such a request fails with the reference's "missing signatures" error naming the
-constraints. Certificate requests are refused with a message saying so. Only successes are cached, 60 s.
+constraints. Certificate requests are checked offline: the certificate against its chain (as
+`crypto/v1/is_certificate_trusted` checks, now), the signatures with its public key; one that requires a
+Rekor bundle fails, as there is no Rekor key to check it with. Only successes are cached, 60 s.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import yaml
 from cryptography.hazmat.primitives import serialization
 
+from kwserver.capabilities import crypto
 from kwserver.capabilities.callback_requests import HostCallError, HostRequest, _json_type
 from kwserver.capabilities.oci import RegistryAccess, image_reference
 from kwserver.capabilities.waiting import CALLBACK_FAILURE, TtlCache, until_deadline
@@ -87,8 +93,43 @@ def _keyless_constraints(request: HostRequest, annotations: dict[str, str]) -> l
     return constraints
 
 
+def _certificate_check(request: HostRequest, access: RegistryAccess, annotations: dict[str, str],
+                       deadline: float | None) -> Callable[[ImageReference], bytes]:
+    fields = request.fields
+    certificate = crypto.load_certificate(crypto.certificate_data({"encoding": "Pem", "data": fields["certificate"]}))
+    chain_data = fields.get("certificate_chain")
+    if chain_data is not None:
+        if not isinstance(chain_data, list):
+            raise HostCallError(f"invalid type: {_json_type(chain_data)}, expected a sequence")
+        chain = [crypto.load_certificate(crypto.certificate_data({"encoding": "Pem", "data": item}))
+                 for item in chain_data]
+        now = datetime.datetime.now(datetime.UTC)
+        problem = crypto.validity_problem(certificate, now) or crypto.chain_problem(certificate, chain[:-1],
+                                                                                      chain[-1:], now)
+        if problem is not None:
+            raise _failure(f"verification failed: the certificate is not trusted: {problem}")
+    constraint = verification.PubKey("", certificate.public_key(), None, annotations)
+
+    def check(reference: ImageReference) -> bytes:
+        client = access.client(reference, deadline)
+        digest = client.manifest(reference).digest
+        payloads = verification.signed_payloads(client, reference, digest)
+        if fields["require_rekor_bundle"]:
+            raise verification.VerificationError(
+                "verification failed: a Rekor bundle is required, and this build has no Rekor public key to "
+                "check one with (no sigstore trust root)")
+        if not any(constraint.satisfied_by(payload) for payload in payloads):
+            raise verification.VerificationError(
+                "verification failed: no signature of the image is made by the certificate's key"
+                + (" with the requested annotations" if annotations else ""))
+        return orjson.dumps({"is_trusted": True, "digest": digest})
+    return check
+
+
 def _cache_key(request: HostRequest) -> str:
-    return orjson.dumps([request.kind, request.normalized().fields], option=orjson.OPT_SORT_KEYS).decode()
+    """The image and every parameter, hashed (certificates are long)."""
+    text = orjson.dumps([request.kind, request.normalized().fields], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(text).hexdigest()
 
 
 def answer(request: HostRequest, access: RegistryAccess, deadline: float | None = None) -> bytes:
@@ -96,9 +137,8 @@ def answer(request: HostRequest, access: RegistryAccess, deadline: float | None 
     fields = request.fields
     annotations = _annotations(fields.get("annotations"))
     if request.kind == "SigstoreCertificateVerify":
-        raise _failure("verification failed: certificate-based signatures are not supported by this build "
-                       "(use pub_keys)")
-    if request.kind == "SigstorePubKeyVerify":
+        check = _certificate_check(request, access, annotations, deadline)
+    elif request.kind == "SigstorePubKeyVerify":
         keys = _public_keys(_strings(fields["pub_keys"], "pub_keys"), annotations)
 
         def check(reference: ImageReference) -> bytes:
