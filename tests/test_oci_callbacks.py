@@ -441,3 +441,37 @@ def test_certificate_signatures_are_verified_offline(run_server, registry, tmp_p
         outcome, text = answer(server, name)
         assert outcome == "error" and text.startswith(FAILURE + "verification failed: "), (name, text)
     assert "Rekor" in answer(server, "rekor")[1]
+
+
+def kwserver_run(tmp_path: Path, module: Path, *args: str) -> tuple[str, Any]:
+    """`kwserver run --raw` of a host-calling policy: the outcome and answer of its host call."""
+    import subprocess
+    import sys
+
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"request": {"uid": "u"}}))
+    result = subprocess.run([sys.executable, "-m", "kwserver", "run", "--raw", "-r", str(request), str(module),
+                             *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    outcome, _, text = json.loads(result.stdout)["status"]["message"].partition(":")
+    return outcome, json.loads(text) if outcome == "ok" else text
+
+
+def test_registry_answers_record_and_replay_with_kwserver_run(registry, tmp_path):
+    first = push_image(registry, "recorded/app", "1.0", b"recorded first")
+    sources = sources_file(tmp_path, {"insecure_sources": [registry.host]})
+    found = Path(oci(tmp_path, "found", "v1/manifest_digest", f"{registry.host}/recorded/app:1.0")["module"])
+    missing = Path(oci(tmp_path, "missing", "v1/manifest_digest", f"{registry.host}/recorded/nope:1.0")["module"])
+    session, failed = tmp_path / "found.yml", tmp_path / "missing.yml"
+    assert kwserver_run(tmp_path, found, "--sources-path", str(sources), "--record-host-capabilities-interactions",
+                        str(session)) == ("ok", {"digest": first})
+    outcome, error = kwserver_run(tmp_path, missing, "--sources-path", str(sources),
+                                  "--record-host-capabilities-interactions", str(failed))
+    assert outcome == "error" and error.startswith(FAILURE) and "manifest unknown" in error
+
+    push_image(registry, "recorded/app", "1.0", b"recorded second")
+    assert kwserver_run(tmp_path, found, "--replay-host-capabilities-interactions", str(session)) == \
+        ("ok", {"digest": first})
+    # The guest reads a replayed failure exactly as the recorded one.
+    assert kwserver_run(tmp_path, missing, "--replay-host-capabilities-interactions", str(failed)) == \
+        ("error", error)
