@@ -32,6 +32,7 @@ from kwserver.sources.references import ImageReference
 
 KEYLESS_KINDS = ("SigstoreKeylessVerify", "SigstoreKeylessPrefixVerify", "SigstoreGithubActionsVerify")
 _cache = TtlCache()
+Check = Callable[[ImageReference], bytes]  # verifies one image; its answer, or a SourceError
 
 
 def _failure(text: str) -> HostCallError:
@@ -94,7 +95,7 @@ def _keyless_constraints(request: HostRequest, annotations: dict[str, str]) -> l
 
 
 def _certificate_check(request: HostRequest, access: RegistryAccess, annotations: dict[str, str],
-                       deadline: float | None) -> Callable[[ImageReference], bytes]:
+                       deadline: float | None) -> Check:
     fields = request.fields
     certificate = crypto.load_certificate(crypto.certificate_data({"encoding": "Pem", "data": fields["certificate"]}))
     chain_data = fields.get("certificate_chain")
@@ -132,35 +133,43 @@ def _cache_key(request: HostRequest) -> str:
     return hashlib.sha256(text).hexdigest()
 
 
+def _pub_key_check(request: HostRequest, access: RegistryAccess, annotations: dict[str, str],
+                   deadline: float | None) -> Check:
+    keys = _public_keys(_strings(request.fields["pub_keys"], "pub_keys"), annotations)
+
+    def check(reference: ImageReference) -> bytes:
+        client = access.client(reference, deadline)
+        digest = verification.verify(client, reference, verification.VerificationConfig(all_of=keys))
+        return orjson.dumps({"is_trusted": True, "digest": digest})
+    return check
+
+
+def _keyless_check(request: HostRequest, access: RegistryAccess, annotations: dict[str, str],
+                   deadline: float | None) -> Check:
+    constraints = _keyless_constraints(request, annotations)
+
+    def check(reference: ImageReference) -> bytes:
+        client = access.client(reference, deadline)
+        digest = client.manifest(reference).digest
+        verification.signed_payloads(client, reference, digest)  # its errors come first, as the reference's
+        raise verification.VerificationError(
+            "Image verification failed: missing signatures\nThe following constraints were not satisfied:\n"
+            + "".join(yaml.safe_dump(c, sort_keys=False) for c in constraints))
+    return check
+
+
 def answer(request: HostRequest, access: RegistryAccess, deadline: float | None = None) -> bytes:
     """This build's answer to a decoded sigstore request; `deadline` (monotonic) bounds the wait."""
-    fields = request.fields
-    annotations = _annotations(fields.get("annotations"))
-    if request.kind == "SigstoreCertificateVerify":
-        check = _certificate_check(request, access, annotations, deadline)
-    elif request.kind == "SigstorePubKeyVerify":
-        keys = _public_keys(_strings(fields["pub_keys"], "pub_keys"), annotations)
-
-        def check(reference: ImageReference) -> bytes:
-            client = access.client(reference, deadline)
-            digest = verification.verify(client, reference, verification.VerificationConfig(all_of=keys))
-            return orjson.dumps({"is_trusted": True, "digest": digest})
-    else:
-        constraints = _keyless_constraints(request, annotations)
-
-        def check(reference: ImageReference) -> bytes:
-            client = access.client(reference, deadline)
-            digest = client.manifest(reference).digest
-            verification.signed_payloads(client, reference, digest)  # its errors first, as the reference
-            raise verification.VerificationError(
-                "Image verification failed: missing signatures\nThe following constraints were not satisfied:\n"
-                + "".join(yaml.safe_dump(c, sort_keys=False) for c in constraints))
-
-    reference = image_reference(fields["image"])
+    annotations = _annotations(request.fields.get("annotations"))
+    make_check = {"SigstoreCertificateVerify": _certificate_check,
+                  "SigstorePubKeyVerify": _pub_key_check}.get(request.kind, _keyless_check)
+    check = make_check(request, access, annotations, deadline)
+    image = request.fields["image"]
+    reference = image_reference(image)
 
     def verify() -> bytes:
         try:
-            return until_deadline(deadline, lambda: check(reference), f"verify {fields['image']}")
+            return until_deadline(deadline, lambda: check(reference), f"verify {image}")
         except SourceError as exc:
             raise _failure(str(exc)) from exc
     return _cache.cached(_cache_key(request), verify)
