@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import orjson
 import wasmtime
 
-from kwserver.capabilities import Capabilities
+from kwserver.capabilities import Capabilities, RegistryAccess
 from kwserver.config import PolicyGroupSpec, PolicySpec, ServerSettings, load_policies
 from kwserver.evaluation import GROUP_EXPRESSION_ERROR, InstancePool, LoadedPolicy, PolicyRegistry
 from kwserver.metadata import (
@@ -189,6 +189,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     malloc_trim()
 
     memory_limit = settings.policy_memory_limit_mib * 1024 * 1024
+    registries = RegistryAccess(fetcher.sources, fetcher.credentials, fetcher.options)  # for the OCI callbacks
     for spec in specs:
         loaded = by_reference[spec.module]
         if isinstance(loaded, Exception):
@@ -205,7 +206,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
         registry.policies[spec.name] = LoadedPolicy(
             spec=spec, module=loaded, settings_json=orjson.dumps(spec.settings),
             limits=InstanceLimits(memory_bytes=memory_limit, timeout_seconds=timeout),
-            capabilities=Capabilities(spec.name, spec.context_aware_resources),
+            capabilities=Capabilities(spec.name, spec.context_aware_resources, registries=registries),
         )
 
     _check_all_policies(registry, options, report)

@@ -208,7 +208,9 @@ class RecordSession:
         try:
             payload = direct()
         except HostCallError as exc:
-            self.exchanges.append(Exchange(request.normalized(), error=str(exc)))
+            # Recorded as the handler's own error: a replay hands it to the guest with the prefix again.
+            error = str(exc).removeprefix(CALLBACK_FAILURE.format(""))
+            self.exchanges.append(Exchange(request.normalized(), error=error))
             raise
         try:
             self.exchanges.append(Exchange(request.normalized(), payload=payload.decode("utf-8")))

@@ -377,7 +377,7 @@ def bind_host_handler(registry: Any, name: str, handler: Any, args: argparse.Nam
                            "--replay-host-capabilities-interactions FILE")
         registry.policies[member] = replace(
             policy, spec=replace(policy.spec, context_aware_resources=granted),
-            capabilities=Capabilities(member, granted, handler))
+            capabilities=Capabilities(member, granted, handler, policy.capabilities.registries))
 
 
 def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:

@@ -17,6 +17,7 @@ from tests.mode_fixtures import _wat_string, annotated
 pytestmark = pytest.mark.integration
 
 PREFIX = '{"accepted":false,"message":"'
+PAYLOAD_AT = 262144  # up to 256 KiB of payload (certificate chains are JSON arrays of bytes)
 
 
 def host_call_wat(binding: str, namespace: str, operation: str, payload: bytes) -> str:
@@ -26,7 +27,7 @@ def host_call_wat(binding: str, namespace: str, operation: str, payload: bytes) 
              4200: "ok:", 4208: "error:", 4220: '"}'}
     data = "\n".join(f'  (data (i32.const {at}) "{_wat_string(text)}")' for at, text in texts.items())
     lengths = {at: len(text.encode()) for at, text in texts.items()}
-    assert len(payload) < 3800
+    assert len(payload) < 262144
     return f"""(module
   (import "wapc" "__guest_response" (func $respond (param i32 i32)))
   (import "wapc" "__host_call" (func $host_call (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
@@ -36,7 +37,7 @@ def host_call_wat(binding: str, namespace: str, operation: str, payload: bytes) 
   (import "wapc" "__host_error" (func $error (param i32)))
   (memory (export "memory") 8)
 {data}
-  (data (i32.const 256) "{_wat_string(payload.decode())}")
+  (data (i32.const {PAYLOAD_AT}) "{_wat_string(payload.decode())}")
   (func $copy (param $dst i32) (param $src i32) (param $len i32) (result i32)
     (memory.copy (local.get $dst) (local.get $src) (local.get $len))
     (i32.add (local.get $dst) (local.get $len)))
@@ -58,7 +59,7 @@ def host_call_wat(binding: str, namespace: str, operation: str, payload: bytes) 
       (then (call $respond (i32.const 4096) (i32.const {lengths[4096]})) (return (i32.const 1))))
     (local.set $at (call $copy (i32.const 131072) (i32.const 4128) (i32.const {lengths[4128]})))
     (if (call $host_call (i32.const 0) (i32.const {lengths[0]}) (i32.const 64) (i32.const {lengths[64]})
-                         (i32.const 128) (i32.const {lengths[128]}) (i32.const 256) (i32.const {len(payload)}))
+                         (i32.const 128) (i32.const {lengths[128]}) (i32.const {PAYLOAD_AT}) (i32.const {len(payload)}))
       (then (local.set $len (call $response_len)) (call $response (i32.const 8192))
             (local.set $at (call $copy (local.get $at) (i32.const 4200) (i32.const 3))))
       (else (local.set $len (call $error_len)) (call $error (i32.const 8192))

@@ -2,7 +2,9 @@
 
 One dispatcher per policy, so every call knows which policy made it and what that policy may access. Each
 callback namespace has its module: `tracing` (policy logs), `net` (DNS), `kubernetes` (cluster reads, with
-the reference's allow-list and caches). Other names get the reference's "unknown" errors.
+the reference's allow-list and caches), `oci` (image manifests: `oci`; signatures: `sigstore`, both through
+the server's registry settings) and `crypto` (certificate chains). Other names get the reference's
+"unknown" errors.
 
 Kubernetes calls (and, when the dispatcher has a `HostHandler`, every call the reference hands to its
 asynchronous callback handler) are first decoded into a `HostRequest` — the reference's callback request,
@@ -15,10 +17,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from kwserver.capabilities import kubernetes, net, tracing
+from kwserver.capabilities import crypto, kubernetes, net, oci, sigstore, tracing
 from kwserver.capabilities.callback_requests import (
     BOOL,
     OPTIONAL,
@@ -30,10 +32,12 @@ from kwserver.capabilities.callback_requests import (
     host_request,
 )
 from kwserver.capabilities.kubernetes import NO_KUBERNETES_CLIENT, access_denied_message
+from kwserver.capabilities.oci import RegistryAccess
 from kwserver.config import ContextAwareResource
 
 __all__ = ["BOOL", "NO_KUBERNETES_CLIENT", "OPTIONAL", "REQUEST_FIELDS", "STRING", "VALUE", "Capabilities",
-           "DirectHandler", "HostCallError", "HostHandler", "HostRequest", "access_denied_message", "host_request"]
+           "DirectHandler", "HostCallError", "HostHandler", "HostRequest", "RegistryAccess", "access_denied_message",
+           "host_request"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,8 @@ class Capabilities:
     allowed_resources: tuple[ContextAwareResource, ...] = ()
     # None: the server's answers as they are; a handler also gets the reference's decoding and checks.
     handler: HostHandler | None = None
+    # How registries are reached (sources.yml, docker config): the policy downloads' settings.
+    registries: RegistryAccess = field(default_factory=RegistryAccess)
 
     def __call__(self, binding: str, namespace: str, operation: str, payload: bytes) -> bytes:
         request = None
@@ -107,6 +113,8 @@ class Capabilities:
                 if request is None:
                     raise HostCallError(f"unknown operation: {operation}")
                 return kubernetes.answer(request, _deadline())
+            if namespace in ("oci", "crypto"):
+                return self._registry_or_crypto(binding, namespace, operation, payload, request)
             raise HostCallError(f"unknown namespace: {namespace}")
         if binding == "kubernetes":
             if request is None:
@@ -114,3 +122,14 @@ class Capabilities:
             log.warning("policy %s uses the deprecated `kubernetes` host binding", self.policy_id)
             return kubernetes.answer(request, _deadline())
         raise HostCallError(f"unknown binding: {binding}")
+
+    def _registry_or_crypto(self, binding: str, namespace: str, operation: str, payload: bytes,
+                            request: HostRequest | None) -> bytes:
+        request = request or host_request(binding, namespace, operation, payload)
+        if request is None:
+            raise HostCallError(f"unknown operation: {operation}")
+        if request.kind == "CryptoIsCertificateTrusted":
+            return crypto.answer(request.fields["request"])
+        if request.kind in oci.OPERATIONS:
+            return oci.answer(request, self.registries, _deadline())
+        return sigstore.answer(request, self.registries, _deadline())
