@@ -189,7 +189,10 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     malloc_trim()
 
     memory_limit = settings.policy_memory_limit_mib * 1024 * 1024
-    registries = RegistryAccess(fetcher.sources, fetcher.credentials, fetcher.options)  # for the OCI callbacks
+    registries = RegistryAccess(  # for the OCI callbacks
+        sources_path=settings.sources_path, docker_config_json_path=settings.docker_config_json_path,
+        timeout_seconds=settings.download_timeout_seconds, retries=settings.download_retries,
+        max_bytes=settings.max_module_size_mib * 1024 * 1024)
     for spec in specs:
         loaded = by_reference[spec.module]
         if isinstance(loaded, Exception):

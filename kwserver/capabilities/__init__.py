@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kwserver.capabilities import crypto, kubernetes, net, oci, sigstore, tracing
+from kwserver.capabilities import kubernetes, net, tracing
 from kwserver.capabilities.callback_requests import (
     BOOL,
     OPTIONAL,
@@ -32,7 +32,7 @@ from kwserver.capabilities.callback_requests import (
     host_request,
 )
 from kwserver.capabilities.kubernetes import NO_KUBERNETES_CLIENT, access_denied_message
-from kwserver.capabilities.oci import RegistryAccess
+from kwserver.capabilities.registry_access import RegistryAccess
 from kwserver.config import ContextAwareResource
 
 __all__ = ["BOOL", "NO_KUBERNETES_CLIENT", "OPTIONAL", "REQUEST_FIELDS", "STRING", "VALUE", "Capabilities",
@@ -128,6 +128,9 @@ class Capabilities:
         request = request or host_request(binding, namespace, operation, payload)
         if request is None:
             raise HostCallError(f"unknown operation: {operation}")
+        # Imported on first use: they bring the registry client and cryptography (registry_access.py).
+        from kwserver.capabilities import crypto, oci, sigstore
+
         if request.kind == "CryptoIsCertificateTrusted":
             return crypto.answer(request.fields["request"])
         if request.kind in oci.OPERATIONS:

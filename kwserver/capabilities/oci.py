@@ -9,19 +9,16 @@ shape the reference's OCI client serialises them: its known fields, in its order
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
 from kwserver.capabilities.callback_requests import HostCallError, HostRequest
-from kwserver.capabilities.waiting import CALLBACK_FAILURE, TtlCache, time_left, until_deadline
-from kwserver.sources.credentials import Credentials
+from kwserver.capabilities.registry_access import RegistryAccess
+from kwserver.capabilities.waiting import CALLBACK_FAILURE, TtlCache, until_deadline
 from kwserver.sources.errors import SourceError
 from kwserver.sources.oci import DOCKER_LIST, OCI_INDEX, Manifest, OciClient
 from kwserver.sources.references import ImageReference, parse_image_reference
-from kwserver.sources.transport import FetchOptions
-from kwserver.sources.trust import Sources
 
 OPERATIONS = {"OciManifestDigest": "v1/manifest_digest", "OciManifest": "v1/oci_manifest",
               "OciManifestAndConfig": "v1/oci_manifest_config"}
@@ -34,19 +31,6 @@ _GO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "a
 
 _cache = TtlCache()
 
-
-@dataclass(frozen=True, eq=False)
-class RegistryAccess:
-    """How this server reaches registries: the same settings as for policy downloads."""
-
-    sources: Sources = field(default_factory=Sources)
-    credentials: Credentials = field(default_factory=Credentials)
-    options: FetchOptions = field(default_factory=FetchOptions)
-
-    def client(self, reference: ImageReference, deadline: float | None) -> OciClient:
-        """A client whose every request gives up when the evaluation's deadline passes."""
-        options = replace(self.options, timeout_seconds=time_left(deadline, self.options.timeout_seconds))
-        return OciClient(reference.registry, self.sources, self.credentials, options)
 
 
 def image_reference(image: str) -> ImageReference:

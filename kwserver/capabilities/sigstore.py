@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives import serialization
 
 from kwserver.capabilities import crypto
 from kwserver.capabilities.callback_requests import HostCallError, HostRequest, _json_type
-from kwserver.capabilities.oci import RegistryAccess, image_reference
+from kwserver.capabilities.oci import image_reference
+from kwserver.capabilities.registry_access import RegistryAccess
 from kwserver.capabilities.waiting import CALLBACK_FAILURE, TtlCache, until_deadline
 from kwserver.sources import verification
 from kwserver.sources.errors import SourceError
