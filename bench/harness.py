@@ -15,6 +15,8 @@ import platform
 import shutil
 import ssl
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -201,6 +203,7 @@ class ScenarioRun:
         self._tls: Tls | None = None
         self._own_cache = options.cache_dir is None
         self.cache_dir = options.cache_dir or (self.work / "compile-cache")
+        self._compiled: set[Path] = set()
 
     # context ----------------------------------------------------------------------------------
     def __enter__(self) -> ScenarioRun:
@@ -236,9 +239,22 @@ class ScenarioRun:
 
     def kwserver(self, name: str, config: Path, *, workers: int | None = None, tls: bool = False,
                  env: dict[str, str] | None = None, cache_dir: Path | None = None) -> Server:
+        if cache_dir is None:
+            self.compile_ahead(config)
         server = start_kwserver(name, config, workers=workers or self.options.workers, work_dir=self.work,
                                 cache_dir=cache_dir or self.cache_dir, tls=self.tls if tls else None, env=env)
         return self._register(server, config=str(config), env=env or {})
+
+    def compile_ahead(self, config: Path) -> None:
+        """Fill the run's compile cache for `config` (`kwserver check`), so that no measured server compiles:
+        a master that compiled keeps the compiler's allocations, which the first server of a run would
+        carry in its memory figures."""
+        if config in self._compiled:
+            return
+        subprocess.run([sys.executable, "-m", "kwserver", "check", "--policies", str(config)],
+                       env={**os.environ, "KWSERVER_COMPILE_CACHE_DIR": str(self.cache_dir)},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        self._compiled.add(config)
 
     def canned(self, name: str, *, workers: int | None = None, tls: bool = False,
                stack: str = "event-loop") -> Server:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench import workloads as wl
 from bench.harness import MIB, Options, ScenarioRun
 from bench.hostile import StalledClients, StalledCounts
@@ -381,51 +383,95 @@ def workers(run: ScenarioRun) -> None:
 
 # --- 5. policies -----------------------------------------------------------------------------------
 
+def own_instance_config(choice: wl.ConfigChoice, directory: Path) -> wl.ConfigChoice:
+    """`choice` with `ownInstance: true` on every policy: an instance per policy in every worker, as before
+    instances were shared per module."""
+    doc = yaml.safe_load(choice.path.read_text())
+    base = choice.path.resolve().parent
+
+    def own(entry: dict[str, Any]) -> None:
+        module = str(entry.get("module", ""))
+        if module and "://" not in module and not Path(module).is_absolute() and (base / module).exists():
+            entry["module"] = str(base / module)
+        entry["ownInstance"] = True
+
+    for entry in doc.values():
+        if "module" in entry:
+            own(entry)
+        for member in (entry.get("policies") or {}).values():
+            own(member)
+    path = directory / f"own-{choice.path.name}"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return wl.ConfigChoice(path, f"{choice.label}, ownInstance", choice.fallback, choice.policies)
+
+
+SHARED, OWN = "shared per module", "an instance per policy (before)"
+
+
 @scenario("policies", "memory vs number of policies",
           "kwserver with 4 workers and the ten-policy config, then the 61-policy config (same modules, varied "
-          "settings), one server at a time. Each gets an unmeasured warm-up of the realistic mix fanned out "
-          "over all its policies with 16 connections, in short rounds until every worker has had connections, "
-          "so that every worker holds an instance of every policy; "
-          "then measured load points. The per-policy slope is (PSS(61) - PSS(10)) / 51.")
+          "settings), each with instances shared per module (the default) and with `ownInstance: true` on every "
+          "policy (an instance per policy, as before instances were shared), one server at a time. Each gets an "
+          "unmeasured warm-up of the realistic mix fanned out over all its policies with 16 connections, in "
+          "short rounds until every worker has had connections, so that every worker holds an instance of "
+          "every policy; then a measured load point. The per-policy slope is (PSS(61) - PSS(10)) / 51. "
+          "Throughput of the ten-policy mix, shared vs an instance per policy: both servers up, load points "
+          "interleaved.")
 def policies(run: ScenarioRun) -> None:
     o = run.options
     ten, sixty_one = ten_policy_config(run), sixty_one_policy_config(run)
     d = workdir(run, "policies")
     count_workers = 4
-    results = {}
-    run.data["baselines"] = {"mix": f"{ten.policies} policies"}
-    for choice in (ten, sixty_one):
-        mix = wl.mix_workload(d, f"mix-{choice.policies}", choice.path,
-                              f"realistic mix over all {choice.policies} policies")
-        server = run.kwserver(f"kwserver-{choice.policies}p", choice.path, workers=count_workers)
-        run.preflight(server, mix)
-        run.warm_every_worker(server, mix, connections=16)
-        points = [run.load(server, mix, label=f"{choice.policies} policies", series="mix", repeat=r,
-                           connections=16) for r in range(o.repeats)]
-        run.stop(server)
-        results[choice.policies] = {
-            "pss_mib": statistics.median(p.memory["pss"] for p in points) / MIB,
-            "uss_mib": statistics.median(p.memory["uss"] for p in points) / MIB,
-            "rps": statistics.median(p.rps for p in points),
-        }
+    results: dict[str, dict[int, dict[str, float]]] = {SHARED: {}, OWN: {}}
+    mixes = {choice.policies: wl.mix_workload(d, f"mix-{choice.policies}", choice.path,
+                                              f"realistic mix over all {choice.policies} policies")
+             for choice in (ten, sixty_one)}
+    configs = {SHARED: (ten, sixty_one), OWN: (own_instance_config(ten, d), own_instance_config(sixty_one, d))}
+    for variant, choices in configs.items():
+        for choice in choices:
+            mix = mixes[choice.policies]
+            name = f"kwserver-{choice.policies}p-{'own' if variant == OWN else 'shared'}"
+            server = run.kwserver(name, choice.path, workers=count_workers)
+            run.preflight(server, mix)
+            run.warm_every_worker(server, mix, connections=16)
+            point = run.load(server, mix, label=f"{choice.policies} policies, {variant}", series="memory",
+                             connections=16)
+            run.stop(server)
+            results[variant][choice.policies] = {"pss_mib": point.memory["pss"] / MIB,
+                                                 "uss_mib": point.memory["uss"] / MIB}
     n10, n61 = ten.policies, sixty_one.policies
-    a, b = results[n10], results[n61]
-    slope_kib = (b["pss_mib"] - a["pss_mib"]) * KIB / (n61 - n10) if n61 != n10 else math.nan
-    slope_uss = (b["uss_mib"] - a["uss_mib"]) * KIB / (n61 - n10) if n61 != n10 else math.nan
     run.data["memory"] = results
-    run.data["fits"] = [{"file": "pss_vs_policies.png", "title": "total PSS vs policies (4 workers)",
+    run.data["fits"] = [{"file": "pss_vs_policies.png", "title": "total PSS vs policies (4 workers, shared)",
                          "x_label": "policies", "y_label": "total PSS (MiB)", "xs": [n10, n61],
-                         "ys": [a["pss_mib"], b["pss_mib"]], "slope_unit": "MiB/policy",
-                         **linear_fit([n10, n61], [a["pss_mib"], b["pss_mib"]]).to_json()}]
+                         "ys": [results[SHARED][n10]["pss_mib"], results[SHARED][n61]["pss_mib"]],
+                         "slope_unit": "MiB/policy",
+                         **linear_fit([n10, n61], [results[SHARED][n10]["pss_mib"],
+                                                   results[SHARED][n61]["pss_mib"]]).to_json()}]
     run.tables.append(("Memory per configuration (4 workers, after load)",
-                       ["policies", "total PSS MiB", "total USS MiB", "req/s (median)"],
-                       [[str(n), fmt(r["pss_mib"], 1), fmt(r["uss_mib"], 1), fmt(r["rps"])]
-                        for n, r in results.items()]))
-    run.headline("per-policy PSS slope (4 workers)", f"{slope_kib:.0f} KiB/policy",
-                 f"{n10} policies: {a['pss_mib']:.1f} MiB, {n61} policies: {b['pss_mib']:.1f} MiB; "
-                 f"USS slope {slope_uss:.0f} KiB/policy", slope_kib=slope_kib, slope_uss_kib=slope_uss)
-    ratio_headline(run, f"req/s {n61} / {n10} policies (different mixes: more policies per object)", "mix",
-                   f"{n61} policies", f"{n10} policies")
+                       ["policies", "instances", "total PSS MiB", "total USS MiB"],
+                       [[str(n), variant, fmt(r["pss_mib"], 1), fmt(r["uss_mib"], 1)]
+                        for variant, by_count in results.items() for n, r in by_count.items()]))
+    for variant in (SHARED, OWN):
+        a, b = results[variant][n10], results[variant][n61]
+        slope_kib = (b["pss_mib"] - a["pss_mib"]) * KIB / (n61 - n10) if n61 != n10 else math.nan
+        slope_uss = (b["uss_mib"] - a["uss_mib"]) * KIB / (n61 - n10) if n61 != n10 else math.nan
+        run.headline(f"per-policy PSS slope (4 workers, {variant})", f"{slope_kib:.0f} KiB/policy",
+                     f"{n10} policies: {a['pss_mib']:.1f} MiB, {n61} policies: {b['pss_mib']:.1f} MiB; "
+                     f"USS slope {slope_uss:.0f} KiB/policy", slope_kib=slope_kib, slope_uss_kib=slope_uss,
+                     pss_10_mib=a["pss_mib"], pss_61_mib=b["pss_mib"])
+
+    series = "ten-policy mix"
+    run.data["baselines"] = {series: OWN}
+    shared = run.kwserver("kwserver-10p-shared-rps", ten.path, workers=count_workers)
+    own = run.kwserver("kwserver-10p-own-rps", configs[OWN][0].path, workers=count_workers)
+    for server in (shared, own):
+        run.preflight(server, mixes[n10])
+        run.warm_every_worker(server, mixes[n10], connections=16)
+    interleaved(run, [(own, mixes[n10], OWN, series), (shared, mixes[n10], SHARED, series)], o.repeats)
+    run.stop(shared)
+    run.stop(own)
+    ratio_headline(run, "req/s of the ten-policy mix, shared per module / an instance per policy", series,
+                   SHARED, OWN)
 
 
 # --- 5a. seed ---------------------------------------------------------------------------------------
