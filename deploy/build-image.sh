@@ -122,6 +122,9 @@ fi
 # 3. The file system: what the image runs and nothing else.
 step "trimming and laying out the file system"
 rm -rf "$site/bin" "$site/share" "$site/falcon/bench" "$site/certifi/tests"
+# Where the wheel was built (a temporary directory) is no part of the image.
+rm "$site"/kwserver-*.dist-info/direct_url.json
+sed -i '/direct_url.json/d' "$site"/kwserver-*.dist-info/RECORD
 find "$site" \( -name '*.pyx' -o -name '*.pxd' -o -name '*.pyi' -o -name '*.c' -o -name '*.h' \) -delete
 # Wheels ship their extensions with symbols (uvloop's is 13 MB, 1.6 MB without); the dynamic ones stay.
 if command -v strip >/dev/null; then
