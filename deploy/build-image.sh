@@ -28,11 +28,13 @@ usage: deploy/build-image.sh [options]
   --suite NAME       Debian suite (default: bookworm; Python 3.11)
   --python PYTHON    the Python whose pip builds and fetches the wheels (default: python3)
   --update-lock      re-resolve the Python dependencies and rewrite deploy/image-requirements.txt
+  --print-mirrors    print the Debian mirrors and suite the build would use, then exit
 EOF
 }
 
+arguments=("$@")
 policies="" tag="" output="$REPO/deploy/out" storage="" mirror="" security_mirror="" suite=bookworm
-python=python3 update_lock=0
+python=python3 update_lock=0 print_mirrors=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --policies) policies=$(realpath "$2"); shift 2 ;;
@@ -44,14 +46,12 @@ while [ $# -gt 0 ]; do
         --suite) suite=$2; shift 2 ;;
         --python) python=$2; shift 2 ;;
         --update-lock) update_lock=1; shift ;;
+        --print-mirrors) print_mirrors=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; exit 2 ;;
     esac
 done
 
-if [ "$(id -u)" != 0 ]; then
-    exec buildah unshare "$0" "$@"
-fi
 for tool in mmdebstrap buildah; do
     command -v "$tool" >/dev/null || { echo "build-image: $tool is not installed (apt-get install $tool)" >&2; exit 1; }
 done
@@ -66,6 +66,13 @@ mirror=${mirror:-$(apt_mirror '/debian/?$' 'security')}
 mirror=${mirror:-http://deb.debian.org/debian}
 security_mirror=${security_mirror:-$(apt_mirror 'debian-security/?$' '^$')}
 security_mirror=${security_mirror:-http://deb.debian.org/debian-security}
+if [ "$print_mirrors" = 1 ]; then
+    echo "$mirror $suite"; echo "$security_mirror $suite-security"; exit 0
+fi
+
+if [ "$(id -u)" != 0 ]; then
+    exec buildah unshare "$0" "${arguments[@]}"
+fi
 
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct)}
 version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$REPO/kwserver/__init__.py")
@@ -92,7 +99,7 @@ step() { echo "build-image: $* ($(( $(date +%s) - started ))s)" >&2; }
 # 1. Debian: only unpacked, so no maintainer scripts, no dpkg database, no device nodes.
 step "unpacking Debian $suite from $mirror"
 packages=$(grep -v '^#' "$REPO/deploy/image-packages.txt" | paste -sd, -)
-mmdebstrap --quiet --mode=root --variant=extract --include="$packages" --skip=output/dev \
+mmdebstrap --quiet --mode=root --variant=extract --include="$packages" \
     --extract-hook='find "$1/var/cache/apt/archives" -name "*.deb" -printf "%f\n" | sed "s/\.deb$//" | sort > "$1/.debs"' \
     "$suite" "$rootfs" \
     "deb $mirror $suite main" "deb $mirror $suite-updates main" "deb $security_mirror $suite-security main"
@@ -135,6 +142,8 @@ rm -rf "$rootfs"/usr/share/{doc,man,info,locale,lintian,bug,bash-completion,binf
     "$rootfs"/usr/bin/{pdb3.11,pydoc3.11,pygettext3.11,dpkg*,update-alternatives} "$rootfs"/usr/sbin/* \
     "$rootfs"/usr/lib/x86_64-linux-gnu/gconv "$rootfs"/{bin,sbin}/* "$rootfs"/usr/libexec "$rootfs"/var/lib/dpkg "$rootfs"/var/lib/apt \
     "$rootfs"/var/cache/* "$rootfs"/var/log/* "$rootfs"/etc/{dpkg,apt,alternatives,cron.daily,logrotate.d}
+# The runtime makes /dev; the device nodes mmdebstrap made are no part of the image.
+rm -rf "$rootfs/dev"
 mkdir -p "$rootfs"/{proc,sys,dev,tmp,etc/kwserver,home/kwserver,opt/kwserver/policies,usr/share/kwserver}
 chmod 1777 "$rootfs/tmp"
 ln -sf python3.11 "$rootfs/usr/bin/python3"
