@@ -106,7 +106,12 @@ mmdebstrap --quiet --mode=root --variant=extract --include="$packages" \
 
 # 2. kwserver and its dependencies, wheels for the image's Python and C library only.
 step "installing kwserver's wheel and dependencies"
-"$python" -m pip wheel --quiet --no-deps --wheel-dir "$work/wheel" "$REPO"
+# From a copy: an in-tree build leaves build/ behind, whose stale files a later wheel would pick up.
+mkdir -p "$work/source/policies"
+cp -r "$REPO"/{pyproject.toml,setup.cfg,README.md,kwserver} "$work/source/"
+cp -r "$REPO"/policies/{catalog.json,CATALOG.md,README.md,dist} "$work/source/policies/"
+find "$work/source" -name __pycache__ -prune -exec rm -rf {} +
+"$python" -m pip wheel --quiet --no-deps --wheel-dir "$work/wheel" "$work/source"
 platforms=()
 for minor in $(seq 36 -1 17); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
