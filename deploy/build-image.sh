@@ -10,7 +10,8 @@
 #      an OCI archive too.
 # Reproducible: SOURCE_DATE_EPOCH (default: the last commit's time) is the time of every file, of the
 # image and of its labels; the package lists are fixed; the same inputs give the same image digest.
-# Needs root (or runs itself under `buildah unshare`), mmdebstrap, buildah, python3 with pip, and the
+# Needs root (tested; as another user it re-runs itself under `buildah unshare`, which needs subuid
+# ranges: untested), mmdebstrap, buildah, python3 with pip, and the
 # Debian mirror of this machine's apt sources. Prints the image's name, digest and sizes.
 set -euo pipefail
 
