@@ -33,7 +33,7 @@ from kwserver.metadata import MetadataError, PolicyMetadata, WasmFormatError, pa
 from kwserver.sources import SourceError
 from kwserver.sources.references import LocalReference, parse_reference
 
-IMAGE_MODULE_DIR = "/opt/kwserver/policies/dist"  # where deploy/Containerfile puts the policy library
+IMAGE_MODULE_DIR = "/opt/kwserver/policies/dist"  # where deploy/build-image.sh puts the policy library
 CONFIG_DIR, PKI_DIR, STORE_DIR = "/config", "/pki", "/tmp"
 # Kinds whose plural is not the lower-cased kind plus "s" (RBAC names resources by plural).
 IRREGULAR_PLURALS = {"endpoints": "endpoints", "ingress": "ingresses", "networkpolicy": "networkpolicies",

@@ -1,6 +1,7 @@
 """The compiled-module cache: warm restarts skip compilation; native code is only loaded from private places."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,54 @@ def test_an_unusable_directory_compiles_in_memory(tmp_path):
     blocker.write_text("not a directory")
     cache = _load(blocker / "cache")
     assert cache.directory is None and cache.misses == 1
+
+
+def _load_read_only(warm: Path, spare: Path, wasm: bytes = WASM, digest: str = "digest") -> dict:
+    """Load with `warm` read-only, as a cache baked into an image with a read-only root filesystem:
+    chmod for a user, a read-only bind mount in a mount namespace of its own for root."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\nfrom pathlib import Path\n"
+        "from kwserver.runtime.engine import CompileCache, EngineOptions, make_engine\n"
+        "options = EngineOptions(epoch_interruption=True)\n"
+        f"cache = CompileCache([Path({str(warm)!r}), Path({str(spare)!r})], options)\n"
+        f"cache.load(make_engine(options), sys.stdin.buffer.read(), {digest!r})\n"
+        "print(json.dumps({'hits': cache.hits, 'misses': cache.misses, 'directory': str(cache.directory),"
+        " 'read_only': [str(p) for p in cache.read_only]}))\n")
+    command = [sys.executable, "-c", script]
+    if os.getuid() == 0:
+        command = ["unshare", "-m", "sh", "-c", f"mount --bind {warm} {warm} && mount -o remount,bind,ro {warm} "
+                   '&& exec "$@"', "sh", *command]
+    else:
+        warm.chmod(warm.stat().st_mode & ~0o222)
+    result = subprocess.run(command, input=wasm, capture_output=True, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+needs_read_only = pytest.mark.skipif(
+    os.getuid() == 0 and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0,
+    reason="as root, a directory is only read-only as a read-only bind mount, which needs unshare -m")
+
+
+@needs_read_only
+def test_a_read_only_cache_is_read_and_what_it_lacks_is_written_to_the_next(tmp_path):
+    warm = tmp_path / "warm"
+    _load(warm)  # the build-time warm-up
+    loaded = _load_read_only(warm, tmp_path / "spare")
+    assert loaded == {"hits": 1, "misses": 0, "directory": str(tmp_path / "spare"), "read_only": [str(warm)]}
+    other = _load_read_only(warm, tmp_path / "spare", Path(policy_path("sleeping")).read_bytes(), "other")
+    assert other["misses"] == 1 and list((tmp_path / "spare").glob("*.cwasm"))
+
+
+@needs_read_only
+def test_a_read_only_cache_others_could_write_is_not_read(tmp_path):
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    _artifact_of_another_module(warm)
+    warm.chmod(0o775)
+    loaded = _load_read_only(warm, tmp_path / "spare")
+    assert loaded["read_only"] == [] and loaded["hits"] == 0

@@ -96,20 +96,28 @@ class CompileCache:
 
     def __init__(self, directory: Path | Sequence[Path] | None, options: EngineOptions):
         """`directory` may be a list of candidates: the first usable one is taken (a read-only home
-        directory falls back to the temporary directory); with none usable, modules compile in memory."""
+        directory falls back to the temporary directory); with none usable, modules compile in memory.
+        A candidate before it that cannot be written but that only we or root can change (a cache
+        warmed into an image whose root filesystem is read-only) is still read from."""
         self.options = options
         candidates = [directory] if isinstance(directory, Path) else list(directory or ())
         self.directory = None
+        self.read_only: list[Path] = []
         problems = []
         for candidate in candidates:
             self.directory, problem = self._usable(candidate)
             if self.directory is not None:
                 break
+            if self._trusted(candidate):
+                self.read_only.append(candidate)
+                continue
             problems.append(f"{candidate} {problem}")
         if problems and self.directory is None:
             log.warning("compiled-module cache: %s; compiling in memory", "; ".join(problems))
         elif problems:
             log.info("compiled-module cache: %s; using %s", "; ".join(problems), self.directory)
+        if self.read_only:
+            log.info("compiled-module cache: reading %s too", ", ".join(map(str, self.read_only)))
         self.hits = 0
         self.misses = 0
 
@@ -117,6 +125,15 @@ class CompileCache:
     def _private(directory: Path) -> bool:
         info = directory.stat()
         return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+    @staticmethod
+    def _trusted(path: Path) -> bool:
+        """Native code only we or root can have put there: owned by one of us, writable by nobody else."""
+        try:
+            info = path.stat()
+        except OSError:
+            return False
+        return info.st_uid in (os.getuid(), 0) and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
     @classmethod
     def _usable(cls, directory: Path) -> tuple[Path | None, str]:
@@ -146,6 +163,15 @@ class CompileCache:
 
     def load(self, engine: wasmtime.Engine, wasm: bytes, digest: str) -> tuple[wasmtime.Module, int]:
         """Return the compiled module and the size of its native artifact."""
+        for warmed in self.read_only:
+            artifact = warmed / f"{digest}-{self.options.fingerprint()}.cwasm"
+            if self._trusted(artifact):
+                try:
+                    module = wasmtime.Module.deserialize_file(engine, str(artifact))
+                    self.hits += 1
+                    return module, artifact.stat().st_size
+                except wasmtime.WasmtimeError as exc:  # built for another CPU, for instance
+                    log.warning("not using compiled module %s: %s", artifact, exc)
         path = self.path_for(digest)
         if path is not None and path.exists():
             try:
