@@ -1,4 +1,4 @@
-"""A local OTLP receiver for the tests: the collector's Export services over gRPC and over HTTP.
+"""A local OTLP receiver for the tests and bench/telemetry.py: the collector's Export services over gRPC and over HTTP.
 
 Both decode the `opentelemetry-proto` messages (ExportMetricsServiceRequest, ExportTraceServiceRequest)
 and keep them; TLS (optionally with mandatory client certificates) uses the tests' throwaway CAs.
@@ -13,13 +13,14 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.conftest import CertPair
+if TYPE_CHECKING:  # bench/telemetry.py uses the receiver too, without pytest's conftest
+    from tests.conftest import CertPair
 
 
 @dataclass
