@@ -158,9 +158,8 @@ class MetricsPush:
         data = metrics_data(families, self.resource, self.start_ns, time.time_ns())
         if not data.resource_metrics[0].scope_metrics[0].metrics:
             return  # nothing evaluated yet
-        result = self.exporter.export(data, timeout_millis=timeout_millis or self.timeout_millis)
-        if getattr(result, "name", "SUCCESS") != "SUCCESS":
-            log.warning("OTLP metrics export failed (%s); the next export sends the totals again", result.name)
+        # A failure is logged by the exporter; the next export sends the (cumulative) totals again.
+        self.exporter.export(data, timeout_millis=timeout_millis or self.timeout_millis)
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval_seconds):
