@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -37,6 +38,8 @@ EVALUATION_LABELS = (
     "request_origin", "resource_namespace", "error_code", "initialization_error",
 )
 ARCHIVE_ID = "archive"
+# Held while a dead worker's counts move into the archive: a reader in between would count them twice.
+ARCHIVE_LOCK = threading.RLock()  # re-entrant: gunicorn reaps workers from a signal handler
 
 
 def prepare_directory(directory: str | None) -> str:
@@ -159,6 +162,11 @@ class PendingCounts:
 
 def archive_dead_worker(directory: str, pid: int) -> None:
     """Fold a dead worker's counters and histograms into the archive files, then delete its files."""
+    with ARCHIVE_LOCK:
+        _archive(directory, pid)
+
+
+def _archive(directory: str, pid: int) -> None:
     for path in glob.glob(os.path.join(directory, f"*_{pid}.db")):
         kind = os.path.basename(path).split("_", 1)[0]
         if kind in ("counter", "histogram"):
@@ -245,7 +253,8 @@ def master_registry(directory: str, extra: Iterable[Any] = ()) -> CollectorRegis
 
 
 def render(registry: CollectorRegistry) -> bytes:
-    return prometheus_client.generate_latest(registry)
+    with ARCHIVE_LOCK:
+        return prometheus_client.generate_latest(registry)
 
 
 def remove_directory(directory: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from kwserver.observability import otlp
-from kwserver.observability.metrics import LATENCY_BUCKETS_MS
+from kwserver.observability.metrics import ARCHIVE_LOCK, LATENCY_BUCKETS_MS
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ class MetricsPush:
         self._thread.start()
 
     def export_once(self, timeout_millis: int | None = None) -> None:
-        families = MultiProcessCollector(None, path=self.directory).collect()
+        with ARCHIVE_LOCK:
+            families = list(MultiProcessCollector(None, path=self.directory).collect())
         data = metrics_data(families, self.resource, self.start_ns, time.time_ns())
         if not data.resource_metrics[0].scope_metrics[0].metrics:
             return  # nothing evaluated yet
