@@ -822,3 +822,7 @@ def mix(run: ScenarioRun) -> None:
     if slowest:
         run.headline("mix: slowest policy (p50 alone)", f"{slowest[0]}: p50 {slowest[4]} ms, p99 {slowest[6]} ms",
                      f"{len(rows)} policies measured")
+
+
+# Scenarios in modules of their own register themselves when imported.
+from bench import telemetry  # noqa: E402, F401

@@ -118,13 +118,15 @@ for minor in $(seq 36 -1 17); do platforms+=(--platform "manylinux_2_${minor}_x8
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
 wheel_options=(--only-binary=:all: --no-compile --python-version 3.11 --implementation cp "${platforms[@]}")
 lock=$REPO/deploy/image-requirements.txt
+# With the `otel` extra: the controller turns on OTLP metrics and traces (--enable-metrics, --log-fmt otlp).
+package="$(echo "$work"/wheel/*.whl)[otel]"
 if [ "$update_lock" = 1 ]; then
-    "$python" -m pip install --quiet --target "$work/resolve" "${wheel_options[@]}" "$work"/wheel/*.whl
+    "$python" -m pip install --quiet --target "$work/resolve" "${wheel_options[@]}" "$package"
     { sed -n '1,/^[^#]/{/^#/p}' "$lock"
       "$python" -m pip list --path "$work/resolve" --format freeze | grep -v '^kwserver==' | LC_ALL=C sort -f; } > "$work/lock"
     mv "$work/lock" "$lock"
 fi
-"$python" -m pip install --quiet --target "$site" "${wheel_options[@]}" --constraint "$lock" "$work"/wheel/*.whl
+"$python" -m pip install --quiet --target "$site" "${wheel_options[@]}" --constraint "$lock" "$package"
 resolved=$("$python" -m pip list --path "$site" --format freeze | grep -v '^kwserver==' | LC_ALL=C sort -f)
 if [ "$resolved" != "$(grep -v '^#' "$lock" | LC_ALL=C sort -f)" ]; then
     echo "build-image: the dependencies differ from deploy/image-requirements.txt; run with --update-lock:" >&2

@@ -142,8 +142,10 @@ class ServerSettings:
         "Start even when the Kubernetes API cannot be reached", parse=parse_bool)
     log_level: str = setting("info", "KUBEWARDEN_LOG_LEVEL", f"Log level: {', '.join(LOG_LEVELS)}",
                              check=one_of(*LOG_LEVELS))
-    # `otlp` is what the Kubewarden controller sets when tracing is on: text logs, as the reference also writes.
-    log_fmt: str = setting("text", "KUBEWARDEN_LOG_FMT", "Log format: text, json or otlp (text logs; no spans)",
+    # `otlp` is what the Kubewarden controller sets when tracing is on: spans over OTLP, and text logs as
+    # the reference also writes (kwserver/observability/otlp_traces.py).
+    log_fmt: str = setting("text", "KUBEWARDEN_LOG_FMT",
+                           "Log format: text, json or otlp (text logs, and spans exported over OTLP: OTEL_* variables)",
                            check=one_of("text", "json", "otlp"))
     # kwserver's own settings.
     compile_cache_dir: str | None = setting(
@@ -230,7 +232,8 @@ class ServerSettings:
         "Sigstore trust root (keyless signatures); unused: keyless verification is refused")
     enable_metrics: bool = setting(
         False, "KUBEWARDEN_ENABLE_METRICS",
-        "OTLP metrics push; kwserver serves Prometheus metrics on --metrics-port instead", parse=parse_bool)
+        "Also push the metrics over OTLP (OTEL_* variables); Prometheus still serves them on --metrics-port",
+        parse=parse_bool)
     enable_pprof: bool = setting(False, "KUBEWARDEN_ENABLE_PPROF", "Go-style profiling endpoints; not available",
                                  parse=parse_bool)
     log_no_color: bool = setting(False, "NO_COLOR", "No colours in text logs (kwserver never colours them)",
@@ -261,11 +264,8 @@ class ServerSettings:
         notes = {
             "sigstore_cache_dir": "there is no sigstore support in this build",
             "sigstore_trust_config": "keyless signatures are refused, so no sigstore trust root is read",
-            "enable_metrics": f"metrics are not pushed over OTLP; Prometheus serves them on port {self.metrics_port}",
             "enable_pprof": "profiling endpoints are not available",
         }
-        if self.log_fmt == "otlp":
-            notes["log_fmt"] = "spans are not exported over OTLP; logs are written as text"
         return [f"{name.replace('_', '-')}: {note}" for name, note in notes.items() if getattr(self, name)]
 
     @property

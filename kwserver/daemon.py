@@ -34,7 +34,7 @@ from kwserver.cluster import connection
 from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
 from kwserver.logs import configure_logging
-from kwserver.observability import metrics
+from kwserver.observability import metrics, otlp
 from kwserver.observability.endpoints import EndpointServer, Readiness
 from kwserver.observability.status import LoadedFacts, StatusView
 from kwserver.runtime.engine import EpochTicker
@@ -100,6 +100,8 @@ class Daemon:
         self.arbiter: Any = None
         self.ticker: EpochTicker | None = None
         self.tls: TlsContextCache | None = None
+        self.traced: Any = None  # otlp_traces.TracedService with --log-fmt otlp
+        self.metrics_push: Any = None  # otlp_metrics.MetricsPush with --enable-metrics, in the master
         self.worker_age = 0
         Daemon.current = self
 
@@ -122,6 +124,7 @@ class Daemon:
         self.metrics_dir = metrics.prepare_directory(None)
         self.metrics = metrics.WorkerMetrics()
         try:
+            self._check_telemetry()
             registry, report = build_registry(self.settings)
             connection.connect_at_startup(
                 required=any(p.spec.context_aware_resources for p in registry.policies.values()),
@@ -134,9 +137,24 @@ class Daemon:
             registry, evaluator, observe=self.metrics.observe,
             always_accept_namespace=self.settings.always_accept_admission_reviews_on_namespace,
         )
-        app = ServedCounter(create_app(self.service), record=self.metrics.served, retitle=self._title_worker)
+        app = ServedCounter(create_app(self._traced(self.service)), record=self.metrics.served,
+                            retitle=self._title_worker)
         self._freeze_heap()
         return app
+
+    def _check_telemetry(self) -> None:
+        if self.settings.enable_metrics:
+            otlp.check("metrics")
+        if self.settings.log_fmt == "otlp":
+            otlp.check("traces")
+
+    def _traced(self, service: AdmissionService) -> Any:
+        if self.settings.log_fmt != "otlp":
+            return service
+        from kwserver.observability.otlp_traces import TracedService
+
+        self.traced = TracedService(service)
+        return self.traced
 
     def _install(self, registry: PolicyRegistry, report: BootReport) -> Evaluator:
         settings = self.settings
@@ -202,6 +220,7 @@ class Daemon:
         self._unready_on_term()
         self.readiness.ready.set()
         self._start_controller()
+        self._start_metrics_push()
         log.info("ready: API on %s, readiness on port %d, metrics on port %s", ", ".join(self.bind),
                  settings.readiness_probe_port, settings.metrics_port or "(disabled)")
 
@@ -232,6 +251,14 @@ class Daemon:
         )
         self.controller.start()
 
+    def _start_metrics_push(self) -> None:
+        if not self.settings.enable_metrics:
+            return
+        from kwserver.observability.otlp_metrics import MetricsPush
+
+        self.metrics_push = MetricsPush.from_env(self.metrics_dir)
+        self.metrics_push.start()
+
     def _resize_pool(self, workers: int) -> None:
         # What gunicorn's TTIN/TTOU handlers do, for any step at once (signals sent in a row coalesce).
         self.arbiter.num_workers = workers
@@ -253,9 +280,11 @@ class Daemon:
         set_process_title(f"kwserver: master [{self._describe()}]")
 
     def worker_exiting(self) -> None:
-        """In the worker, as it exits: publish what it counted since its last flush."""
+        """In the worker, as it exits: publish what it counted since its last flush, send its last spans."""
         if self.metrics is not None:
             self.metrics.flush()
+        if self.traced is not None:
+            self.traced.shutdown()
 
     def worker_exited(self, pid: int) -> None:
         if self.metrics_dir:
@@ -267,6 +296,8 @@ class Daemon:
             self.controller.stop()
         for endpoint in self.endpoints:
             endpoint.stop()
+        if self.metrics_push is not None:
+            self.metrics_push.stop()
         if self.metrics_dir:
             metrics.remove_directory(self.metrics_dir)
 
@@ -292,6 +323,9 @@ class Daemon:
             endpoint.close_inherited()
         self.endpoints = []
         self.controller = None
+        self.metrics_push = None  # the master's; its thread is not in this process
+        if self.traced is not None:
+            self.traced.start()
         if self.registry is not None and self.registry.engine_options.epoch_interruption:
             self.ticker = EpochTicker(self.registry.engine)
             self.ticker.start()

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -44,6 +45,8 @@ EVALUATION_LABELS = (
 ARCHIVE_ID = "archive"
 EVALUATIONS_METRIC = "kubewarden_policy_evaluations"
 LATENCY_METRIC = "kubewarden_policy_evaluation_latency_milliseconds"
+# Held while a dead worker's counts move into the archive: a reader in between would count them twice.
+ARCHIVE_LOCK = threading.RLock()  # re-entrant: gunicorn reaps workers from a signal handler
 
 
 def prepare_directory(directory: str | None) -> str:
@@ -237,6 +240,11 @@ class EvaluationCollector:
 
 def archive_dead_worker(directory: str, pid: int) -> None:
     """Fold a dead worker's counts into the archive files, then delete its files."""
+    with ARCHIVE_LOCK:
+        _archive(directory, pid)
+
+
+def _archive(directory: str, pid: int) -> None:
     path = evaluations_path(directory, pid)
     if os.path.exists(path):
         archive = evaluations_path(directory, ARCHIVE_ID)
@@ -332,7 +340,8 @@ def master_registry(directory: str, extra: Iterable[Any] = ()) -> CollectorRegis
 
 
 def render(registry: CollectorRegistry) -> bytes:
-    return prometheus_client.generate_latest(registry)
+    with ARCHIVE_LOCK:
+        return prometheus_client.generate_latest(registry)
 
 
 def remove_directory(directory: str) -> None:
