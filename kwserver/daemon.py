@@ -31,6 +31,8 @@ from kwserver.api import create_app
 from kwserver.autoscaler import PoolController, ScalingPolicy
 from kwserver.bootstrap import BootError, BootReport, build_registry
 from kwserver.cluster import connection
+from kwserver.cluster.client import CacheLimits
+from kwserver.cluster.supervisor import CacheSupervisor
 from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
 from kwserver.logs import configure_logging
@@ -100,6 +102,7 @@ class Daemon:
         self.arbiter: Any = None
         self.ticker: EpochTicker | None = None
         self.tls: TlsContextCache | None = None
+        self.cluster_cache: CacheSupervisor | None = None
         self.worker_age = 0
         Daemon.current = self
 
@@ -129,6 +132,7 @@ class Daemon:
         except (BootError, ConfigError, connection.ConnectionFailure) as exc:
             log.error("%s", exc)
             sys.exit(1)
+        self._start_cluster_cache()
         evaluator = self._install(registry, report)
         self.service = AdmissionService(
             registry, evaluator, observe=self.metrics.observe,
@@ -137,6 +141,17 @@ class Daemon:
         app = ServedCounter(create_app(self.service), record=self.metrics.served, retitle=self._title_worker)
         self._freeze_heap()
         return app
+
+    def _start_cluster_cache(self) -> None:
+        """One cache of the cluster for the whole server, in a process of its own; workers ask it."""
+        if not connection.enabled():
+            return
+        settings = self.settings
+        self.cluster_cache = CacheSupervisor(
+            CacheLimits(settings.cluster_max_reflectors, settings.cluster_max_objects),
+            settings.log_level, settings.log_fmt)
+        self.cluster_cache.start()
+        connection.use_cache(self.cluster_cache.path)
 
     def _install(self, registry: PolicyRegistry, report: BootReport) -> Evaluator:
         settings = self.settings
@@ -268,6 +283,8 @@ class Daemon:
             endpoint.stop()
         if self.metrics_dir:
             metrics.remove_directory(self.metrics_dir)
+        if self.cluster_cache is not None:
+            self.cluster_cache.stop()
 
     def _describe(self) -> str:
         registry = self.registry

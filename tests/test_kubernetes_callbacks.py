@@ -101,7 +101,7 @@ NAMESPACES = [{"apiVersion": "v1", "kind": "Namespace"}]
 
 def connected(run_server, kube_api: KubeApi, tmp_path: Path, policies: dict[str, Any], **kwargs: Any):
     config = kube_api.kubeconfig(tmp_path / "kubeconfig")
-    return run_server(policies, env={"KUBECONFIG": str(config), "KUBEWARDEN_WORKERS": "1", **kwargs.pop("env", {})},
+    return run_server(policies, env={"KUBECONFIG": str(config), "KUBEWARDEN_WORKERS": "2", **kwargs.pop("env", {})},
                       **kwargs)
 
 
