@@ -700,3 +700,17 @@ def mix(run: ScenarioRun) -> None:
     if slowest:
         run.headline("mix: slowest policy (p50 alone)", f"{slowest[0]}: p50 {slowest[4]} ms, p99 {slowest[6]} ms",
                      f"{len(rows)} policies measured")
+
+
+# --- context-aware policies: bench/context_aware.py --------------------------------------------------
+
+def _context(run: ScenarioRun) -> None:
+    from bench.context_aware import context
+
+    context(run)
+
+
+scenario("context", "a context-aware policy served from the server's one cluster cache",
+         "A waPC policy lists 10,000 ConfigMaps (from a local HTTPS Kubernetes API) on every request: total PSS "
+         "at 1 and 4 workers with the cache empty and loaded, list latency through the worker proxy, req/s "
+         "against pod-privileged in the same server, lightkube import cost.")(_context)

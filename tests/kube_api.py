@@ -42,6 +42,7 @@ KINDS = (
     Kind("v1", "Namespace", "namespaces", False),
     Kind("v1", "Pod", "pods", True),
     Kind("v1", "Service", "services", True),
+    Kind("v1", "ConfigMap", "configmaps", True),
     Kind("apps/v1", "Deployment", "deployments", True),
     Kind("networking.k8s.io/v1", "Ingress", "ingresses", True),
 )
