@@ -90,15 +90,26 @@ def config(directory: Path, pod_privileged: str) -> Path:
     return path
 
 
-def pss_mib(server: Any) -> float:
-    return sum(s.pss for s in snapshot(server.name, server.pid)) / MIB
+def pss_mib(server: Any) -> dict[str, float]:
+    """Total PSS and its parts: master, workers, cluster cache."""
+    parts = {"total": 0.0, "master": 0.0, "workers": 0.0, "cache": 0.0}
+    for sample in snapshot(server.name, server.pid):
+        try:
+            cache = "cluster cache" in " ".join(psutil.Process(sample.pid).cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        part = "master" if sample.role == "master" else "cache" if cache else "workers"
+        parts[part] += sample.pss / MIB
+        parts["total"] += sample.pss / MIB
+    return parts
 
 
 def cache_socket(server: Any) -> str:
     for child in psutil.Process(server.pid).children(recursive=True):
-        command = child.cmdline()
-        if "--socket" in command:
-            return command[command.index("--socket") + 1]
+        if "cluster cache" in " ".join(child.cmdline()):
+            for connection in child.net_connections(kind="unix"):
+                if str(connection.laddr).endswith("cache.sock"):
+                    return connection.laddr
     raise RuntimeError(f"{server.name} has no cluster cache process")
 
 
@@ -142,7 +153,7 @@ def context(run: ScenarioRun) -> None:
         context_load = wl.single_request(work, "pod-context", "context", wl.POD_UNPRIVILEGED,
                                          f"5.4 KB Pod to a policy that lists {OBJECTS} ConfigMaps")
         plain_load = wl.single_request(work, "pod-plain", "plain", wl.POD_UNPRIVILEGED, "5.4 KB Pod, pod-privileged")
-        memory: dict[str, dict[str, float]] = {}
+        memory: dict[str, dict[str, dict[str, float]]] = {}
         latency: list[float] = []
         for workers in (1, 4):
             server = run.kwserver(f"context-{workers}w", policies, workers=workers, env=env)
@@ -151,7 +162,7 @@ def context(run: ScenarioRun) -> None:
             wait_loaded(server, context_load, run)
             run.warm_every_worker(server, context_load, connections=workers * 2)
             time.sleep(1.0)
-            memory[f"{workers}"] = {"without_cache_mib": before, "with_cache_mib": pss_mib(server)}
+            memory[f"{workers}"] = {"without_cache": before, "with_cache": pss_mib(server)}
             if workers == 1:
                 latency = proxy_latency_ms(cache_socket(server))
             run.stop(server)
@@ -170,13 +181,17 @@ def context(run: ScenarioRun) -> None:
     imports = lightkube_import_cost()
     run.data["context"] = {"objects": OBJECTS, "pss": memory, "list_latency_ms": latency, "rps": rps,
                            "lightkube_import": imports}
-    run.tables.append(("Total PSS (master + workers + cluster cache), MiB", ["workers", "cache empty",
-                                                                          f"{OBJECTS} objects cached", "cost"],
-                       [[w, fmt(m["without_cache_mib"], 1), fmt(m["with_cache_mib"], 1),
-                         fmt(m["with_cache_mib"] - m["without_cache_mib"], 1)] for w, m in memory.items()]))
+    rows = []
+    for w, m in memory.items():
+        empty, full = m["without_cache"], m["with_cache"]
+        rows.append([w, fmt(empty["total"], 1), fmt(full["total"], 1), fmt(full["total"] - empty["total"], 1),
+                     *(f"{fmt(empty[part], 1)} → {fmt(full[part], 1)}" for part in ("master", "workers", "cache"))])
+    run.tables.append(("PSS (master + workers + cluster cache), MiB", [
+        "workers", "cache empty", f"{OBJECTS} objects cached", "cost", "master", "workers", "cluster cache"], rows))
     run.headline("PSS of a 10,000-object cache", ", ".join(
-        f"{w} worker(s): +{m['with_cache_mib'] - m['without_cache_mib']:.1f} MiB" for w, m in memory.items()),
-        **{f"cost_{w}w_mib": m["with_cache_mib"] - m["without_cache_mib"] for w, m in memory.items()})
+        f"{w} worker(s): +{m['with_cache']['total'] - m['without_cache']['total']:.1f} MiB"
+        for w, m in memory.items()),
+        **{f"cost_{w}w_mib": m["with_cache"]["total"] - m["without_cache"]["total"] for w, m in memory.items()})
     run.headline(f"list of {OBJECTS} ConfigMaps through the worker proxy", f"median {median:.2f} ms, p99 {p99:.2f} ms",
                  median_ms=median, p99_ms=p99)
     run.headline("context-aware vs plain policy", f"{rps['context-aware']:.0f} vs {rps['plain']:.0f} req/s",

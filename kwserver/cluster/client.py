@@ -32,6 +32,7 @@ ANSWER_TTL_SECONDS = 5.0
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 WATCH_SECONDS = 290  # the API server ends a watch after this; the reflector resumes from its last version
 _BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+LIST_PAGE_SIZE = 500
 
 
 DEFAULT_MAX_REFLECTORS = 100
@@ -177,7 +178,8 @@ class Reflector:
         # List items usually come without their type; watch events carry it. Give every item both.
         obj.setdefault("apiVersion", self.resource.api_version)
         obj.setdefault("kind", self.resource.kind)
-        return orjson.dumps(stripped(obj))
+        # A copy: orjson's bytes keep the over-allocated buffer they were written in (4 KiB for a small object).
+        return memoryview(orjson.dumps(stripped(obj))).tobytes()
 
     def _refuse(self, total: int) -> None:
         self.budget.claim(self, 0)
@@ -190,17 +192,29 @@ class Reflector:
         raise _OverBudget()
 
     def _list(self) -> str:
-        doc = request_json(self.http, "GET", self.resource.path(self.namespace), params=self.selectors)
-        items = doc.get("items") or []
-        over = self.budget.claim(self, len(items))
-        if over is not None:
-            self._refuse(over)
-        objects = {_object_key(item): self._typed(item) for item in items}
+        # In pages, as the reference's reflectors list: a page is parsed, stored as bytes and dropped, so
+        # a large list never exists as parsed objects all at once.
+        objects: dict[tuple[str, str], bytes] = {}
+        token, version = "", ""
+        while True:
+            params = {**self.selectors, "limit": str(LIST_PAGE_SIZE), **({"continue": token} if token else {})}
+            doc = request_json(self.http, "GET", self.resource.path(self.namespace), params=params)
+            items = doc.get("items") or []
+            over = self.budget.claim(self, len(objects) + len(items))
+            if over is not None:
+                self._refuse(over)
+            for item in items:
+                objects[_object_key(item)] = self._typed(item)
+            metadata = doc.get("metadata") or {}
+            version = version or str(metadata.get("resourceVersion", ""))
+            token = metadata.get("continue") or ""
+            if not token:
+                break
         with self.lock:
             self.objects, self.generation, self.refusal = objects, self.generation + 1, None
         self.last_error = None
         self.loaded.set()
-        return str((doc.get("metadata") or {}).get("resourceVersion", ""))
+        return version
 
     def _watch(self, version: str) -> None:
         while True:
@@ -258,7 +272,7 @@ def request_json(http: httpx.Client, method: str, path: str, *, timeout: float |
         raise NotFound(api_error_text(response))
     if response.status_code >= 400:
         raise ClusterError(api_error_text(response))
-    doc = response.json()
+    doc = orjson.loads(response.content)
     if not isinstance(doc, dict):
         raise ClusterError(f"the API server answered {path} with something that is not an object")
     return doc
