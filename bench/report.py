@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 MIB = 1024 * 1024
 
 # Scenario order of `python -m bench all` and of the summary.
-ORDER = ("ceiling", "hostile", "instances", "naive", "workers", "policies", "pool", "startup", "soak", "mix")
+ORDER = ("ceiling", "hostile", "instances", "naive", "workers", "policies", "seed", "pool", "startup", "soak", "mix",
+         "context", "telemetry")
 
 
 # --- tables ----------------------------------------------------------------------------------------

@@ -824,5 +824,19 @@ def mix(run: ScenarioRun) -> None:
                      f"{len(rows)} policies measured")
 
 
+# --- context-aware policies: bench/context_aware.py --------------------------------------------------
+
+def _context(run: ScenarioRun) -> None:
+    from bench.context_aware import context
+
+    context(run)
+
+
+scenario("context", "a context-aware policy served from the server's one cluster cache",
+         "A waPC policy lists 10,000 ConfigMaps (from a local HTTPS Kubernetes API) on every request: total PSS "
+         "at 1 and 4 workers with the cache empty and loaded, list latency through the worker proxy, req/s "
+         "against pod-privileged in the same server, lightkube import cost.")(_context)
+
+
 # Scenarios in modules of their own register themselves when imported.
 from bench import telemetry  # noqa: E402, F401

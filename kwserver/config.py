@@ -140,6 +140,13 @@ class ServerSettings:
     ignore_kubernetes_connection_failure: bool = setting(
         False, "KUBEWARDEN_IGNORE_KUBERNETES_CONNECTION_FAILURE",
         "Start even when the Kubernetes API cannot be reached", parse=parse_bool)
+    cluster_max_reflectors: int = setting(
+        100, "KWSERVER_CLUSTER_MAX_REFLECTORS",
+        "Most lists (list+watch reflectors) the cluster cache keeps for the Kubernetes callbacks",
+        parse=int, check=at_least(1))
+    cluster_max_objects: int = setting(
+        100_000, "KWSERVER_CLUSTER_MAX_OBJECTS", "Most Kubernetes objects the cluster cache holds over all its lists",
+        parse=int, check=at_least(1))
     log_level: str = setting("info", "KUBEWARDEN_LOG_LEVEL", f"Log level: {', '.join(LOG_LEVELS)}",
                              check=one_of(*LOG_LEVELS))
     # `otlp` is what the Kubewarden controller sets when tracing is on: spans over OTLP, and text logs as

@@ -31,6 +31,8 @@ from kwserver.api import create_app
 from kwserver.autoscaler import PoolController, ScalingPolicy
 from kwserver.bootstrap import BootError, BootReport, build_registry
 from kwserver.cluster import connection
+from kwserver.cluster.client import CacheLimits
+from kwserver.cluster.supervisor import CacheSupervisor
 from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
 from kwserver.logs import configure_logging
@@ -102,6 +104,7 @@ class Daemon:
         self.tls: TlsContextCache | None = None
         self.traced: Any = None  # otlp_traces.TracedService with --log-fmt otlp
         self.metrics_push: Any = None  # otlp_metrics.MetricsPush with --enable-metrics, in the master
+        self.cluster_cache: CacheSupervisor | None = None
         self.worker_age = 0
         Daemon.current = self
 
@@ -132,6 +135,7 @@ class Daemon:
         except (BootError, ConfigError, connection.ConnectionFailure) as exc:
             log.error("%s", exc)
             sys.exit(1)
+        self._start_cluster_cache()
         evaluator = self._install(registry, report)
         self.service = AdmissionService(
             registry, evaluator, observe=self.metrics.observe,
@@ -155,6 +159,17 @@ class Daemon:
 
         self.traced = TracedService(service)
         return self.traced
+
+    def _start_cluster_cache(self) -> None:
+        """One cache of the cluster for the whole server, in a process of its own; workers ask it."""
+        if not connection.enabled():
+            return
+        settings = self.settings
+        self.cluster_cache = CacheSupervisor(
+            CacheLimits(settings.cluster_max_reflectors, settings.cluster_max_objects),
+            settings.log_level, settings.log_fmt)
+        self.cluster_cache.start()
+        connection.use_cache(self.cluster_cache.path)
 
     def _install(self, registry: PolicyRegistry, report: BootReport) -> Evaluator:
         settings = self.settings
@@ -300,6 +315,8 @@ class Daemon:
             self.metrics_push.stop()
         if self.metrics_dir:
             metrics.remove_directory(self.metrics_dir)
+        if self.cluster_cache is not None:
+            self.cluster_cache.stop()
 
     def _describe(self) -> str:
         registry = self.registry

@@ -1,5 +1,6 @@
 """A local Kubernetes API server for tests: HTTPS with a test CA, bearer-token auth, discovery, lists with
-resource versions, watch streams, SubjectAccessReviews and 404 Status answers, in the API's JSON shapes.
+resource versions and `limit`/`continue` pages, watch streams, SubjectAccessReviews and 404 Status answers,
+in the API's JSON shapes.
 
 `KubeApi.kubeconfig(path)` writes the kubeconfig a kwserver connects with. Objects are changed through
 `put` / `delete`, which notify open watches as the real API server does.
@@ -42,6 +43,7 @@ KINDS = (
     Kind("v1", "Namespace", "namespaces", False),
     Kind("v1", "Pod", "pods", True),
     Kind("v1", "Service", "services", True),
+    Kind("v1", "ConfigMap", "configmaps", True),
     Kind("apps/v1", "Deployment", "deployments", True),
     Kind("networking.k8s.io/v1", "Ingress", "ingresses", True),
 )
@@ -252,8 +254,14 @@ def _handler(api: KubeApi) -> type[BaseHTTPRequestHandler]:
             for item in items:  # list items come without their type, as from the real API server
                 item.pop("apiVersion")
                 item.pop("kind")
+            metadata = {"resourceVersion": version}
+            if query.get("limit"):  # pages; the continue token is the offset of the next one
+                start, limit = int(query.get("continue") or 0), int(query["limit"])
+                if start + limit < len(items):
+                    metadata["continue"] = str(start + limit)
+                items = items[start:start + limit]
             self._send(200, {"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
-                             "metadata": {"resourceVersion": version}, "items": items})
+                             "metadata": metadata, "items": items})
 
         def _get(self, kind: Kind, namespace: str | None, name: str) -> None:
             obj = api.objects[kind].get((namespace or "", name))

@@ -6,7 +6,12 @@ policy reads is what the API server sent, not a model's round trip.
 
 Caches, as the reference keeps them: discovery (plural name, scope) forever; lists from one reflector per
 (api_version, kind, namespace, selectors), a list+watch kept fresh in a thread and never evicted;
-`get_resource` and `can_i` answers for 5 s. They live in the process that asks: each worker has its own.
+`get_resource` and `can_i` answers for 5 s. Under `kwserver serve` one client lives in the cluster cache
+process (kwserver/cluster/cache_server.py) and the workers ask it; tools use one in their own process.
+
+Bounded: at most `CacheLimits.max_reflectors` lists and `CacheLimits.max_objects` objects over all of them;
+objects are kept as their JSON bytes (a parsed object costs several times its JSON), and each list's answer
+is serialized once per change, not once per call.
 """
 
 from __future__ import annotations
@@ -27,6 +32,18 @@ ANSWER_TTL_SECONDS = 5.0
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 WATCH_SECONDS = 290  # the API server ends a watch after this; the reflector resumes from its last version
 _BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+LIST_PAGE_SIZE = 500
+
+
+DEFAULT_MAX_REFLECTORS = 100
+DEFAULT_MAX_OBJECTS = 100_000
+_REFUSED_RETRY_SECONDS = 30.0  # a list refused for its size is tried again after this (objects may go away)
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    max_reflectors: int = DEFAULT_MAX_REFLECTORS
+    max_objects: int = DEFAULT_MAX_OBJECTS
 
 
 class ClusterError(Exception):
@@ -73,26 +90,72 @@ class _Relist(Exception):
     """The watch cannot resume (its version is gone): list again."""
 
 
+class _OverBudget(Exception):
+    """The list holds more objects than the cache may keep."""
+
+
+class ObjectBudget:
+    """The objects all reflectors of one client hold together, at most `limit`."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def claim(self, owner: object, count: int) -> int | None:
+        """Let `owner` hold `count` objects: None when granted, else the total it would make."""
+        with self.lock:
+            total = sum(self.held.values()) - self.held.get(id(owner), 0) + count
+            if total > self.limit:
+                return total
+            self.held[id(owner)] = count
+            return None
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(self.held.values())
+
+
 class Reflector:
-    """An in-memory copy of one list, kept fresh by list+watch in a daemon thread."""
+    """An in-memory copy of one list, kept fresh by list+watch in a daemon thread. Objects are stored as
+    their JSON; the list answer is built once per change."""
 
     def __init__(self, http: httpx.Client, resource: ApiResource, namespace: str | None,
-                 selectors: dict[str, str]):
+                 selectors: dict[str, str], budget: ObjectBudget | None = None):
         self.http, self.resource, self.namespace, self.selectors = http, resource, namespace, selectors
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.budget = budget or ObjectBudget(DEFAULT_MAX_OBJECTS)
+        self.objects: dict[tuple[str, str], bytes] = {}
         self.lock = threading.Lock()
-        self.loaded = threading.Event()
+        self.loaded = threading.Event()  # set by the first list, or when the list is refused
         self.last_error: str | None = None
+        self.refusal: str | None = None  # why the list is not served (too many objects)
+        self.generation = 0
+        self._answer: tuple[int, bytes] | None = None
         self.thread = threading.Thread(target=self._run, name=f"reflector {resource.kind}", daemon=True)
         self.thread.start()
 
-    def items(self, wait_seconds: float) -> list[dict[str, Any]]:
-        """The current objects; the first call waits for the initial list."""
+    @property
+    def what(self) -> str:
+        return f"{self.resource.api_version}/{self.resource.kind}"
+
+    def answer(self, wait_seconds: float) -> bytes:
+        """The List document of the current objects; the first call waits for the initial list."""
         if not self.loaded.wait(wait_seconds):
-            raise ClusterError(f"cannot list {self.resource.api_version}/{self.resource.kind}: "
+            raise ClusterError(f"cannot list {self.what}: "
                                f"{self.last_error or 'the API server did not answer in time'}")
         with self.lock:
-            return [self.objects[key] for key in sorted(self.objects)]
+            if self.refusal is not None:
+                raise ClusterError(self.refusal)
+            if self._answer is None or self._answer[0] != self.generation:
+                head = orjson.dumps({"apiVersion": self.resource.api_version, "kind": f"{self.resource.kind}List",
+                                     "metadata": {}})[:-1]
+                items = b",".join(self.objects[key] for key in sorted(self.objects))
+                self._answer = (self.generation, head + b',"items":[' + items + b"]}")
+            return self._answer[1]
+
+    def items(self, wait_seconds: float) -> list[dict[str, Any]]:
+        """The current objects, parsed."""
+        return orjson.loads(self.answer(wait_seconds))["items"]
 
     def _run(self) -> None:
         failures = 0
@@ -103,27 +166,55 @@ class Reflector:
                 self._watch(version)
             except _Relist:
                 continue
+            except _OverBudget:
+                time.sleep(_REFUSED_RETRY_SECONDS)
             except (httpx.HTTPError, ClusterError, ValueError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
-                log.warning("watch of %s/%s failed, retrying: %s", self.resource.api_version,
-                            self.resource.kind, self.last_error)
+                log.warning("watch of %s failed, retrying: %s", self.what, self.last_error)
                 time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
                 failures += 1
 
-    def _typed(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def _typed(self, obj: dict[str, Any]) -> bytes:
         # List items usually come without their type; watch events carry it. Give every item both.
         obj.setdefault("apiVersion", self.resource.api_version)
         obj.setdefault("kind", self.resource.kind)
-        return stripped(obj)
+        # A copy: orjson's bytes keep the over-allocated buffer they were written in (4 KiB for a small object).
+        return memoryview(orjson.dumps(stripped(obj))).tobytes()
+
+    def _refuse(self, total: int) -> None:
+        self.budget.claim(self, 0)
+        with self.lock:
+            self.objects, self.generation = {}, self.generation + 1
+            self.refusal = (f"cannot list {self.what}: the cluster cache may hold {self.budget.limit} objects "
+                            f"(--cluster-max-objects) and this list would make it {total}")
+        log.error("%s", self.refusal)
+        self.loaded.set()
+        raise _OverBudget()
 
     def _list(self) -> str:
-        doc = request_json(self.http, "GET", self.resource.path(self.namespace), params=self.selectors)
-        objects = {_object_key(item): self._typed(item) for item in doc.get("items") or []}
+        # In pages, as the reference's reflectors list: a page is parsed, stored as bytes and dropped, so
+        # a large list never exists as parsed objects all at once.
+        objects: dict[tuple[str, str], bytes] = {}
+        token, version = "", ""
+        while True:
+            params = {**self.selectors, "limit": str(LIST_PAGE_SIZE), **({"continue": token} if token else {})}
+            doc = request_json(self.http, "GET", self.resource.path(self.namespace), params=params)
+            items = doc.get("items") or []
+            over = self.budget.claim(self, len(objects) + len(items))
+            if over is not None:
+                self._refuse(over)
+            for item in items:
+                objects[_object_key(item)] = self._typed(item)
+            metadata = doc.get("metadata") or {}
+            version = version or str(metadata.get("resourceVersion", ""))
+            token = metadata.get("continue") or ""
+            if not token:
+                break
         with self.lock:
-            self.objects = objects
+            self.objects, self.generation, self.refusal = objects, self.generation + 1, None
         self.last_error = None
         self.loaded.set()
-        return str((doc.get("metadata") or {}).get("resourceVersion", ""))
+        return version
 
     def _watch(self, version: str) -> None:
         while True:
@@ -149,11 +240,18 @@ class Reflector:
         if kind == "BOOKMARK":
             return version
         key = _object_key(obj)
+        if kind == "ADDED" or (kind == "MODIFIED" and key not in self.objects):
+            over = self.budget.claim(self, len(self.objects) + 1)
+            if over is not None:
+                self._refuse(over)
         with self.lock:
             if kind == "DELETED":
                 self.objects.pop(key, None)
             elif kind in ("ADDED", "MODIFIED"):
                 self.objects[key] = self._typed(obj)
+            self.generation += 1
+        if kind == "DELETED":
+            self.budget.claim(self, len(self.objects))
         return version
 
 
@@ -174,7 +272,7 @@ def request_json(http: httpx.Client, method: str, path: str, *, timeout: float |
         raise NotFound(api_error_text(response))
     if response.status_code >= 400:
         raise ClusterError(api_error_text(response))
-    doc = response.json()
+    doc = orjson.loads(response.content)
     if not isinstance(doc, dict):
         raise ClusterError(f"the API server answered {path} with something that is not an object")
     return doc
@@ -203,8 +301,9 @@ class ClusterClient:
     """The callbacks' view of one cluster. `wait_seconds` bounds every request (the policy's own
     deadline is usually shorter and is passed per call)."""
 
-    def __init__(self, http: httpx.Client):
-        self.http = http
+    def __init__(self, http: httpx.Client, limits: CacheLimits = CacheLimits()):
+        self.http, self.limits = http, limits
+        self.budget = ObjectBudget(limits.max_objects)
         self.resources: dict[tuple[str, str], ApiResource] = {}
         self.reflectors: dict[tuple[Any, ...], Reflector] = {}
         self.answers = _TtlCache(ANSWER_TTL_SECONDS)
@@ -241,9 +340,17 @@ class ClusterClient:
         with self.lock:
             reflector = self.reflectors.get(key)
             if reflector is None:
-                reflector = self.reflectors[key] = Reflector(self.http, resource, namespace, selectors)
-        items = reflector.items(timeout)
-        return orjson.dumps({"apiVersion": api_version, "kind": f"{kind}List", "metadata": {}, "items": items})
+                if len(self.reflectors) >= self.limits.max_reflectors:
+                    raise ClusterError(f"cannot list {api_version}/{kind}: the cluster cache keeps at most "
+                                       f"{self.limits.max_reflectors} lists (--cluster-max-reflectors) "
+                                       "and all are in use")
+                reflector = Reflector(self.http, resource, namespace, selectors, self.budget)
+                self.reflectors[key] = reflector
+        return reflector.answer(timeout)
+
+    def sizes(self) -> tuple[int, int]:
+        """(lists, objects) held: for the process title and logs."""
+        return len(self.reflectors), self.budget.total()
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None, disable_cache: bool,
             timeout: float) -> bytes:

@@ -1,9 +1,10 @@
-"""Where the cluster is and one client per process.
+"""Where the cluster is, and the client the callbacks of this process use.
 
 The configuration is found as kubectl finds it: `KUBECONFIG`, then the in-cluster service account, then
 `~/.kube/config` (lightkube reads each). The master only checks at startup that the API server answers,
-with a client it closes again: threads and sockets do not survive the fork, so each worker builds its own
-client on its first Kubernetes callback.
+with a client it closes again. Under `kwserver serve` the one client of the server lives in the cluster
+cache process and `use_cache` points this process (and the workers forked from it) at its socket; without
+it (tools, tests) a process builds its own client on its first Kubernetes callback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Any, Protocol
 
 import httpx2 as httpx
 from lightkube.config.client_adapter import Client as http_client
@@ -18,6 +20,7 @@ from lightkube.config.client_adapter import ConnectionParams
 from lightkube.config.kubeconfig import KubeConfig, SingleConfig
 from lightkube.core.exceptions import ConfigError
 
+from kwserver.cluster.cache_proxy import CacheProxy
 from kwserver.cluster.client import ClusterClient, ClusterError, describe, request_json
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,16 @@ def check_connection(timeout: float = STARTUP_TIMEOUT_SECONDS) -> str:
     return f"{config.cluster.server} ({version.get('gitVersion', 'unknown version')})"
 
 
+class Cluster(Protocol):
+    def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
+             field_selector: str | None, timeout: float) -> bytes: ...
+
+    def get(self, api_version: str, kind: str, name: str, namespace: str | None, disable_cache: bool,
+            timeout: float) -> bytes: ...
+
+    def can_i(self, review: dict[str, Any], disable_cache: bool, timeout: float) -> bytes: ...
+
+
 class _ProcessClient:
     """The client of the current process, built on first use; None when there is no connection."""
 
@@ -69,10 +82,13 @@ class _ProcessClient:
         self.pid: int | None = None
         self.client: ClusterClient | None = None
         self.lock = threading.Lock()
+        self.cache: CacheProxy | None = None
 
-    def get(self) -> ClusterClient | None:
+    def get(self) -> Cluster | None:
         if not self.enabled:
             return None
+        if self.cache is not None:
+            return self.cache
         with self.lock:
             if self.pid != os.getpid():
                 self.pid, self.client = os.getpid(), None
@@ -86,8 +102,17 @@ class _ProcessClient:
 _process = _ProcessClient()
 
 
-def cluster() -> ClusterClient | None:
+def cluster() -> Cluster | None:
     return _process.get()
+
+
+def enabled() -> bool:
+    return _process.enabled
+
+
+def use_cache(path: str) -> None:
+    """Ask the cluster cache process listening on `path` instead of a client of this process."""
+    _process.cache = CacheProxy(path)
 
 
 def disable() -> None:

@@ -36,8 +36,16 @@ def server_processes(master_pid: int) -> list[dict[str, Any]]:
         children = master.children()
     except psutil.NoSuchProcess:
         return []
-    described = [describe(master, "master"), *(describe(child, "worker") for child in children)]
+    described = [describe(master, "master"), *(describe(child, _role(child)) for child in children)]
     return [d for d in described if d is not None]
+
+
+def _role(child: psutil.Process) -> str:
+    try:
+        command = " ".join(child.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "worker"
+    return "cluster-cache" if "cluster cache" in command or "cluster.cache_server" in command else "worker"
 
 
 def totals(processes: list[dict[str, Any]]) -> dict[str, int]:
