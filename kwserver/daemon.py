@@ -31,7 +31,7 @@ from kwserver.api import create_app
 from kwserver.autoscaler import PoolController, ScalingPolicy
 from kwserver.bootstrap import BootError, BootReport, build_registry
 from kwserver.cluster import connection
-from kwserver.cluster.client import CacheLimits
+from kwserver.cluster.limits import CacheLimits
 from kwserver.cluster.supervisor import CacheSupervisor
 from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry

@@ -7,11 +7,9 @@ import logging
 import time
 from collections.abc import Iterable
 
-import orjson
-
 from kwserver.capabilities.callback_requests import HostCallError, HostRequest
 from kwserver.cluster import connection
-from kwserver.cluster.client import ClusterError
+from kwserver.cluster.limits import ClusterError
 from kwserver.config import ContextAwareResource
 
 log = logging.getLogger(__name__)
@@ -66,7 +64,7 @@ def answer(request: HostRequest, deadline: float | None = None) -> bytes:
         if request.kind == "KubernetesCanI":
             return client.can_i(fields["request"], bool(fields.get("disable_cache")), wait)
         if request.kind == "KubernetesGetResourcePluralName":
-            return orjson.dumps(client.resource(fields["api_version"], fields["kind"], wait).plural)
+            return client.plural(fields["api_version"], fields["kind"], wait)
     except ClusterError as exc:
         raise HostCallError(str(exc)) from exc
     raise HostCallError(f"unknown operation: {request.kind}")

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from kwserver.cluster import wire
-from kwserver.cluster.client import ClusterError
+from kwserver.cluster.limits import ClusterError
 
 # Of the caller's time, this much is kept to carry the answer back; the cache gets the rest.
 TRANSFER_MARGIN_SECONDS = 0.1
@@ -38,6 +38,9 @@ class CacheProxy:
 
     def can_i(self, review: dict[str, Any], disable_cache: bool, timeout: float) -> bytes:
         return self._ask("cannot create a SubjectAccessReview", "can_i", [review, disable_cache], timeout)
+
+    def plural(self, api_version: str, kind: str, timeout: float) -> bytes:
+        return self._ask(f"error finding resource {api_version} / {kind}", "plural", [api_version, kind], timeout)
 
     def close(self) -> None:
         sock = getattr(self.local, "sock", None)

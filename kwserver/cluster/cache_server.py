@@ -39,6 +39,8 @@ def dispatch(client: ClusterClient, request: dict[str, Any]) -> bytes:
             return wire.answer_frame(True, client.get(*args, timeout=timeout))
         if op == "can_i":
             return wire.answer_frame(True, client.can_i(*args, timeout=timeout))
+        if op == "plural":
+            return wire.answer_frame(True, client.plural(*args, timeout=timeout))
         return wire.answer_frame(False, f"unknown cluster cache operation: {op}".encode())
     except ClusterError as exc:
         return wire.answer_frame(False, str(exc).encode())

@@ -26,6 +26,8 @@ from typing import Any
 import httpx2 as httpx
 import orjson
 
+from kwserver.cluster.limits import DEFAULT_MAX_OBJECTS, CacheLimits, ClusterError, NotFound, describe
+
 log = logging.getLogger(__name__)
 
 ANSWER_TTL_SECONDS = 5.0
@@ -35,23 +37,7 @@ _BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 LIST_PAGE_SIZE = 500
 
 
-DEFAULT_MAX_REFLECTORS = 100
-DEFAULT_MAX_OBJECTS = 100_000
 _REFUSED_RETRY_SECONDS = 30.0  # a list refused for its size is tried again after this (objects may go away)
-
-
-@dataclass(frozen=True)
-class CacheLimits:
-    max_reflectors: int = DEFAULT_MAX_REFLECTORS
-    max_objects: int = DEFAULT_MAX_OBJECTS
-
-
-class ClusterError(Exception):
-    """A request the API server refused or that could not reach it; the text is what the guest reads."""
-
-
-class NotFound(ClusterError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -301,7 +287,8 @@ class ClusterClient:
     """The callbacks' view of one cluster. `wait_seconds` bounds every request (the policy's own
     deadline is usually shorter and is passed per call)."""
 
-    def __init__(self, http: httpx.Client, limits: CacheLimits = CacheLimits()):
+    def __init__(self, http: httpx.Client, limits: CacheLimits | None = None):
+        limits = limits or CacheLimits()
         self.http, self.limits = http, limits
         self.budget = ObjectBudget(limits.max_objects)
         self.resources: dict[tuple[str, str], ApiResource] = {}
@@ -311,6 +298,10 @@ class ClusterClient:
 
     def close(self) -> None:
         self.http.close()
+
+    def plural(self, api_version: str, kind: str, timeout: float) -> bytes:
+        """The kind's plural resource name, as a JSON string."""
+        return orjson.dumps(self.resource(api_version, kind, timeout).plural)
 
     def resource(self, api_version: str, kind: str, timeout: float) -> ApiResource:
         found = self.resources.get((api_version, kind))
@@ -402,7 +393,3 @@ def _without_nulls(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_nulls(v) for k, v in value.items() if v is not None}
     return value
-
-
-def describe(exc: Exception) -> str:
-    return str(exc) or type(exc).__name__

@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Protocol
-
-import httpx2 as httpx
-from lightkube.config.client_adapter import Client as http_client
-from lightkube.config.client_adapter import ConnectionParams
-from lightkube.config.kubeconfig import KubeConfig, SingleConfig
-from lightkube.core.exceptions import ConfigError
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kwserver.cluster.cache_proxy import CacheProxy
-from kwserver.cluster.client import ClusterClient, ClusterError, describe, request_json
+from kwserver.cluster.limits import ClusterError, describe
+
+# lightkube and httpx are imported where a client is made: the master imports them only to check the
+# cluster at startup when some policy reads it, the workers never (they ask the cache process).
+if TYPE_CHECKING:
+    import httpx2 as httpx
+    from lightkube.config.kubeconfig import SingleConfig
+
+    from kwserver.cluster.client import ClusterClient
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ class ConnectionFailure(Exception):
 
 def load_config() -> SingleConfig:
     """The cluster and credentials to use; ConnectionFailure when there is no configuration."""
+    from lightkube.config.kubeconfig import KubeConfig
+    from lightkube.core.exceptions import ConfigError
+
     try:
         if os.environ.get("KUBECONFIG"):
             config = KubeConfig.from_file(os.environ["KUBECONFIG"].split(os.pathsep)[0])
@@ -50,11 +55,19 @@ def load_config() -> SingleConfig:
 
 
 def open_http(config: SingleConfig, timeout: float = REQUEST_TIMEOUT_SECONDS) -> httpx.Client:
+    import httpx2 as httpx
+    from lightkube.config.client_adapter import Client as http_client
+    from lightkube.config.client_adapter import ConnectionParams
+
     return http_client(config, ConnectionParams(timeout=httpx.Timeout(timeout), trust_env=True))
 
 
 def check_connection(timeout: float = STARTUP_TIMEOUT_SECONDS) -> str:
     """The API server's version (`v1.31.0`); ConnectionFailure when it cannot be reached."""
+    import httpx2 as httpx
+
+    from kwserver.cluster.client import request_json
+
     config = load_config()
     try:
         with open_http(config, timeout) as http:
@@ -72,6 +85,8 @@ class Cluster(Protocol):
             timeout: float) -> bytes: ...
 
     def can_i(self, review: dict[str, Any], disable_cache: bool, timeout: float) -> bytes: ...
+
+    def plural(self, api_version: str, kind: str, timeout: float) -> bytes: ...
 
 
 class _ProcessClient:
@@ -92,6 +107,8 @@ class _ProcessClient:
         with self.lock:
             if self.pid != os.getpid():
                 self.pid, self.client = os.getpid(), None
+                from kwserver.cluster.client import ClusterClient
+
                 try:
                     self.client = ClusterClient(open_http(load_config()))
                 except (ConnectionFailure, OSError, ValueError) as exc:
@@ -122,11 +139,16 @@ def disable() -> None:
 
 def connect_at_startup(*, required: bool, ignore_failure: bool) -> None:
     """Check the cluster before serving. Without a connection the server refuses to start when some
-    policy needs the cluster (unless told to ignore it); otherwise the callbacks fail without a client."""
+    policy needs the cluster (unless told to ignore it). When no policy may read the cluster (none has
+    `contextAwareResources`, so the allow-list refuses every Kubernetes call), it is not contacted."""
+    if not required:
+        log.info("no policy reads the cluster: not connecting to Kubernetes")
+        disable()
+        return
     try:
         log.info("connected to Kubernetes at %s", check_connection())
     except ConnectionFailure as exc:
-        if required and not ignore_failure:
+        if not ignore_failure:
             raise ConnectionFailure(f"{CONNECT_FAILURE}: {exc}") from exc
         log.warning("%s: %s; Kubernetes callbacks will fail", CONNECT_FAILURE, exc)
         disable()

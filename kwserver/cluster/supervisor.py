@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 
-from kwserver.cluster.client import CacheLimits
+from kwserver.cluster.limits import CacheLimits
 
 log = logging.getLogger(__name__)
 
