@@ -383,6 +383,20 @@ def workers(run: ScenarioRun) -> None:
 
 # --- 5. policies -----------------------------------------------------------------------------------
 
+def memory_point(run: ScenarioRun, name: str, choice: wl.ConfigChoice, mix: wl.Workload, workers: int,
+                 label: str, series: str) -> Any:
+    """One server alone (PSS splits pages among every process mapping them): every worker warmed on every
+    policy of the mix, then one measured load point; the server is stopped after it."""
+    server = run.kwserver(name, choice.path, workers=workers)
+    try:
+        run.preflight(server, mix)
+        run.warm_every_worker(server, mix, connections=max(16, 4 * workers))
+        return run.load(server, mix, label=label, series=series,
+                        connections=max(run.options.connections, 2 * workers, 16))
+    finally:
+        run.stop(server)
+
+
 def own_instance_config(choice: wl.ConfigChoice, directory: Path) -> wl.ConfigChoice:
     """`choice` with `ownInstance: true` on every policy: an instance per policy in every worker, as before
     instances were shared per module."""
@@ -429,14 +443,9 @@ def policies(run: ScenarioRun) -> None:
     configs = {SHARED: (ten, sixty_one), OWN: (own_instance_config(ten, d), own_instance_config(sixty_one, d))}
     for variant, choices in configs.items():
         for choice in choices:
-            mix = mixes[choice.policies]
             name = f"kwserver-{choice.policies}p-{'own' if variant == OWN else 'shared'}"
-            server = run.kwserver(name, choice.path, workers=count_workers)
-            run.preflight(server, mix)
-            run.warm_every_worker(server, mix, connections=16)
-            point = run.load(server, mix, label=f"{choice.policies} policies, {variant}", series="memory",
-                             connections=16)
-            run.stop(server)
+            point = memory_point(run, name, choice, mixes[choice.policies], count_workers,
+                                 f"{choice.policies} policies, {variant}", "memory")
             results[variant][choice.policies] = {"pss_mib": point.memory["pss"] / MIB,
                                                  "uss_mib": point.memory["uss"] / MIB}
     n10, n61 = ten.policies, sixty_one.policies
@@ -497,14 +506,8 @@ def seed(run: ScenarioRun) -> None:
     def measure(choice: wl.ConfigChoice, count: int) -> float:
         mix = wl.mix_workload(d, f"mix-{choice.policies}", choice.path,
                               f"realistic mix over all {choice.policies} policies")
-        server = run.kwserver(f"kwserver-{choice.policies}p-{count}w", choice.path, workers=count)
-        try:
-            run.preflight(server, mix)
-            run.warm_every_worker(server, mix, connections=4 * count)
-            point = run.load(server, mix, label=f"{choice.policies} policies, {count} worker(s)",
-                             series="seed", connections=max(o.connections, 2 * count))
-        finally:
-            run.stop(server)
+        point = memory_point(run, f"kwserver-{choice.policies}p-{count}w", choice, mix, count,
+                             f"{choice.policies} policies, {count} worker(s)", "seed")
         return point.memory["pss"] / MIB
 
     by_workers = {count: measure(ten, count) for count in o.worker_counts}
