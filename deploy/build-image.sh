@@ -9,7 +9,8 @@
 #   4. buildah commits the tree as a one-layer image (uid 65532, entrypoint kwserver) and writes it as
 #      an OCI archive too.
 # Reproducible: SOURCE_DATE_EPOCH (default: the last commit's time) is the time of every file, of the
-# image and of its labels; the package lists are fixed; the same inputs give the same image digest.
+# image and of its labels; the package lists are fixed; the same inputs (the commit is one, through the
+# revision label) give the same image digest.
 # Needs root (tested; as another user it re-runs itself under `buildah unshare`, which needs subuid
 # ranges: untested), mmdebstrap, buildah, python3 with pip, and the
 # Debian mirror of this machine's apt sources. Prints the image's name, digest and sizes.
@@ -27,6 +28,7 @@ usage: deploy/build-image.sh [options]
   --mirror URL       Debian mirror (default: the first of this machine's apt sources, else deb.debian.org)
   --security-mirror URL   Debian security mirror (default: likewise)
   --suite NAME       Debian suite (default: bookworm; Python 3.11)
+  --revision TEXT    the org.opencontainers.image.revision label (default: the commit of this tree)
   --python PYTHON    the Python whose pip builds and fetches the wheels (default: python3)
   --update-lock      re-resolve the Python dependencies and rewrite deploy/image-requirements.txt
   --print-mirrors    print the Debian mirrors and suite the build would use, then exit
@@ -35,7 +37,7 @@ EOF
 
 arguments=("$@")
 policies="" tag="" output="$REPO/deploy/out" storage="" mirror="" security_mirror="" suite=bookworm
-python=python3 update_lock=0 print_mirrors=0
+python=python3 update_lock=0 print_mirrors=0 revision=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --policies) policies=$(realpath "$2"); shift 2 ;;
@@ -46,6 +48,7 @@ while [ $# -gt 0 ]; do
         --security-mirror) security_mirror=$2; shift 2 ;;
         --suite) suite=$2; shift 2 ;;
         --python) python=$2; shift 2 ;;
+        --revision) revision=$2; shift 2 ;;
         --update-lock) update_lock=1; shift ;;
         --print-mirrors) print_mirrors=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -77,7 +80,7 @@ fi
 
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct)}
 version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$REPO/kwserver/__init__.py")
-revision=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
+revision=${revision:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)}
 tag=${tag:-localhost/kwserver:$version}
 buildah=(buildah)
 [ -n "$storage" ] && buildah+=(--root "$storage" --runroot "$storage/run" --storage-driver vfs)

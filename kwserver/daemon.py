@@ -96,7 +96,7 @@ class Daemon:
         self.pool: InstancePool | None = None
         self.metrics_dir: str | None = None  # made when the server loads (metrics.prepare_directory)
         self.metrics: metrics.WorkerMetrics | None = None
-        self.readiness = Readiness()
+        self.readiness = Readiness(lambda: bool(self.arbiter and self.arbiter.WORKERS))
         self.endpoints: list[EndpointServer] = []
         self.controller: PoolController | None = None
         self.arbiter: Any = None

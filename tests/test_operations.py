@@ -19,6 +19,7 @@ import wasmtime
 import yaml
 
 from kwserver.metadata import annotate
+from kwserver.observability.endpoints import Readiness
 from tests.conftest import SERVER_FIXTURES, TEST_POLICIES, load_json, policy_path
 
 pytestmark = pytest.mark.integration
@@ -77,7 +78,7 @@ def test_metrics_have_the_reference_names_and_survive_a_dead_worker(run_server):
                            "settings": {"validUsers": ["x"], "validActions": ["x"], "validResources": ["x"]}},
         "broken": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": "abc"}},
     }, args=["--continue-on-errors"], env={"KUBEWARDEN_WORKERS": "2"})
-    wait_for(lambda: len(workers_of(server)) == 2)  # readiness comes as soon as the listener is bound
+    wait_for(lambda: len(workers_of(server)) == 2)  # readiness needs one worker, not all
     for _ in range(3):
         assert server.post("/validate/pod-privileged", PRIVILEGED).status_code == 200
     assert server.post("/audit/pod-privileged", UNPRIVILEGED).status_code == 200
@@ -164,7 +165,6 @@ def test_pool_grows_under_load_and_shrinks_back_when_idle(run_server):
     server = run_server({"sleep": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": 1}}},
                         env={"KUBEWARDEN_WORKERS": "1", "KWSERVER_MIN_WORKERS": "1", "KWSERVER_MAX_WORKERS": "3",
                              "KWSERVER_SCALE_UP_AFTER_SECONDS": "1", "KWSERVER_SCALE_DOWN_AFTER_SECONDS": "2"})
-    wait_for(lambda: len(workers_of(server)) == 1)  # readiness comes before the fork
     stop, failures, count = threading.Event(), [], []
     threads = _load(server, "/validate/sleep", slow_pod, stop, failures, count, threads=4)
     try:
@@ -233,6 +233,18 @@ def test_workers_over_the_memory_ceiling_are_recycled_without_failed_requests(ru
     assert "above the 80.0 MiB ceiling: recycling it" in server.log()
     reply = session.post(server.url + "/validate_raw/leaky", json=RAW_REVIEW, timeout=30)
     assert reply.status_code == 200
+
+
+def test_readiness_waits_for_a_worker():
+    """gunicorn announces `when_ready` before its first fork; the probe must not say ready in that gap."""
+    workers: dict[int, object] = {}
+    readiness = Readiness(lambda: bool(workers))
+    readiness.ready.set()
+    assert readiness.route()[0] == 503
+    workers[1] = object()
+    assert readiness.route()[0] == 200
+    readiness.ready.clear()
+    assert readiness.route()[0] == 503
 
 
 def _readiness(server) -> int | None:

@@ -60,10 +60,15 @@ class EndpointServer:
 
 
 class Readiness:
-    """`GET /readiness`: 200 once the server is ready, 503 once it starts shutting down."""
+    """`GET /readiness`: 200 once the server is ready and has a worker, 503 once it starts shutting down.
 
-    def __init__(self) -> None:
+    gunicorn calls `when_ready` before it forks the first worker; a probe answered 200 in that gap would
+    count a server with nobody to serve as ready.
+    """
+
+    def __init__(self, has_workers: Callable[[], bool] = lambda: True) -> None:
         self.ready = threading.Event()
+        self.has_workers = has_workers
 
     def route(self) -> tuple[int, str, bytes]:
-        return (200 if self.ready.is_set() else 503), "text/plain", b""
+        return (200 if self.ready.is_set() and self.has_workers() else 503), "text/plain", b""
