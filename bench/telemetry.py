@@ -29,7 +29,8 @@ def telemetry_env(endpoint: str, spans: bool = True) -> dict[str, str]:
           "and `--log-fmt otlp` "
           "exporting over OTLP/gRPC to a local receiver (tests/otlp_receiver.py, the collector's Export "
           "services, in the harness process) every second (metrics, from the master) and in batches (spans, "
-          "one per request, from each worker's BatchSpanProcessor thread); and the same with no collector "
+          "one per request, relayed by the workers to the master, whose BatchSpanProcessor thread sends them); "
+          "and the same with no collector "
           "listening. Requests/s and server CPU per request as ratios to the server without telemetry.")
 def telemetry(run: ScenarioRun) -> None:
     o = run.options

@@ -102,7 +102,8 @@ class Daemon:
         self.arbiter: Any = None
         self.ticker: EpochTicker | None = None
         self.tls: TlsContextCache | None = None
-        self.traced: Any = None  # otlp_traces.TracedService with --log-fmt otlp
+        self.span_relay: Any = None  # otlp_traces.SpanRelay with --log-fmt otlp
+        self.span_export: Any = None  # otlp_traces.SpanExport, in the master
         self.metrics_push: Any = None  # otlp_metrics.MetricsPush with --enable-metrics, in the master
         self.cluster_cache: CacheSupervisor | None = None
         self.worker_age = 0
@@ -155,10 +156,10 @@ class Daemon:
     def _traced(self, service: AdmissionService) -> Any:
         if self.settings.log_fmt != "otlp":
             return service
-        from kwserver.observability.otlp_traces import TracedService
+        from kwserver.observability.otlp_traces import SpanRelay, TracedService
 
-        self.traced = TracedService(service)
-        return self.traced
+        self.span_relay = SpanRelay()
+        return TracedService(service, self.span_relay)
 
     def _start_cluster_cache(self) -> None:
         """One cache of the cluster for the whole server, in a process of its own; workers ask it."""
@@ -236,6 +237,7 @@ class Daemon:
         self.readiness.ready.set()
         self._start_controller()
         self._start_metrics_push()
+        self._start_span_export()
         log.info("ready: API on %s, readiness on port %d, metrics on port %s", ", ".join(self.bind),
                  settings.readiness_probe_port, settings.metrics_port or "(disabled)")
 
@@ -266,6 +268,14 @@ class Daemon:
         )
         self.controller.start()
 
+    def _start_span_export(self) -> None:
+        if self.span_relay is None:
+            return
+        from kwserver.observability.otlp_traces import SpanExport
+
+        self.span_export = SpanExport(self.span_relay)
+        self.span_export.start()
+
     def _start_metrics_push(self) -> None:
         if not self.settings.enable_metrics:
             return
@@ -295,11 +305,9 @@ class Daemon:
         set_process_title(f"kwserver: master [{self._describe()}]")
 
     def worker_exiting(self) -> None:
-        """In the worker, as it exits: publish what it counted since its last flush, send its last spans."""
+        """In the worker, as it exits: publish what it counted since its last flush."""
         if self.metrics is not None:
             self.metrics.flush()
-        if self.traced is not None:
-            self.traced.shutdown()
 
     def worker_exited(self, pid: int) -> None:
         if self.metrics_dir:
@@ -313,6 +321,8 @@ class Daemon:
             endpoint.stop()
         if self.metrics_push is not None:
             self.metrics_push.stop()
+        if self.span_export is not None:
+            self.span_export.stop()
         if self.metrics_dir:
             metrics.remove_directory(self.metrics_dir)
         if self.cluster_cache is not None:
@@ -340,9 +350,9 @@ class Daemon:
             endpoint.close_inherited()
         self.endpoints = []
         self.controller = None
-        self.metrics_push = None  # the master's; its thread is not in this process
-        if self.traced is not None:
-            self.traced.start()
+        self.metrics_push = self.span_export = None  # the master's; their threads are not in this process
+        if self.span_relay is not None:
+            self.span_relay.in_worker()
         if self.registry is not None and self.registry.engine_options.epoch_interruption:
             self.ticker = EpochTicker(self.registry.engine)
             self.ticker.start()

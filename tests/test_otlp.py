@@ -159,6 +159,18 @@ def test_tls_with_client_certificates_from_the_standard_variables(run_server, re
     assert [span.name for _, span, _, _ in wait_for_spans(receiver, 1)] == ["validation"]
 
 
+def test_spans_of_the_last_requests_are_exported_at_shutdown(run_server, receivers):
+    receiver = receivers("grpc")
+    # The batch would wait a minute: only the shutdown sends these spans.
+    server = run_server({"pod-privileged": POLICIES["pod-privileged"]},
+                        env=telemetry_env(receiver.endpoint, "grpc", OTEL_BSP_SCHEDULE_DELAY="60000"))
+    for _ in range(3):
+        assert server.post("/validate/pod-privileged", PRIVILEGED).status_code == 200
+    server.process.terminate()
+    assert server.process.wait(timeout=30) == 0
+    assert [span.name for _, span, _, _ in wait_for_spans(receiver, 3)] == ["validation"] * 3
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_an_absent_collector_changes_no_answer(run_server, protocol):
     nobody = f"http://127.0.0.1:{free_port()}"
