@@ -358,6 +358,7 @@ class ScenarioRun:
             if record and self.options.balance and need > 1 and attempt < self.options.balance_attempts:
                 probe = (PROBE_AFTER_S, lambda: self._balanced(server, need, rejected))
             cpu_before = sampling.tree_cpu_seconds(server.pid)
+            master_before = sampling.process_cpu_seconds(server.pid)
             machine_before = sampling.machine_busy_seconds()
             t_start = self.clock.now()
             try:
@@ -373,6 +374,7 @@ class ScenarioRun:
             self.notes.append(f"{label} ({series}, repeat {repeat}): connections still unbalanced after "
                               f"{attempt - 1} restarts; measured as they landed")
         cpu_after = sampling.tree_cpu_seconds(server.pid)
+        master_cpu_s = sampling.process_cpu_seconds(server.pid) - master_before
         other = max(0.0, machine_busy - (cpu_after - cpu_before) - result.wrk_cpu_s)
         after = sampling.snapshot(server.name, server.pid, t_end)
         during = self.sampler.between(t_start, t_end, server.name)
@@ -383,7 +385,8 @@ class ScenarioRun:
             server_cpu_s=cpu_after - cpu_before, wrk_cpu_s=result.wrk_cpu_s, other_cpu_s=other,
             errors=result.error_count,
             non_2xx=result.non_2xx, memory=memory_summary(after), memory_during=_during(during),
-            connections=_connections(during), extra={"balance": balance, **(extra or {})},
+            connections=_connections(during),
+            extra={"balance": balance, "master_cpu_s": master_cpu_s, **(extra or {})},
         )
         if result.error_count or result.non_2xx:
             self.notes.append(f"{label} ({series}, repeat {repeat}): wrk saw {result.errors} errors, "

@@ -67,6 +67,14 @@ def tree_cpu_seconds(root_pid: int) -> float:
     return total
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """Cumulative CPU of one process (0 once it is gone)."""
+    try:
+        return _cpu_seconds(psutil.Process(pid))
+    except psutil.Error:
+        return 0.0
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores spent on anything but idling since boot."""
     times = psutil.cpu_times()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from bench.harness import ScenarioRun
 from bench.scenarios import check_outcomes, interleaved, pod_workloads, ratio_headline, scenario, single_config, workdir
 from bench.servers import free_port
+from bench.stats import spread
 from tests.otlp_receiver import start_grpc
 
 OFF = "telemetry off"
@@ -62,3 +63,19 @@ def telemetry(run: ScenarioRun) -> None:
         ratio_headline(run, f"telemetry: {label} / off", series, label, OFF)
     run.notes.append(f"The receiver got {len(receiver.received.metrics)} metric exports and {spans} spans "
                      f"({served} requests in the measured points of `{ON}`, plus its preflight and warm-up).")
+    run.notes.append("Where the CPU goes, server CPU ms per request split into the workers (the request path) and "
+                     "the master (metrics push, span export), medians over the repeats: " + "; ".join(
+                         f"{label}: workers {workers:.3f}, master {master:.3f}"
+                         for label, (workers, master) in cpu_split(run, series).items()) + ".")
+
+
+def cpu_split(run: ScenarioRun, series: str) -> dict[str, tuple[float, float]]:
+    """Per variant: the median CPU ms per request of the workers and of the master."""
+    split = {}
+    for label in (OFF, METRICS, ON, ABSENT):
+        points = [p for p in run.select(series=series, label=label) if p.requests]
+        master = [1000 * p.extra["master_cpu_s"] / p.requests for p in points]
+        workers = [1000 * (p.server_cpu_s - p.extra["master_cpu_s"]) / p.requests for p in points]
+        split[label] = (spread(workers).median, spread(master).median)
+    run.data["cpu_split_ms_per_request"] = {label: {"workers": w, "master": m} for label, (w, m) in split.items()}
+    return split
