@@ -29,6 +29,23 @@ class RequestShapeError(ValueError):
     """Valid JSON that is not the expected request shape (answered with HTTP 422)."""
 
 
+class RequestTooDeep(ValueError):
+    """JSON nested deeper than the server re-serialises (answered with HTTP 400, as a parse error)."""
+
+
+# orjson writes at most this many nested arrays and objects (it reads up to 1024).
+MAX_NESTING = 254
+
+
+def _serialise(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        if "Recursion limit" not in str(exc):
+            raise
+        raise RequestTooDeep(f"recursion limit exceeded: more than {MAX_NESTING} nested arrays or objects") from exc
+
+
 @dataclass(frozen=True)
 class EvaluationRequest:
     """What a policy evaluates: an AdmissionRequest, or any JSON value for raw validation."""
@@ -117,7 +134,7 @@ def parse_admission_review(doc: Any) -> EvaluationRequest:
     return EvaluationRequest(
         uid=checked["uid"],
         value=value,
-        json=orjson.dumps(value),
+        json=_serialise(value),
         base_object=req.get("object"),
         has_base_object=has_object,
         raw=False,
@@ -134,7 +151,7 @@ def parse_raw_review(doc: Any) -> EvaluationRequest:
     return EvaluationRequest(
         uid=uid if isinstance(uid, str) else "",
         value=value,
-        json=orjson.dumps(value),
+        json=_serialise(value),
         base_object=value,
         has_base_object=True,
         raw=True,

@@ -15,7 +15,7 @@ import falcon
 import orjson
 
 from kwserver import admission
-from kwserver.admission import EvaluationRequest, RequestShapeError
+from kwserver.admission import EvaluationRequest, RequestShapeError, RequestTooDeep
 from kwserver.evaluation import EvaluationError, UnknownPolicy
 from kwserver.service import AUDIT, VALIDATE, VALIDATE_RAW, AdmissionService
 from kwserver.truncation import bounded
@@ -107,6 +107,10 @@ def _request_shape_error(req: falcon.Request, resp: falcon.Response, ex: Request
     _client_problem(req, resp, 422, f"Failed to deserialize the JSON body into the target type: {ex}")
 
 
+def _request_too_deep(req: falcon.Request, resp: falcon.Response, ex: RequestTooDeep, params: dict) -> None:
+    _client_problem(req, resp, 400, f"Failed to parse the request body as JSON: {ex}")
+
+
 def _unknown_policy(req: falcon.Request, resp: falcon.Response, ex: UnknownPolicy, params: dict) -> None:
     _json_problem(resp, 404, str(ex))
 
@@ -144,6 +148,7 @@ def create_app(service: AdmissionService) -> falcon.App:
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPError, _http_error)
     app.add_error_handler(RequestShapeError, _request_shape_error)
+    app.add_error_handler(RequestTooDeep, _request_too_deep)
     app.add_error_handler(UnknownPolicy, _unknown_policy)
     app.add_error_handler(EvaluationError, _evaluation_error)
     app.add_error_handler(falcon.HTTPRouteNotFound, _empty_not_found)

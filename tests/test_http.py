@@ -245,6 +245,12 @@ NOT_JSON = "Failed to parse the request body as JSON: "
 WRONG_SHAPE = "Failed to deserialize the JSON body into the target type: "
 
 
+def _nested_in_object(depth: int) -> bytes:
+    """A valid AdmissionReview whose object holds `depth` nested lists."""
+    text = json.dumps({**PRIVILEGED, "request": {**PRIVILEGED["request"], "object": "NESTED"}})
+    return text.replace('"NESTED"', "[" * depth + "]" * depth).encode()
+
+
 @pytest.mark.parametrize("body,admission_status,admission_message,raw_status", [
     (b"", 400, NOT_JSON + "Input is a zero-length, empty document", 400),
     (b"\xff\xfe", 400, NOT_JSON + "str is not valid UTF-8", 400),
@@ -254,6 +260,9 @@ WRONG_SHAPE = "Failed to deserialize the JSON body into the target type: "
     # A raw request may be any JSON value, null included: the policy evaluates it.
     (b'{"request": null}', 422, WRONG_SHAPE + "request: invalid type: null, expected a map", 200),
     (b'{"request": {"uid": 1}}', 422, WRONG_SHAPE + "request.uid: invalid type: integer `1`, expected a string", 200),
+    # Deeper than the server writes JSON back for the policy, then deeper than it reads.
+    (_nested_in_object(300), 400, NOT_JSON + "recursion limit exceeded: more than 254 nested", 400),
+    (_nested_in_object(1100), 400, NOT_JSON + "depth limit exceeded", 400),
 ])
 def test_bad_input_is_answered_precisely_and_never_kills_a_worker(server, body, admission_status,
                                                                    admission_message, raw_status):
