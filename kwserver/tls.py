@@ -2,8 +2,9 @@
 
 gunicorn asks for an SSL context on every new connection (its `ssl_context` hook); this cache answers
 with the current one and rebuilds it when the files change, like the reference server:
-- the certificate and key are reloaded once *both* files have changed since the last load
-  (a half-rotated pair is never used);
+- the certificate and key are reloaded when either file changed and the two make a pair: a
+  renewal that keeps its key is picked up, and a half-rotated pair (one file new, the other not yet)
+  is never used: the previous one serves until the other file changes too;
 - client CA files are reloaded when any of them changes;
 - a reload that fails is logged and the previous context keeps serving.
 New handshakes use the new context; established connections keep theirs.
@@ -38,6 +39,10 @@ def _stamp(path: str) -> Stamp:
 def _read(path: str) -> bytes:
     with open(path, "rb") as stream:
         return stream.read()
+
+
+def _mismatched(exc: Exception) -> bool:
+    return isinstance(exc, ssl.SSLError) and "KEY_VALUES_MISMATCH" in str(exc).upper()
 
 
 @dataclass
@@ -99,24 +104,32 @@ class TlsContextCache:
             loaded = self._loaded
             cert_stamp, key_stamp = _stamp(self.cert_file), _stamp(self.key_file)
             ca_stamps = tuple(_stamp(f) for f in self.client_ca_files)
-            pair_rotated = cert_stamp != loaded.cert_stamp and key_stamp != loaded.key_stamp
-            cas_rotated = ca_stamps != loaded.ca_stamps
+            cert_changed, key_changed = cert_stamp != loaded.cert_stamp, key_stamp != loaded.key_stamp
+            pair_rotated, cas_rotated = cert_changed or key_changed, ca_stamps != loaded.ca_stamps
             if not (pair_rotated or cas_rotated):
                 return self._context
+            # Whatever happens below, these files are not tried again until they change again.
+            loaded.cert_stamp, loaded.key_stamp, loaded.ca_stamps = cert_stamp, key_stamp, ca_stamps
+            context = None
             try:
-                cert, key = (_read(self.cert_file), _read(self.key_file)) if pair_rotated else (loaded.cert, loaded.key)
-                context = self._build(cert, key)
+                if pair_rotated:
+                    cert, key = _read(self.cert_file), _read(self.key_file)
+                    try:
+                        context = self._build(cert, key)
+                        loaded.cert, loaded.key = cert, key
+                    except ssl.SSLError as exc:
+                        if cert_changed == key_changed or not _mismatched(exc):
+                            raise
+                        log.debug("%s changed alone and does not match the %s: waiting for it",
+                                  *(("the certificate", "key") if cert_changed else ("the key", "certificate")))
+                        pair_rotated = False
+                if context is None and cas_rotated:
+                    context = self._build(loaded.cert, loaded.key)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 log.error("TLS reload failed, keeping the previous certificate and CAs: %s", exc)
-                # Don't retry on every connection: wait for the files to change again.
-                if pair_rotated:
-                    loaded.cert_stamp, loaded.key_stamp = cert_stamp, key_stamp
-                loaded.ca_stamps = ca_stamps
                 return self._context
-            if pair_rotated:
-                loaded.cert, loaded.key = cert, key
-                loaded.cert_stamp, loaded.key_stamp = cert_stamp, key_stamp
-            loaded.ca_stamps = ca_stamps
+            if context is None:
+                return self._context
             self._context = context
             self.reloads += 1
             log.info("TLS configuration reloaded (%s)",
