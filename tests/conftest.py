@@ -119,17 +119,22 @@ def start_server(tmp_path: Path, policies: dict[str, Any], compile_cache: Path, 
 
 
 def wait_ready(server: Server, timeout: float = 60.0) -> None:
+    wait_ready_on(server.readiness_port, server.process, server.log, timeout)
+
+
+def wait_ready_on(readiness_port: int, process: subprocess.Popen, log: Any, timeout: float = 60.0) -> None:
+    """Until `/readiness` on the port answers 200; the server's log (`log()`) in the error otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"kwserver exited with {server.process.returncode}:\n{server.log()}")
+        if process.poll() is not None:
+            raise RuntimeError(f"kwserver exited with {process.returncode}:\n{log()}")
         try:
-            if requests.get(f"http://127.0.0.1:{server.readiness_port}/readiness", timeout=1).status_code == 200:
+            if requests.get(f"http://127.0.0.1:{readiness_port}/readiness", timeout=1).status_code == 200:
                 return
         except requests.ConnectionError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"kwserver not ready after {timeout}s:\n{server.log()}")
+    raise RuntimeError(f"kwserver not ready after {timeout}s:\n{log()}")
 
 
 def stop_server(server: Server) -> None:

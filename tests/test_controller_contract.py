@@ -37,6 +37,7 @@ from tests.conftest import (
     load_json,
     make_ca,
     make_cert,
+    wait_ready_on,
 )
 from tests.registries import cosign_sign, docker_config, public_pem, start_registry
 
@@ -104,19 +105,7 @@ class Pod:
 
 
 def _wait_ready(pod: Pod) -> None:
-    import time
-
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if pod.process.poll() is not None:
-            raise RuntimeError(f"kwserver exited with {pod.process.returncode}:\n{pod.log()}")
-        try:
-            if requests.get(f"http://127.0.0.1:{pod.readiness}/readiness", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"kwserver not ready:\n{pod.log()}")
+    wait_ready_on(pod.readiness, pod.process, pod.log, timeout=90)
 
 
 @pytest.fixture(scope="module")
