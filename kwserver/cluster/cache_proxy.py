@@ -4,6 +4,10 @@ answering JSON bytes or raising ClusterError), asked over the cache's Unix socke
 One connection per thread, kept open and reused. The caller's timeout bounds everything: connecting
 (retried while the cache restarts), sending and reading the answer. A request is a read, so one that found
 its connection broken is sent again on a new one while time is left.
+
+Lists are kept by the worker with their version (bounded: KEPT_LIST_BYTES, least recently used first
+out). A list asked again names the version it holds, and the cache answers "unchanged" instead of
+sending the whole list again: a 10,000-object list is a few bytes on the socket until it changes.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from kwserver.cluster import wire
@@ -19,17 +24,69 @@ from kwserver.cluster.limits import ClusterError
 # Of the caller's time, this much is kept to carry the answer back; the cache gets the rest.
 TRANSFER_MARGIN_SECONDS = 0.1
 CONNECT_RETRY_SECONDS = 0.05
+KEPT_LIST_BYTES = 32 * 1024 * 1024
+
+ListKey = tuple[str, str, str | None, str | None, str | None]
+
+
+class KeptLists:
+    """The lists a worker holds, with their versions; at most `limit` bytes, least recently used out."""
+
+    def __init__(self, limit: int = KEPT_LIST_BYTES):
+        self.limit = limit
+        self.size = 0
+        self._lists: OrderedDict[ListKey, tuple[str, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def version(self, key: ListKey) -> str | None:
+        with self._lock:
+            kept = self._lists.get(key)
+            return kept[0] if kept else None
+
+    def get(self, key: ListKey, version: str) -> bytes | None:
+        with self._lock:
+            kept = self._lists.get(key)
+            if kept is None or kept[0] != version:
+                return None
+            self._lists.move_to_end(key)
+            return kept[1]
+
+    def put(self, key: ListKey, version: str, body: bytes) -> None:
+        with self._lock:
+            old = self._lists.pop(key, None)
+            if old is not None:
+                self.size -= len(old[1])
+            if len(body) > self.limit:
+                return
+            self._lists[key] = (version, body)
+            self.size += len(body)
+            while self.size > self.limit:
+                _, (_, evicted) = self._lists.popitem(last=False)
+                self.size -= len(evicted)
 
 
 class CacheProxy:
-    def __init__(self, path: str):
+    def __init__(self, path: str, kept: KeptLists | None = None):
         self.path = path
         self.local = threading.local()
+        self.kept = kept or KeptLists()
 
     def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
              field_selector: str | None, timeout: float) -> bytes:
-        return self._ask(f"cannot list {api_version}/{kind}", "list",
-                         [api_version, kind, namespace, label_selector, field_selector], timeout)
+        key: ListKey = (api_version, kind, namespace, label_selector, field_selector)
+        known = self.kept.version(key)
+        answer = wire.read_versioned(self._ask(f"cannot list {api_version}/{kind}", "list_since",
+                                               [*key, known], timeout))
+        if answer is None:
+            body = self.kept.get(key, known) if known is not None else None
+            if body is not None:
+                return body
+            # Dropped from the kept lists meanwhile (another thread's list pushed it out): ask in full.
+            answer = wire.read_versioned(self._ask(f"cannot list {api_version}/{kind}", "list_since",
+                                                   [*key, None], timeout))
+        version, body = answer
+        self.kept.put(key, version, body)
+        return body
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None, disable_cache: bool,
             timeout: float) -> bytes:

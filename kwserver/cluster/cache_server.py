@@ -35,6 +35,10 @@ def dispatch(client: ClusterClient, request: dict[str, Any]) -> bytes:
     try:
         if op == "list":
             return wire.answer_frame(True, client.list(*args, timeout=timeout))
+        if op == "list_since":
+            *list_args, known = args
+            version, answer = client.list_version(*list_args, timeout=timeout)
+            return wire.answer_frame(True, wire.versioned(version, None if version == known else answer))
         if op == "get":
             return wire.answer_frame(True, client.get(*args, timeout=timeout))
         if op == "can_i":

@@ -17,6 +17,7 @@ is serialized once per change, not once per call.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -126,6 +127,10 @@ class Reflector:
 
     def answer(self, wait_seconds: float) -> bytes:
         """The List document of the current objects; the first call waits for the initial list."""
+        return self.versioned_answer(wait_seconds)[1]
+
+    def versioned_answer(self, wait_seconds: float) -> tuple[int, bytes]:
+        """The List document and its generation (which changes whenever the objects do)."""
         if not self.loaded.wait(wait_seconds):
             raise ClusterError(f"cannot list {self.what}: "
                                f"{self.last_error or 'the API server did not answer in time'}")
@@ -137,7 +142,7 @@ class Reflector:
                                      "metadata": {}})[:-1]
                 items = b",".join(self.objects[key] for key in sorted(self.objects))
                 self._answer = (self.generation, head + b',"items":[' + items + b"]}")
-            return self._answer[1]
+            return self._answer
 
     def items(self, wait_seconds: float) -> list[dict[str, Any]]:
         """The current objects, parsed."""
@@ -295,6 +300,8 @@ class ClusterClient:
         self.reflectors: dict[tuple[Any, ...], Reflector] = {}
         self.answers = _TtlCache(ANSWER_TTL_SECONDS)
         self.lock = threading.Lock()
+        # Generations start again in a restarted cache process: versions carry which process made them.
+        self.incarnation = os.urandom(6).hex()
 
     def close(self) -> None:
         self.http.close()
@@ -321,6 +328,17 @@ class ClusterClient:
 
     def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
              field_selector: str | None, timeout: float) -> bytes:
+        return self.reflector(api_version, kind, namespace, label_selector, field_selector, timeout).answer(timeout)
+
+    def list_version(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
+                     field_selector: str | None, timeout: float) -> tuple[str, bytes]:
+        """The list and a version of it that differs whenever the answer does, in this process or another."""
+        reflector = self.reflector(api_version, kind, namespace, label_selector, field_selector, timeout)
+        generation, answer = reflector.versioned_answer(timeout)
+        return f"{self.incarnation}:{generation}", answer
+
+    def reflector(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
+                  field_selector: str | None, timeout: float) -> Reflector:
         resource = self.resource(api_version, kind, timeout)
         if namespace is not None and not resource.namespaced:
             raise ClusterError(f"resource {api_version}/{kind} is cluster wide. "
@@ -337,7 +355,7 @@ class ClusterClient:
                                        "and all are in use")
                 reflector = Reflector(self.http, resource, namespace, selectors, self.budget)
                 self.reflectors[key] = reflector
-        return reflector.answer(timeout)
+        return reflector
 
     def sizes(self) -> tuple[int, int]:
         """(lists, objects) held: for the process title and logs."""

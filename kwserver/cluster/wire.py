@@ -73,3 +73,20 @@ def _exactly(sock: socket.socket, size: int, deadline: float | None) -> bytes:
             raise ConnectionLost("the connection was closed")
         got += count
     return bytes(buffer)
+
+
+# A versioned answer: UNCHANGED when the asker already holds this version, else the version, a newline
+# and the body (a version never contains a newline).
+UNCHANGED = b"="
+
+
+def versioned(version: str, body: bytes | None) -> bytes:
+    return UNCHANGED if body is None else version.encode() + b"\n" + body
+
+
+def read_versioned(payload: bytes) -> tuple[str, bytes] | None:
+    """(version, body), or None for UNCHANGED."""
+    if payload == UNCHANGED:
+        return None
+    version, _, body = payload.partition(b"\n")
+    return version.decode(), body
