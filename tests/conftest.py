@@ -137,15 +137,21 @@ def wait_ready_on(readiness_port: int, process: subprocess.Popen, log: Any, time
     raise RuntimeError(f"kwserver not ready after {timeout}s:\n{log()}")
 
 
+def stop_process(process: subprocess.Popen | None, timeout: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def stop_server(server: Server) -> None:
     server.session.close()
-    if server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+    stop_process(server.process)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from tests.conftest import CertPair, free_port, make_ca, make_cert
+from tests.conftest import CertPair, free_port, make_ca, make_cert, stop_process
 
 DOCKER_REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 
@@ -51,13 +51,7 @@ class Registry:
         return f"registry://{self.host}/{path}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=10)
 
     def log(self) -> str:
         return (self.directory / "registry.log").read_text()

@@ -37,6 +37,7 @@ from tests.conftest import (
     load_json,
     make_ca,
     make_cert,
+    stop_process,
     wait_ready_on,
 )
 from tests.registries import cosign_sign, docker_config, public_pem, start_registry
@@ -217,13 +218,7 @@ def pod() -> Iterator[Pod]:
         pod.before = before
         yield pod
     finally:
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
         registry.stop()
         for path in [root, *root.rglob("*")]:
             if path.is_dir() and not path.is_symlink():

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port, make_ca, make_cert
+from tests.conftest import REPO, free_port, make_ca, make_cert, stop_process
 from tests.test_controller_contract import DEPLOYMENTS_NAMESPACE, Pod, _read_only, _wait_ready, privileged_review
 
 pytestmark = pytest.mark.integration
@@ -259,13 +259,7 @@ def container(image: Image) -> Iterator[Running]:
         _wait_ready(pod)
         yield Running(pod, how)
     finally:
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, timeout=30)
         if name:
             subprocess.run([*_podman(image), "rm", "--force", "--ignore", name], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
