@@ -26,13 +26,12 @@ def telemetry_env(endpoint: str, spans: bool = True) -> dict[str, str]:
 
 @scenario("telemetry", "the request-path cost of OpenTelemetry",
           "kwserver serves `/validate/pod-privileged` (the 5.3 KB rejected Pod) over plain HTTP four ways, "
-          "interleaved repeat by repeat: without telemetry; with `--enable-metrics` alone; with `--enable-metrics` "
-          "and `--log-fmt otlp` "
-          "exporting over OTLP/gRPC to a local receiver (tests/otlp_receiver.py, the collector's Export "
-          "services, in the harness process) every second (metrics, from the master) and in batches (spans, "
-          "one per request, relayed by the workers to the master, whose BatchSpanProcessor thread sends them); "
-          "and the same with no collector "
-          "listening. Requests/s and server CPU per request as ratios to the server without telemetry.")
+          "interleaved repeat by repeat: without telemetry; with `--enable-metrics` alone; with "
+          "`--enable-metrics` and `--log-fmt otlp` exporting over OTLP/gRPC to a local receiver "
+          "(tests/otlp_receiver.py, the collector's Export services, in the harness process) every second "
+          "(metrics, from the master) and in batches (spans, one per request, relayed by the workers to the "
+          "master, whose BatchSpanProcessor thread sends them); and the same with no collector listening. "
+          "Requests/s and server CPU per request as ratios to the server without telemetry.")
 def telemetry(run: ScenarioRun) -> None:
     o = run.options
     config = single_config(run)

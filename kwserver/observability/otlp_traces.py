@@ -153,7 +153,7 @@ class SpanExport:
         self._resource = otlp.resource()
         self._scope = InstrumentationScope(otlp.SERVICE_NAME)
         self._readable, self._context, self._sampled = ReadableSpan, SpanContext, TraceFlags(TraceFlags.SAMPLED)
-        self._unset, self._error = Status(StatusCode.UNSET), lambda text: Status(StatusCode.ERROR, text)
+        self._status, self._error_code, self._unset = Status, StatusCode.ERROR, Status(StatusCode.UNSET)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="otlp-spans", daemon=True)
 
@@ -166,7 +166,7 @@ class SpanExport:
         context = self._context(self._ids.generate_trace_id(), self._ids.generate_span_id(), is_remote=False,
                                 trace_flags=self._sampled)
         return self._readable(name, context=context, resource=self._resource, attributes=attributes,
-                              status=self._error(error) if error else self._unset, start_time=start,
+                              status=self._status(self._error_code, error) if error else self._unset, start_time=start,
                               end_time=end, instrumentation_scope=self._scope)
 
     def _run(self) -> None:
