@@ -1,7 +1,7 @@
 """gunicorn settings for kwserver: `gunicorn -c gunicorn.conf.py` runs what `kwserver serve` runs.
 
 The values come from kwserver's own settings, the KUBEWARDEN_* / KWSERVER_* environment variables
-(`kwserver serve --help` lists them), through kwserver/gunicorn_config.py, where every gunicorn
+(`kwserver serve --help` lists them), through kwserver/server/gunicorn_config.py, where every gunicorn
 setting kwserver uses is declared once with the reason for its value:
 
 - bind: KUBEWARDEN_BIND_ADDRESS and KUBEWARDEN_PORT (the admission API). Readiness
@@ -9,7 +9,7 @@ setting kwserver uses is declared once with the reason for its value:
 - workers: KUBEWARDEN_WORKERS (default: CPUs); KWSERVER_MIN_WORKERS / KWSERVER_MAX_WORKERS let the
   pool follow the load. Compiled policies are shared, so an extra worker costs little memory
   (bench/results/workers); more workers than CPUs costs CPU per request.
-- worker_class: kwserver's event-loop worker (kwserver/worker.py, uvloop + httptools): each request
+- worker_class: kwserver's event-loop worker (kwserver/server/worker.py, uvloop + httptools): each request
   is read whole before it is evaluated, so stalled clients never hold an evaluation. Its limits:
   KWSERVER_HEADER_TIMEOUT_SECONDS (10), KWSERVER_BODY_TIMEOUT_SECONDS (30),
   KWSERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS (10), KWSERVER_MAX_CONNECTIONS_PER_WORKER (1024).
@@ -20,9 +20,9 @@ setting kwserver uses is declared once with the reason for its value:
 - certfile, keyfile, ssl_context: KUBEWARDEN_CERT_FILE / KUBEWARDEN_KEY_FILE, and
   KUBEWARDEN_CLIENT_CA_FILE for mandatory client certificates; files are re-read when they rotate.
 - loglevel: KUBEWARDEN_LOG_LEVEL; preload_app: the master compiles every policy before forking;
-  hooks (when_ready, pre_fork, post_fork, child_exit, on_reload, on_exit) call into kwserver.daemon.
+  hooks (when_ready, pre_fork, post_fork, child_exit, on_reload, on_exit) call into kwserver.server.daemon.
 
 To tune gunicorn directly, set a value below the import; it wins over kwserver's.
 """
 
-from kwserver.gunicorn_config import *  # noqa: F403
+from kwserver.server.gunicorn_config import *  # noqa: F403

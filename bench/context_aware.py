@@ -1,6 +1,6 @@
 """The `context` scenario: a context-aware policy served from the one cluster cache of the server.
 
-A local HTTPS Kubernetes API (tests/kube_api.py) holds `OBJECTS` ConfigMaps; a waPC policy lists them all
+A local HTTPS Kubernetes API (tests/support/kube_api.py) holds `OBJECTS` ConfigMaps; a waPC policy lists them all
 (`list_resources_by_namespace`, 4 MB of JSON per call) on every request, copies the answer into its memory
 and accepts. Measured: total PSS (master + workers + cluster cache) at 1 and 4 workers before and after the
 cache loaded, the latency of the list call through a worker's proxy (CacheProxy on the cache's socket),
@@ -77,7 +77,7 @@ def fill(api: Any) -> None:
 
 
 def config(directory: Path, pod_privileged: str) -> Path:
-    from tests.mode_fixtures import annotated
+    from tests.support.modules import annotated
 
     payload = json.dumps({"api_version": "v1", "kind": "ConfigMap", "namespace": NAMESPACE}).encode()
     module = annotated(directory, "list-configmaps", wasmtime.wat2wasm(list_policy_wat(payload)),
@@ -141,7 +141,7 @@ def wait_loaded(server: Any, workload: wl.Workload, run: ScenarioRun) -> None:
 
 
 def context(run: ScenarioRun) -> None:
-    from tests.kube_api import KubeApi
+    from tests.support.kube_api import KubeApi
 
     work = run.work / "context"
     work.mkdir(parents=True, exist_ok=True)

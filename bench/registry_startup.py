@@ -19,13 +19,13 @@ from typing import Any
 import yaml
 
 from bench.harness import ScenarioRun
-from bench.servers import free_port
 from bench.stats import fmt_ratio, spread
 from kwserver.sources.credentials import Credentials
 from kwserver.sources.oci import OciClient
 from kwserver.sources.references import parse_image_reference, parse_reference
 from kwserver.sources.transport import FetchOptions
 from kwserver.sources.trust import Sources
+from tests.support.server import free_port
 
 DOCKER_REGISTRY = "docker-registry"
 Start = Callable[..., None]

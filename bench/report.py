@@ -370,7 +370,7 @@ def render_report(run: ScenarioRun, figures: list[tuple[str, str]]) -> str:
         f"Load points: {o.duration:g} s each (after {o.warmup:g} s of unmeasured warm-up per server and "
         f"workload), {o.repeats} repeat(s) interleaved with the baseline, wrk {o.wrk_threads} thread / "
         f"{o.connections} keep-alive connections unless stated; servers: gunicorn with kwserver's "
-        f"event-loop worker (kwserver/worker.py), {o.workers} workers unless stated; sampling every "
+        f"event-loop worker (kwserver/server/worker.py), {o.workers} workers unless stated; sampling every "
         f"{o.interval:g} s. The load generator shares the "
         "cores with the servers: its CPU is in the `wrk cores` column, and `other cores` is everything else "
         "that ran on the machine meanwhile (the harness itself, other users: a high value means a disturbed "

@@ -1,6 +1,6 @@
 """Servers under test, each a real gunicorn master on free 127.0.0.1 ports:
 
-- `kwserver`: `python -m kwserver serve` (readiness on its own port, like tests/conftest.py);
+- `kwserver`: `python -m kwserver serve` (readiness on its own port, like tests/support/server.py);
 - `canned`: bench/canned.py, the HTTP ceiling, on one of three HTTP stacks (`STACKS`);
 - `naive`: bench/naive.py, the naive baseline design.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -25,7 +24,8 @@ from pathlib import Path
 import psutil
 
 from kwserver.config import ServerSettings
-from kwserver.daemon import WORKER_CLASS
+from kwserver.server.daemon import WORKER_CLASS
+from tests.support.server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 GUNICORN_OVERRIDES = Path(__file__).resolve().parent / "gunicorn_bench.py"
@@ -33,7 +33,7 @@ GUNICORN_OVERRIDES = Path(__file__).resolve().parent / "gunicorn_bench.py"
 
 # HTTP stacks a canned app can be served by: (gunicorn worker class, extra gunicorn arguments, app suffix).
 STACKS: dict[str, tuple[str, list[str], str]] = {
-    # kwserver's worker (kwserver/worker.py): uvloop + httptools in front of the WSGI app.
+    # kwserver's worker (kwserver/server/worker.py): uvloop + httptools in front of the WSGI app.
     "event-loop": (WORKER_CLASS, [], ":app"),
     # kwserver's stack before the event-loop worker: gunicorn's threaded worker with one thread.
     "gthread": ("gthread", ["--threads", "1"], ":app"),
@@ -44,12 +44,6 @@ STACKS: dict[str, tuple[str, list[str], str]] = {
 
 class ServerFailed(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -193,7 +187,7 @@ def start_kwserver(name: str, config: Path, *, workers: int, work_dir: Path, cac
     }
     if tls:
         full_env.update(KUBEWARDEN_CERT_FILE=str(tls.cert_file), KUBEWARDEN_KEY_FILE=str(tls.key_file))
-    # kwserver disables gunicorn's control socket itself (kwserver/gunicorn_config.py).
+    # kwserver disables gunicorn's control socket itself (kwserver/server/gunicorn_config.py).
     argv = [sys.executable, "-m", "kwserver", "serve"]
     log_path = work_dir / f"{name}.log"
     started = time.monotonic()

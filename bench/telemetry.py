@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from bench.harness import ScenarioRun
 from bench.scenarios import check_outcomes, interleaved, pod_workloads, ratio_headline, scenario, single_config, workdir
-from bench.servers import free_port
 from bench.stats import spread
-from tests.otlp_receiver import start_grpc
+from tests.support.otlp_receiver import start_grpc
+from tests.support.server import free_port
 
 OFF = "telemetry off"
 METRICS = "metrics to a collector"
@@ -28,7 +28,7 @@ def telemetry_env(endpoint: str, spans: bool = True) -> dict[str, str]:
           "kwserver serves `/validate/pod-privileged` (the 5.3 KB rejected Pod) over plain HTTP four ways, "
           "interleaved repeat by repeat: without telemetry; with `--enable-metrics` alone; with "
           "`--enable-metrics` and `--log-fmt otlp` exporting over OTLP/gRPC to a local receiver "
-          "(tests/otlp_receiver.py, the collector's Export services, in the harness process) every second "
+          "(tests/support/otlp_receiver.py, the collector's Export services, in the harness process) every second "
           "(metrics, from the master) and in batches (spans, one per request, relayed by the workers to the "
           "master, whose BatchSpanProcessor thread sends them); and the same with no collector listening. "
           "Requests/s and server CPU per request as ratios to the server without telemetry.")

@@ -163,7 +163,7 @@ printf 'root:x:0:0:root:/root:/usr/sbin/nologin\nkwserver:x:65532:65532:kwserver
 printf 'root:x:0:\nkwserver:x:65532:\n' > "$rootfs/etc/group"
 chown 65532:65532 "$rootfs/home/kwserver"
 # -I: the image's Python ignores PYTHON* variables and the current directory.
-printf '#!/usr/bin/python3 -I\nimport sys\n\nfrom kwserver.cli import main\n\nsys.exit(main())\n' > "$rootfs/usr/bin/kwserver"
+printf '#!/usr/bin/python3 -I\nimport sys\n\nfrom kwserver.commands.cli import main\n\nsys.exit(main())\n' > "$rootfs/usr/bin/kwserver"
 chmod 0755 "$rootfs/usr/bin/kwserver"
 cp -r "$REPO/policies/dist" "$REPO/policies/catalog.json" "$REPO/policies/CATALOG.md" "$REPO/policies/README.md" \
     "$rootfs/opt/kwserver/policies/"
@@ -183,7 +183,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from kwserver.manifests import IMAGE_MODULE_DIR, config_map_policies
+from kwserver.commands.manifests import IMAGE_MODULE_DIR, config_map_policies
 from kwserver.sources.references import LocalReference, parse_reference
 import yaml
 

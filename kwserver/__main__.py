@@ -1,5 +1,5 @@
 import sys
 
-from kwserver.cli import main
+from kwserver.commands.cli import main
 
 sys.exit(main())

@@ -18,9 +18,9 @@ from typing import Any
 import orjson
 import yaml
 
-from kwserver.autoscaler import GROW_ABOVE, SHRINK_BELOW
 from kwserver.expressions import ExpressionError, Node, compile_expression
 from kwserver.logs import LEVELS
+from kwserver.server.autoscaler import GROW_ABOVE, SHRINK_BELOW
 
 
 class ConfigError(ValueError):
@@ -171,7 +171,7 @@ class ServerSettings:
     fresh_instance_per_request: bool = setting(
         False, "KWSERVER_FRESH_INSTANCE_PER_REQUEST",
         "Never reuse instances: every evaluation gets a new one (strict isolation)", parse=parse_bool)
-    # What one client may cost a worker (kwserver/worker.py); none of it delays another client.
+    # What one client may cost a worker (kwserver/server/worker.py); none of it delays another client.
     header_timeout_seconds: float = setting(
         10.0, "KWSERVER_HEADER_TIMEOUT_SECONDS", "Answer 408 and close when request headers take longer than this",
         parse=float, check=above(0))

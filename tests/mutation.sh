@@ -2,7 +2,7 @@
 # Mutation testing of the modules whose bugs the suite must catch (not run by CI: it takes 20-40 minutes).
 #
 #   tests/mutation.sh [REVISION]      # default: the working tree; e.g. `tests/mutation.sh main~3` for a baseline
-#   MUTATION_MODULES="kwserver/tls.py" MUTATION_JOBS=2 tests/mutation.sh   # some modules; parallel mutants
+#   MUTATION_MODULES="kwserver/server/tls.py" MUTATION_JOBS=2 tests/mutation.sh   # some modules; parallel mutants
 #
 # mutmut plants one small change (a mutant) at a time in a scratch copy of the code and runs the tests that
 # reach the mutated function; a mutant that no test notices "survives". The score per module is printed at
@@ -19,8 +19,8 @@ revision="${1:-}"
 work="${MUTATION_DIR:-${TMPDIR:-/tmp}/kwserver-mutation}"
 python="$repo/.venv/bin/python"
 modules=(kwserver/expressions.py kwserver/admission.py kwserver/evaluation/pool.py kwserver/evaluation/evaluator.py
-         kwserver/autoscaler.py kwserver/tls.py kwserver/runtime/engine.py)
-if [ -n "${MUTATION_MODULES:-}" ]; then read -r -a modules <<< "$MUTATION_MODULES"; fi  # e.g. "kwserver/tls.py"
+         kwserver/server/autoscaler.py kwserver/server/tls.py kwserver/runtime/engine.py)
+if [ -n "${MUTATION_MODULES:-}" ]; then read -r -a modules <<< "$MUTATION_MODULES"; fi  # e.g. "kwserver/server/tls.py"
 
 "$python" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed: $repo/.venv/bin/pip install -e '.[mutation]'" >&2; exit 1; }
 

@@ -6,7 +6,7 @@ import pytest
 
 from kwserver import admission
 from kwserver.admission import RequestShapeError
-from tests.conftest import SERVER_FIXTURES, load_json
+from tests.support.paths import SERVER_FIXTURES, load_json
 
 POD_REVIEW = load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json")
 

@@ -1,6 +1,6 @@
 import pytest
 
-from kwserver.cli import main
+from kwserver.commands.cli import main
 
 
 @pytest.mark.parametrize("command", ["serve", "check", "annotate", "inspect", "top", "reload", "run"])
@@ -22,7 +22,7 @@ def test_kubernetes_manifest_runs_kwserver_with_valid_flags():
 
     import yaml
 
-    from kwserver.cli import build_parser
+    from kwserver.commands.cli import build_parser
     from kwserver.config import settings_from_args
 
     manifest = Path(__file__).parent.parent / "deploy/kubernetes/kwserver.yaml"

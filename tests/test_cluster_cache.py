@@ -12,12 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests import test_kubernetes_callbacks
-from tests.kube_api import KubeApi
-from tests.test_kubernetes_callbacks import NAMESPACES, SERVICES, answer, connected, host_policy
+from tests.support.kube_api import NAMESPACES, SERVICES, KubeApi, connected
+from tests.support.modules import answer, host_policy
 
 pytestmark = pytest.mark.integration
-kube_api = test_kubernetes_callbacks.kube_api  # the API server fixture
 
 LIST_NAMESPACES = {"api_version": "v1", "kind": "Namespace"}
 

@@ -8,7 +8,7 @@ import pytest
 import wasmtime
 
 from kwserver.runtime.engine import CompileCache, EngineOptions, make_engine
-from tests.conftest import policy_path
+from tests.support.paths import policy_path
 
 WASM = Path(policy_path("pod-privileged")).read_bytes()
 OPTIONS = EngineOptions(epoch_interruption=True)

@@ -117,7 +117,7 @@ def test_reference_flags_that_cannot_be_honoured_refuse_to_start(env, message):
 
 
 def test_reference_flags_on_the_command_line():
-    from kwserver.cli import build_parser
+    from kwserver.commands.cli import build_parser
     from kwserver.config import settings_from_args
 
     args = build_parser().parse_args(["serve", "--sources-path", "s.yml", "--enable-metrics", "--log-no-color",
@@ -127,7 +127,7 @@ def test_reference_flags_on_the_command_line():
 
 
 def test_every_setting_is_one_flag_one_variable_and_one_default():
-    from kwserver.cli import build_parser
+    from kwserver.commands.cli import build_parser
     from kwserver.config import SETTINGS, help_text, settings_from_args
 
     assert len({s.env for s in SETTINGS}) == len({s.flag for s in SETTINGS}) == len(SETTINGS)
@@ -165,7 +165,7 @@ def test_each_setting_checks_its_own_range(overrides, message):
 
 
 def test_help_shows_defaults_and_variables():
-    from kwserver.cli import build_parser
+    from kwserver.commands.cli import build_parser
 
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]
     text = " ".join(serve.format_help().split())

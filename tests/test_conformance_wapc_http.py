@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import CONFORMANCE, FIXTURES, as_review, load_json
+from tests.support.paths import CONFORMANCE, FIXTURES, as_review, load_json
 
 pytestmark = pytest.mark.integration
 
@@ -12,7 +12,7 @@ CASES = [c for c in load_json(CONFORMANCE / "expectations/runnable-cases.json")[
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, compile_cache):
-    from tests.conftest import start_server, stop_server
+    from tests.support.server import start_server, stop_server
 
     policies = {f"case{i}": {"module": str(CONFORMANCE / c["policy"]), "settings": c["settings"]}
                 for i, c in enumerate(CASES)}

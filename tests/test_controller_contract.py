@@ -28,19 +28,11 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import (
-    FIXTURES,
-    SERVER_FIXTURES,
-    TEST_POLICIES,
-    as_review,
-    free_port,
-    load_json,
-    make_ca,
-    make_cert,
-    stop_process,
-    wait_ready_on,
-)
-from tests.registries import cosign_sign, docker_config, public_pem, start_registry
+from tests.support.certs import make_ca, make_cert
+from tests.support.paths import FIXTURES, SERVER_FIXTURES, TEST_POLICIES, as_review, load_json
+from tests.support.pod import DEPLOYMENTS_NAMESPACE, Pod, privileged_review, read_only
+from tests.support.registries import cosign_sign, docker_config, public_pem, start_registry
+from tests.support.server import free_port, stop_process
 
 pytestmark = pytest.mark.skipif(not shutil.which("docker-registry"), reason="needs Debian's docker-registry")
 
@@ -51,7 +43,6 @@ READ_ONLY_MOUNTS = ("pki", "config", "sources", "verification", "home", "sigstor
 SPEC_ENV = {"KUBEWARDEN_LOG_LEVEL": "info", "KUBEWARDEN_WORKERS": "2"}
 TELEMETRY_ENV = {"KUBEWARDEN_ENABLE_METRICS": "true", "KUBEWARDEN_LOG_FMT": "otlp",
                  "OTEL_EXPORTER_OTLP_ENDPOINT": "http://localhost:4317"}
-DEPLOYMENTS_NAMESPACE = "kubewarden"
 
 
 def _push(module: Path, reference: str, sources: Path, docker: Path, cwd: Path) -> str:
@@ -61,13 +52,6 @@ def _push(module: Path, reference: str, sources: Path, docker: Path, cwd: Path) 
                             env={k: v for k, v in os.environ.items() if not k.startswith(("KUBEWARDEN_", "KWSERVER_"))})
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split("@")[1]
-
-
-def _read_only(path: Path) -> None:
-    """chmod a mount read-only, as the kubelet mounts secrets and config maps (readOnly: true)."""
-    for item in sorted(path.rglob("*"), reverse=True):
-        item.chmod(0o555 if item.is_dir() else 0o444)
-    path.chmod(0o555)
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -86,27 +70,6 @@ def _with_read_only_mounts(command: list[str], mounts: list[Path]) -> list[str]:
     remounts = [f"mount --bind {shlex.quote(str(m))} {shlex.quote(str(m))} && "
                 f"mount -o remount,bind,ro {shlex.quote(str(m))}" for m in mounts]
     return ["unshare", "-m", "sh", "-c", " && ".join(remounts) + ' && exec "$@"', "sh", *command]
-
-
-class Pod:
-    def __init__(self, root: Path, process: subprocess.Popen, port: int, readiness: int, client: tuple[str, str],
-                 ca: str, log: Path):
-        self.root, self.process, self.port, self.readiness = root, process, port, readiness
-        self.client, self.ca = client, ca
-        self.session = requests.Session()
-        self.log_path = log
-
-    def post(self, path: str, body: object) -> requests.Response:
-        # Per request: a session's verify loses to REQUESTS_CA_BUNDLE from the environment.
-        return self.session.post(f"https://127.0.0.1:{self.port}{path}", json=body, cert=self.client,
-                                 verify=self.ca, timeout=30)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-
-def _wait_ready(pod: Pod) -> None:
-    wait_ready_on(pod.readiness, pod.process, pod.log, timeout=90)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +140,7 @@ def pod() -> Iterator[Pod]:
         store.mkdir()
         store.chmod(0o1777)
         for mount in READ_ONLY_MOUNTS:
-            _read_only(root / mount)
+            read_only(root / mount)
         work.chmod(0o755)  # the client's files stay the test's; the pod never reads them
         before = _snapshot(root)
 
@@ -214,7 +177,7 @@ def pod() -> Iterator[Pod]:
                                              [root / mount for mount in READ_ONLY_MOUNTS])
             process = subprocess.Popen(command, env=env, cwd=root / "config", stdout=out, stderr=subprocess.STDOUT)
         pod = Pod(root, process, port, readiness, (str(client.cert), str(client.key)), str(kubewarden_ca.cert), log)
-        _wait_ready(pod)
+        pod.wait_ready()
         pod.before = before
         yield pod
     finally:
@@ -224,10 +187,6 @@ def pod() -> Iterator[Pod]:
             if path.is_dir() and not path.is_symlink():
                 path.chmod(stat.S_IRWXU)
         shutil.rmtree(root, ignore_errors=True)
-
-
-def privileged_review() -> dict:
-    return as_review(load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json"))
 
 
 def test_validate_pulls_verified_modules_into_the_policy_store(pod):

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import REPO, SERVER_FIXTURES, load_json, policy_path
+from tests.support.paths import REPO, SERVER_FIXTURES, load_json, policy_path
 
 pytestmark = pytest.mark.integration
 
@@ -192,7 +192,7 @@ EFFECTIVE_SETTINGS = r"""
 import json, sys
 from gunicorn.app.base import Application
 from kwserver.config import ServerSettings
-from kwserver.daemon import Daemon, KwserverApplication
+from kwserver.server.daemon import Daemon, KwserverApplication
 
 daemon = Daemon(ServerSettings.from_env())
 served = KwserverApplication(daemon)
@@ -230,4 +230,4 @@ def test_kwserver_serve_and_gunicorn_conf_py_have_identical_settings(tmp_path, t
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["differ"] == []
     assert (result["loglevel"], result["workers"]) == ("warning", 3)
-    assert (result["ssl_context"] == "kwserver.gunicorn_config") is tls
+    assert (result["ssl_context"] == "kwserver.server.gunicorn_config") is tls

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import SERVER_FIXTURES, load_json, policy_path
+from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
+from tests.support.server import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,15 +27,6 @@ def kwserver(runtime: Path, *args: str) -> subprocess.CompletedProcess:
 
 def master_of(status: dict) -> int:
     return next(p["pid"] for p in status["processes"] if p["role"] == "master")
-
-
-def wait_for(condition, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def serve(run_server, runtime: Path):

@@ -7,9 +7,8 @@ import pytest
 import wasmtime
 
 from kwserver.admission import parse_admission_review, parse_raw_review
-from kwserver.runtime.engine import EpochTicker
-from tests.conftest import SERVER_FIXTURES, load_json, policy_path
-from tests.mode_fixtures import GATEKEEPER_HAPPY, annotated, in_process_evaluator
+from tests.support.modules import GATEKEEPER_HAPPY, annotated, in_process_evaluator
+from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
 
 TRAPPING = """(module
   (import "wapc" "__guest_response" (func $respond (param i32 i32)))
@@ -26,16 +25,12 @@ SLEEP_4S = parse_admission_review(load_json(SERVER_FIXTURES / "pod_sleep_4s.json
 def evaluator(tmp_path_factory):
     directory = tmp_path_factory.mktemp("evaluator")
     trapping = annotated(directory, "trapping", wasmtime.wat2wasm(TRAPPING), "kubewarden-wapc", protocolVersion="v1")
-    evaluator, registry, pool = in_process_evaluator(directory, {
+    with in_process_evaluator(directory, {
         "trapping": {"module": trapping},
         "sleep": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": 1}, "timeoutEvalSeconds": 1},
         "gatekeeper": {"module": str(GATEKEEPER_HAPPY)},
-    })
-    ticker = EpochTicker(registry.engine)
-    ticker.start()
-    yield evaluator
-    ticker.stop()
-    pool.clear()
+    }) as (evaluator, _, _):
+        yield evaluator
 
 
 def test_a_trap_is_the_modes_failure_answer(evaluator):

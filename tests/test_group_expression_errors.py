@@ -10,7 +10,8 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import SERVER_FIXTURES, load_json, policy_path, start_server
+from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
+from tests.support.server import response_of, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -24,11 +25,6 @@ POLICIES = {
     "broken-group": {"expression": "pod_privileged() && not_a_member()", "message": "never shown",
                      "policyMode": "monitor", "policies": {"pod_privileged": MEMBER}},
 }
-
-
-def response_of(reply) -> dict:
-    assert reply.status_code == 200, reply.text
-    return reply.json()["response"]
 
 
 def test_invalid_expression_is_that_groups_error_with_continue_on_errors(run_server):

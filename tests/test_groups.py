@@ -10,9 +10,8 @@ import pytest
 from kwserver.admission import parse_raw_review
 from kwserver.evaluation import UnknownPolicy
 from kwserver.runtime import InstanceLimits
-from kwserver.runtime.engine import EpochTicker
-from tests.conftest import policy_path
-from tests.mode_fixtures import in_process_evaluator
+from tests.support.modules import in_process_evaluator
+from tests.support.paths import policy_path
 
 ACCEPTING = {"module": policy_path("raw-validation"),
              "settings": {"validUsers": ["tonio"], "validActions": ["eats"], "validResources": ["hay"]}}
@@ -43,17 +42,13 @@ def evaluator(tmp_path_factory):
     policies = {name: {"expression": text, "message": f"group {name} says no", "policies": MEMBERS}
                 for name, text in GROUPS.items()}
     policies["plain"] = ACCEPTING
-    evaluator, registry, pool = in_process_evaluator(tmp_path_factory.mktemp("groups"), policies,
-                                                     continue_on_errors=True)
-    # A member whose instance cannot be made at request time: its memory limit is below the module's minimum.
-    member = registry.policies["cannot_run/unmakeable"]
-    registry.policies["cannot_run/unmakeable"] = dataclasses.replace(
-        member, limits=InstanceLimits(memory_bytes=64 * 1024, timeout_seconds=1))
-    ticker = EpochTicker(registry.engine)
-    ticker.start()
-    yield evaluator
-    ticker.stop()
-    pool.clear()
+    with in_process_evaluator(tmp_path_factory.mktemp("groups"), policies, continue_on_errors=True) as (
+            evaluator, registry, _):
+        # A member whose instance cannot be made at request time: its memory limit is below the module's minimum.
+        member = registry.policies["cannot_run/unmakeable"]
+        registry.policies["cannot_run/unmakeable"] = dataclasses.replace(
+            member, limits=InstanceLimits(memory_bytes=64 * 1024, timeout_seconds=1))
+        yield evaluator
 
 
 def _causes(response):

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.conftest import SERVER_FIXTURES, load_json, make_ca, make_cert, policy_path
+from tests.support.certs import make_ca, make_cert
+from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,8 @@ import jsonpatch
 import pytest
 import requests
 
-from tests.conftest import SERVER_FIXTURES, free_port, load_json, policy_path, start_server, stop_server
+from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
+from tests.support.server import free_port, response_of, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -60,11 +61,6 @@ def server(tmp_path_factory, compile_cache):
                           env={"KUBEWARDEN_ALWAYS_ACCEPT_ADMISSION_REVIEWS_ON_NAMESPACE": "always-ok"})
     yield server
     stop_server(server)
-
-
-def response_of(http_response: requests.Response) -> dict:
-    assert http_response.status_code == 200, http_response.text
-    return http_response.json()["response"]
 
 
 def test_validate(server):

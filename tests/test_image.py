@@ -28,8 +28,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port, make_ca, make_cert, stop_process
-from tests.test_controller_contract import DEPLOYMENTS_NAMESPACE, Pod, _read_only, _wait_ready, privileged_review
+from tests.support.certs import make_ca, make_cert
+from tests.support.paths import REPO
+from tests.support.pod import DEPLOYMENTS_NAMESPACE, Pod, privileged_review, read_only
+from tests.support.server import free_port, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -229,7 +231,7 @@ def container(image: Image) -> Iterator[Running]:
         client = make_cert(work, "api-server", client_ca)
         shutil.copy(client_ca.cert, root / "client-ca" / "client-ca.crt")
         for mount in POD_MOUNTS:
-            _read_only(root / mount)
+            read_only(root / mount)
         (root / "tmp").mkdir()
         (root / "tmp").chmod(0o1777)  # the emptyDir
 
@@ -256,7 +258,7 @@ def container(image: Image) -> Iterator[Running]:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                        env={**os.environ, "CONTAINERS_CONF": str(conf)})
         pod = Pod(root, process, port, readiness, (str(client.cert), str(client.key)), str(ca.cert), log)
-        _wait_ready(pod)
+        pod.wait_ready()
         yield Running(pod, how)
     finally:
         stop_process(process, timeout=30)
@@ -289,7 +291,7 @@ def test_the_tree_needs_no_writable_path_but_tmp_and_holds_no_tools(image):
     for absent in ("bin/sh", "usr/bin/sh", "usr/bin/bash", "usr/bin/apt-get", "usr/bin/dpkg", "usr/bin/gcc",
                    "usr/bin/pip", "usr/bin/pip3"):
         assert absent not in members, absent
-    assert "usr/lib/python3/dist-packages/kwserver/__pycache__/cli.cpython-311.pyc" in members
+    assert "usr/lib/python3/dist-packages/kwserver/commands/__pycache__/cli.cpython-311.pyc" in members
     cached = [m for name, m in members.items() if name.startswith("var/cache/kwserver/") and name.endswith(".cwasm")]
     assert len(cached) == 1 and cached[0].mode & 0o777 == 0o644  # one unique module, warmed at build time
 

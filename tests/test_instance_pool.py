@@ -11,10 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kwserver.admission import parse_admission_review
-from kwserver.runtime.engine import EpochTicker
-from tests.conftest import SERVER_FIXTURES, load_json, policy_path
-from tests.mode_fixtures import annotated, in_process_evaluator
-from tests.test_operations import published_metrics, sample
+from tests.support.modules import annotated, in_process_evaluator
+from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
+from tests.support.server import published_metrics, sample
 
 PRIVILEGED = load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json")
 MIB = 1 << 20
@@ -86,12 +85,8 @@ def evaluator_parts(tmp_path_factory):
         "b": {"module": policy_path("pod-privileged")},
         "c": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": 0}},
     }
-    evaluator, registry, pool = in_process_evaluator(tmp_path_factory.mktemp("pool"), policies)
-    ticker = EpochTicker(registry.engine)
-    ticker.start()
-    yield evaluator, registry
-    ticker.stop()
-    pool.clear()
+    with in_process_evaluator(tmp_path_factory.mktemp("pool"), policies) as (evaluator, registry, _):
+        yield evaluator, registry
 
 
 REQUEST = parse_admission_review(PRIVILEGED)

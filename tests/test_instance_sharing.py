@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import SERVER_FIXTURES, load_json, policy_path
+from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
 
 pytestmark = pytest.mark.integration
 

@@ -1,109 +1,16 @@
 """Kubernetes callbacks end to end: a kwserver connected through a kubeconfig to a local HTTPS API server
-(tests/kube_api.py), and a waPC guest that makes one host call and answers with what the host said."""
+(tests/support/kube_api.py), and a waPC guest that makes one host call and answers with what the host said."""
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
-from typing import Any
 
 import pytest
-import wasmtime
 
-from tests.kube_api import KubeApi
-from tests.mode_fixtures import _wat_string, annotated
+from tests.support.kube_api import NAMESPACES, SERVICES, connected
+from tests.support.modules import answer, host_policy
 
 pytestmark = pytest.mark.integration
-
-PREFIX = '{"accepted":false,"message":"'
-PAYLOAD_AT = 262144  # up to 256 KiB of payload (certificate chains are JSON arrays of bytes)
-
-
-def host_call_wat(binding: str, namespace: str, operation: str, payload: bytes) -> str:
-    """A raw waPC policy: validate makes the host call and rejects with `ok:<answer>` or `error:<text>`
-    (JSON-escaped into the message); validate_settings accepts."""
-    texts = {0: binding, 64: namespace, 128: operation, 4096: '{"valid":true}', 4128: PREFIX,
-             4200: "ok:", 4208: "error:", 4220: '"}'}
-    data = "\n".join(f'  (data (i32.const {at}) "{_wat_string(text)}")' for at, text in texts.items())
-    lengths = {at: len(text.encode()) for at, text in texts.items()}
-    assert len(payload) < 262144
-    return f"""(module
-  (import "wapc" "__guest_response" (func $respond (param i32 i32)))
-  (import "wapc" "__host_call" (func $host_call (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
-  (import "wapc" "__host_response_len" (func $response_len (result i32)))
-  (import "wapc" "__host_response" (func $response (param i32)))
-  (import "wapc" "__host_error_len" (func $error_len (result i32)))
-  (import "wapc" "__host_error" (func $error (param i32)))
-  (memory (export "memory") 8)
-{data}
-  (data (i32.const {PAYLOAD_AT}) "{_wat_string(payload.decode())}")
-  (func $copy (param $dst i32) (param $src i32) (param $len i32) (result i32)
-    (memory.copy (local.get $dst) (local.get $src) (local.get $len))
-    (i32.add (local.get $dst) (local.get $len)))
-  (func $escape (param $dst i32) (param $src i32) (param $len i32) (result i32) (local $end i32) (local $c i32)
-    (local.set $end (i32.add (local.get $src) (local.get $len)))
-    (block $done (loop $next
-      (br_if $done (i32.ge_u (local.get $src) (local.get $end)))
-      (local.set $c (i32.load8_u (local.get $src)))
-      (if (i32.or (i32.eq (local.get $c) (i32.const 34)) (i32.eq (local.get $c) (i32.const 92)))
-        (then (i32.store8 (local.get $dst) (i32.const 92)) (local.set $dst (i32.add (local.get $dst) (i32.const 1)))))
-      (if (i32.lt_u (local.get $c) (i32.const 32)) (then (local.set $c (i32.const 32))))
-      (i32.store8 (local.get $dst) (local.get $c))
-      (local.set $dst (i32.add (local.get $dst) (i32.const 1)))
-      (local.set $src (i32.add (local.get $src) (i32.const 1)))
-      (br $next)))
-    (local.get $dst))
-  (func (export "__guest_call") (param $op_len i32) (param $msg_len i32) (result i32) (local $len i32) (local $at i32)
-    (if (i32.eq (local.get $op_len) (i32.const 17))
-      (then (call $respond (i32.const 4096) (i32.const {lengths[4096]})) (return (i32.const 1))))
-    (local.set $at (call $copy (i32.const 131072) (i32.const 4128) (i32.const {lengths[4128]})))
-    (if (call $host_call (i32.const 0) (i32.const {lengths[0]}) (i32.const 64) (i32.const {lengths[64]})
-                         (i32.const 128) (i32.const {lengths[128]}) (i32.const {PAYLOAD_AT}) (i32.const {len(payload)}))
-      (then (local.set $len (call $response_len)) (call $response (i32.const 8192))
-            (local.set $at (call $copy (local.get $at) (i32.const 4200) (i32.const 3))))
-      (else (local.set $len (call $error_len)) (call $error (i32.const 8192))
-            (local.set $at (call $copy (local.get $at) (i32.const 4208) (i32.const 6)))))
-    (local.set $at (call $escape (local.get $at) (i32.const 8192) (local.get $len)))
-    (local.set $at (call $copy (local.get $at) (i32.const 4220) (i32.const 2)))
-    (call $respond (i32.const 131072) (i32.sub (local.get $at) (i32.const 131072)))
-    (i32.const 1)))"""
-
-
-@pytest.fixture
-def kube_api(tmp_path: Path):
-    api = KubeApi(tmp_path).start()
-    api.put("v1", "Namespace", "default")
-    api.put("v1", "Namespace", "team-a", metadata={"labels": {"team": "a"}, "annotations": {
-        "kubectl.kubernetes.io/last-applied-configuration": "{...}", "owner": "alice"}})
-    api.put("v1", "Service", "web", "team-a", spec={"ports": [{"port": 80}]})
-    api.put("v1", "Service", "db", "default", spec={"ports": [{"port": 5432}]})
-    yield api
-    api.stop()
-
-
-def host_policy(directory: Path, name: str, operation: str, payload: dict[str, Any] | str, *,
-                binding: str = "kubewarden", namespace: str = "kubernetes", **policy: Any) -> dict[str, Any]:
-    wasm = wasmtime.wat2wasm(host_call_wat(binding, namespace, operation, json.dumps(payload).encode()))
-    module = annotated(directory, name, wasm, "kubewarden-wapc", policyType="raw", protocolVersion="v1")
-    return {"module": module, **policy}
-
-
-def answer(server: Any, policy: str) -> tuple[str, Any]:
-    """("ok", decoded answer) or ("error", text) of the guest's host call."""
-    response = server.post(f"/validate_raw/{policy}", {"request": {"uid": "u"}}).json()["response"]
-    outcome, _, text = response["status"]["message"].partition(":")
-    return outcome, json.loads(text) if outcome == "ok" else text
-
-
-SERVICES = [{"apiVersion": "v1", "kind": "Service"}]
-NAMESPACES = [{"apiVersion": "v1", "kind": "Namespace"}]
-
-
-def connected(run_server, kube_api: KubeApi, tmp_path: Path, policies: dict[str, Any], **kwargs: Any):
-    config = kube_api.kubeconfig(tmp_path / "kubeconfig")
-    return run_server(policies, env={"KUBECONFIG": str(config), "KUBEWARDEN_WORKERS": "2", **kwargs.pop("env", {})},
-                      **kwargs)
 
 
 def test_list_get_and_can_i_answer_from_the_cluster(run_server, kube_api, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, REPO
+from tests.support.paths import FIXTURES, REPO
 
 SUITES = REPO / "tests" / "e2e"
 DIST = REPO / "policies" / "dist"

@@ -10,7 +10,8 @@ import re
 import pytest
 
 from kwserver.truncation import MESSAGE_LIMIT_BYTES
-from tests.conftest import REPO, SERVER_FIXTURES, load_json, policy_path
+from tests.support.paths import REPO, SERVER_FIXTURES, load_json, policy_path
+from tests.support.server import response_of
 
 pytestmark = pytest.mark.integration
 
@@ -18,11 +19,6 @@ REVIEW = load_json(SERVER_FIXTURES / "pod_without_privileged_containers.json")
 BIG = 2_000_000
 MARKER = re.compile(r"\.\.\. \(truncated, ([\d,]+) bytes\)$")
 ECHO = str(REPO / "policies" / "dist" / "echo.wasm")
-
-
-def response_of(reply) -> dict:
-    assert reply.status_code == 200, reply.text[:1000]
-    return reply.json()["response"]
 
 
 def review_with(change) -> dict:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kwserver.cli import main
+from kwserver.commands.cli import main
 from kwserver.metadata import (
     MetadataError,
     PolicyMetadata,
@@ -14,7 +14,7 @@ from kwserver.metadata import (
     parse_metadata,
     read_custom_section,
 )
-from tests.conftest import CONFORMANCE
+from tests.support.paths import CONFORMANCE
 
 TINYGO = CONFORMANCE / "wasm/kubewarden-wapc/go-policy-template-tinygo-2022.wasm"
 UNHAPPY = CONFORMANCE / "wasm/gatekeeper/gatekeeper_always_unhappy_policy.wasm"

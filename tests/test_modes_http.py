@@ -10,8 +10,7 @@ import jsonpatch
 import pytest
 import wasmtime
 
-from tests.conftest import CONFORMANCE, as_review, load_json, start_server, stop_server
-from tests.mode_fixtures import (
+from tests.support.modules import (
     GATEKEEPER_HAPPY,
     GATEKEEPER_UNHAPPY,
     OPA_NO_DEFAULT_NS,
@@ -21,6 +20,8 @@ from tests.mode_fixtures import (
     javy_host_call_wat,
     request_fixture,
 )
+from tests.support.paths import CONFORMANCE, as_review, load_json
+from tests.support.server import start_server, stop_server
 
 pytestmark = pytest.mark.integration
 

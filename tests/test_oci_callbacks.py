@@ -21,9 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.registries import cosign_sign, docker_config, public_pem, raw_push, start_registry
-from tests.test_kubernetes_callbacks import answer, host_policy
-from tests.test_sources_https import sources_file
+from tests.support.modules import answer, host_policy
+from tests.support.registries import cosign_sign, docker_config, public_pem, raw_push, sources_file, start_registry
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not shutil.which("docker-registry"), reason="needs Debian's docker-registry")]

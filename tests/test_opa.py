@@ -11,8 +11,7 @@ from kwserver import admission
 from kwserver.admission import parse_admission_review, parse_raw_review
 from kwserver.runtime import GuestTimeout, InstanceLimits, InstantiationFailure
 from kwserver.runtime.opa import OpaModule, RegoEvaluationError, rego_entrypoint_warning
-from tests.conftest import CONFORMANCE, as_review, load_json
-from tests.mode_fixtures import (
+from tests.support.modules import (
     GATEKEEPER_HAPPY,
     GATEKEEPER_UNHAPPY,
     OPA_NO_DEFAULT_NS,
@@ -21,6 +20,7 @@ from tests.mode_fixtures import (
     uss_growth,
     worker_memory,
 )
+from tests.support.paths import CONFORMANCE, as_review, load_json
 
 CASES = [c for c in load_json(CONFORMANCE / "expectations/runnable-cases.json")["cases"] if c["mode"] == "opa-raw"]
 LIMITS = InstanceLimits(memory_bytes=64 << 20, timeout_seconds=1)

@@ -20,7 +20,8 @@ import yaml
 
 from kwserver.metadata import annotate
 from kwserver.observability.endpoints import Readiness
-from tests.conftest import SERVER_FIXTURES, TEST_POLICIES, load_json, policy_path
+from tests.support.paths import SERVER_FIXTURES, TEST_POLICIES, load_json, policy_path
+from tests.support.server import metrics_text, published_metrics, sample, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,42 +34,6 @@ POD_PRIVILEGED = {"module": policy_path("pod-privileged")}
 
 def workers_of(server) -> list[psutil.Process]:
     return psutil.Process(server.process.pid).children()
-
-
-def metrics_text(server) -> str:
-    return requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
-
-
-def published_metrics(server, served: int) -> str:
-    """The metrics once the workers have published the counts of `served` requests (about once a second)."""
-    return wait_for(lambda: (text := metrics_text(server)) and sample(text, "kwserver_worker_requests_total") == served
-                    and text, timeout=10)
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of the sample `name` whose labels include `labels` (0 when absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") and not labels:
-            total += float(line.rsplit(" ", 1)[1])
-        if not line.startswith(name + "{"):
-            continue
-        label_text = line[len(name) + 1:line.rindex("}")]
-        found = dict(part.split("=", 1) for part in label_text.split('",') if "=" in part)
-        found = {k: v.strip('"') for k, v in found.items()}
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def wait_for(condition, timeout: float = 30.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def test_metrics_have_the_reference_names_and_survive_a_dead_worker(run_server):

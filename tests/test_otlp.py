@@ -1,6 +1,6 @@
 """OpenTelemetry: `--enable-metrics` pushes the reference's metrics and `--log-fmt otlp` its spans.
 
-A local OTLP receiver (tests/otlp_receiver.py, the collector's Export services over gRPC and HTTP)
+A local OTLP receiver (tests/support/otlp_receiver.py, the collector's Export services over gRPC and HTTP)
 listens on a free loopback port; the real server is pointed at it with the standard `OTEL_*`
 variables, serves AdmissionReviews, and what arrives is checked: metric names, attributes and
 values, span names and attributes, over both protocols, with TLS and client certificates, and with
@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.conftest import SERVER_FIXTURES, free_port, load_json, make_ca, make_cert, policy_path
-from tests.otlp_receiver import Receiver, start_grpc, start_http
-from tests.test_operations import wait_for
+from tests.support.certs import make_ca, make_cert
+from tests.support.otlp_receiver import Receiver, start_grpc, start_http
+from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
+from tests.support.server import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 

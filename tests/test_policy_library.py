@@ -24,8 +24,10 @@ import jsonpatch
 import pytest
 import yaml
 
-from tests.conftest import FIXTURES, REPO, load_json, start_server, stop_server
-from tests.registries import push_library, start_registry
+from tests.support.paths import FIXTURES, REPO, load_json
+from tests.support.paths import upstream_request as fixture
+from tests.support.registries import push_library, start_registry
+from tests.support.server import start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -40,12 +42,6 @@ NAMES = [
 
 def module(name: str) -> str:
     return str(DIST / f"{name}.wasm")
-
-
-def fixture(path: str) -> dict[str, Any]:
-    """A bare AdmissionRequest from an upstream policy's test data."""
-    data = load_json(UPSTREAM / path)
-    return data["request"] if isinstance(data.get("request"), dict) and "uid" in data["request"] else data
 
 
 def settings_file(path: str) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Context-aware OPA and Gatekeeper policies end to end: a kwserver connected through a kubeconfig to the
-local API server (tests/kube_api.py) hands the cluster inventory to Rego modules as `data` (spec §5.3).
+local API server (tests/support/kube_api.py) hands the cluster inventory to Rego modules as `data` (spec §5.3).
 
 No Rego compiler is available offline, so the module is written in WAT against the OPA Wasm ABI: its
 `eval` rejects with the `data` document it was given as the message, which shows exactly what a compiled
@@ -20,10 +20,9 @@ import pytest
 import wasmtime
 import yaml
 
-from tests.conftest import CONFORMANCE, REPO
-from tests.kube_api import KubeApi
-from tests.mode_fixtures import _wat_string, annotated
-from tests.test_kubernetes_callbacks import connected
+from tests.support.kube_api import KubeApi, connected
+from tests.support.modules import annotated, opa_module_wat, wat_string
+from tests.support.paths import CONFORMANCE, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -38,40 +37,12 @@ ENTRYPOINTS = {"opa": "policy/main", "gatekeeper": "policy/violation"}
 def data_echo_wat(mode: str) -> str:
     """An OPA-ABI module whose `eval` answers with its `data` document as the rejection message."""
     prefix, suffix = RESULT_TEXTS[mode]
-    entrypoints = json.dumps({ENTRYPOINTS[mode]: 0})
-    return f"""(module
-  (import "env" "memory" (memory 2))
-  (global $heap (mut i32) (i32.const 16384))
-  (global $data (mut i32) (i32.const 0))
-  (global $result (mut i32) (i32.const 0))
-  (data (i32.const 1024) "{{}}\\00")
-  (data (i32.const 2048) "{_wat_string(entrypoints)}\\00")
-  (data (i32.const 4096) "{_wat_string(prefix)}")
-  (data (i32.const 8192) "{_wat_string(suffix)}")
-  (func $malloc (export "opa_malloc") (param $size i32) (result i32) (local $at i32) (local $end i32) (local $have i32)
-    (local.set $at (global.get $heap))
-    (local.set $end (i32.add (local.get $at) (i32.add (local.get $size) (i32.const 1))))
-    (local.set $have (i32.mul (memory.size) (i32.const 65536)))
-    (if (i32.gt_u (local.get $end) (local.get $have))
-      (then (drop (memory.grow (i32.add (i32.const 1)
-                                        (i32.div_u (i32.sub (local.get $end) (local.get $have)) (i32.const 65536)))))))
-    (global.set $heap (local.get $end))
-    (local.get $at))
-  (func (export "opa_json_parse") (param $at i32) (param $size i32) (result i32)
-    (i32.store8 (i32.add (local.get $at) (local.get $size)) (i32.const 0))
-    (local.get $at))
-  (func (export "opa_json_dump") (param $value i32) (result i32) (local.get $value))
-  (func (export "opa_heap_ptr_get") (result i32) (global.get $heap))
-  (func (export "opa_heap_ptr_set") (param i32) (global.set $heap (local.get 0)))
-  (func (export "opa_eval_ctx_new") (result i32) (i32.const 8))
-  (func (export "opa_eval_ctx_set_input") (param i32 i32))
-  (func (export "opa_eval_ctx_set_data") (param i32 i32) (global.set $data (local.get 1)))
-  (func (export "opa_eval_ctx_set_entrypoint") (param i32 i32))
-  (func (export "opa_eval_ctx_get_result") (param i32) (result i32) (global.get $result))
+    definitions = f"""  (data (i32.const 4096) "{wat_string(prefix)}")
+  (data (i32.const 8192) "{wat_string(suffix)}")
   (func $copy (param $dst i32) (param $src i32) (param $len i32) (result i32)
     (memory.copy (local.get $dst) (local.get $src) (local.get $len))
     (i32.add (local.get $dst) (local.get $len)))
-  (func (export "eval") (param i32) (result i32) (local $len i32) (local $src i32) (local $dst i32) (local $c i32)
+  (func $echo_data (local $len i32) (local $src i32) (local $dst i32) (local $c i32)
     (block $end (loop $count
       (br_if $end (i32.eqz (i32.load8_u (i32.add (global.get $data) (local.get $len)))))
       (local.set $len (i32.add (local.get $len) (i32.const 1)))
@@ -89,13 +60,9 @@ def data_echo_wat(mode: str) -> str:
       (local.set $src (i32.add (local.get $src) (i32.const 1)))
       (br $next)))
     (local.set $dst (call $copy (local.get $dst) (i32.const 8192) (i32.const {len(suffix)})))
-    (i32.store8 (local.get $dst) (i32.const 0))
-    (i32.const 0))
-  (func (export "builtins") (result i32) (i32.const 1024))
-  (func (export "entrypoints") (result i32) (i32.const 2048))
-  (global (export "opa_wasm_abi_version") i32 (i32.const 1))
-  (global (export "opa_wasm_abi_minor_version") i32 (i32.const 1))
-)"""
+    (i32.store8 (local.get $dst) (i32.const 0)))"""
+    return opa_module_wat("(call $echo_data)", entrypoints={ENTRYPOINTS[mode]: 0}, definitions=definitions,
+                          heap=16384)
 
 
 def echo_policy(directory: Path, mode: str, **policy: Any) -> dict[str, Any]:

@@ -10,8 +10,9 @@ import psutil
 import pytest
 import wasmtime
 
-from tests.conftest import SERVER_FIXTURES, load_json, policy_path, start_server, stop_server
-from tests.mode_fixtures import annotated
+from tests.support.modules import annotated
+from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
+from tests.support.server import start_server, stop_server
 
 pytestmark = pytest.mark.integration
 

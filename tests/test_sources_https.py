@@ -7,25 +7,16 @@ one over HTTPS with a certificate from a CA made for the test, one over plain HT
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import REPO, make_ca, make_cert
-from tests.registries import FileServer
+from tests.support.certs import make_ca, make_cert
+from tests.support.paths import REPO
+from tests.support.registries import FileServer, sources_file
+from tests.support.server import check_config, kwserver
 
 MODULE = REPO / "policies" / "dist" / "pod-privileged.wasm"
-
-
-def kwserver(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("KUBEWARDEN_", "KWSERVER_", "DOCKER_"))}
-    return subprocess.run([sys.executable, "-m", "kwserver", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120, env={**base, "HOME": str(cwd), **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +31,6 @@ def served(tmp_path_factory):
     yield https, http, ca
     https.stop()
     http.stop()
-
-
-def sources_file(directory: Path, doc: dict) -> Path:
-    path = directory / "sources.yml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 def test_https_download_with_a_source_authority_lands_in_the_reference_layout(served, tmp_path):
@@ -90,13 +75,6 @@ def test_plain_http_needs_an_insecure_source(served, tmp_path):
     allowed = kwserver("pull", http.url("pod-privileged.wasm"), "--sources-path", str(sources), cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr
     assert (tmp_path / "http" / http.host / "pod-privileged.wasm").exists()
-
-
-def check_config(directory: Path, module: str, *args: str) -> subprocess.CompletedProcess:
-    config = directory / "policies.yml"
-    config.write_text(yaml.safe_dump({"p": {"module": module}}))
-    return kwserver("check", "--policies", str(config), *args, cwd=directory,
-                    env={"KWSERVER_COMPILE_CACHE_DIR": str(directory / "cache")})
 
 
 @pytest.mark.parametrize("path,message", [

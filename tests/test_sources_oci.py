@@ -16,11 +16,18 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import REPO, free_port
-from tests.registries import ForwardProxy, TokenServer, blob_path, docker_config, push_library, raw_push, start_registry
-from tests.test_operations import wait_for
-from tests.test_policy_library import fixture
-from tests.test_sources_https import check_config, kwserver, sources_file
+from tests.support.paths import REPO, upstream_request
+from tests.support.registries import (
+    ForwardProxy,
+    TokenServer,
+    blob_path,
+    docker_config,
+    push_library,
+    raw_push,
+    sources_file,
+    start_registry,
+)
+from tests.support.server import check_config, free_port, kwserver, wait_for
 
 pytestmark = pytest.mark.skipif(not shutil.which("docker-registry"), reason="needs Debian's docker-registry")
 
@@ -212,7 +219,7 @@ def test_server_downloads_concurrently_and_reload_pulls_only_what_changed(run_se
         server = run_server(policies, env=env)
         assert "over 2 unique modules (2 downloaded" in server.log()
         review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                  "request": fixture("pod-privileged-policy/test_data/privileged_container.json")}
+                  "request": upstream_request("pod-privileged-policy/test_data/privileged_container.json")}
         assert server.post("/validate/pod-privileged", review).json()["response"]["allowed"] is False
 
         config = server.log_path.parent / "policies.yml"
@@ -261,7 +268,7 @@ def test_the_ten_policy_example_by_registry_reference(run_server, tmp_path):
                                            "KUBEWARDEN_POLICIES_DOWNLOAD_DIR": str(tmp_path / "downloads")})
         assert "over 8 unique modules (8 downloaded" in server.log()
         review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                  "request": fixture("pod-privileged-policy/test_data/privileged_container.json")}
+                  "request": upstream_request("pod-privileged-policy/test_data/privileged_container.json")}
         for name in policies:
             reply = server.post(f"/validate/{name}", review)
             assert reply.status_code == 200 and reply.json()["response"]["uid"] == review["request"]["uid"], name

@@ -11,7 +11,7 @@ import pytest
 
 from kwserver.admission import EvaluationRequest
 from kwserver.observability.otlp_traces import SpanExport, SpanRelay, TracedService, span_record
-from kwserver.service import VALIDATE, VALIDATE_RAW
+from kwserver.server.service import VALIDATE, VALIDATE_RAW
 
 pytest.importorskip("opentelemetry.sdk")
 

@@ -7,8 +7,8 @@ import ssl
 
 import pytest
 
-from kwserver.tls import TlsContextCache
-from tests.conftest import _openssl, make_ca, make_cert
+from kwserver.server.tls import TlsContextCache
+from tests.support.certs import make_ca, make_cert, openssl
 
 
 @pytest.fixture
@@ -53,8 +53,8 @@ def renew_keeping_the_key(pki, name: str):
     """A new certificate for the live key (cert-manager's default `rotationPolicy: Never` does this)."""
     directory, ca = pki["dir"], pki["ca"]
     (directory / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl("req", "-new", "-key", str(pki["key"]), "-subj", f"/CN={name}", "-out", f"{name}.csr", cwd=directory)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca.cert), "-CAkey", str(ca.key), "-CAcreateserial",
+    openssl("req", "-new", "-key", str(pki["key"]), "-subj", f"/CN={name}", "-out", f"{name}.csr", cwd=directory)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca.cert), "-CAkey", str(ca.key), "-CAcreateserial",
              "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=directory)
     return (directory / f"{name}.pem").read_bytes()
 
@@ -75,7 +75,7 @@ def test_the_pair_is_reloaded_only_once_both_files_changed(pki, caplog):
     assert cache.context() is first  # nothing changed: the same context
     new = pki["pairs"][1]
     pki["cert"].write_bytes(new.cert.read_bytes())
-    with caplog.at_level(logging.INFO, logger="kwserver.tls"):
+    with caplog.at_level(logging.INFO, logger="kwserver.server.tls"):
         assert cache.context() is first and cache.reloads == 0
     assert caplog.records == []  # half a rotation is no error: the key is on its way
     pki["key"].write_bytes(new.key.read_bytes())
@@ -101,7 +101,7 @@ def test_a_failing_reload_keeps_the_previous_context_and_waits_for_new_files(pki
     # Both files change, but to a pair that does not match: the reload fails.
     pki["cert"].write_bytes(pki["pairs"][1].cert.read_bytes())
     pki["key"].write_bytes(pki["pairs"][0].key.read_bytes() + b"\n")
-    with caplog.at_level(logging.ERROR, logger="kwserver.tls"):
+    with caplog.at_level(logging.ERROR, logger="kwserver.server.tls"):
         assert cache.context() is first
         assert cache.context() is first
     failures = [r for r in caplog.records if "TLS reload failed, keeping the previous certificate" in r.message]
@@ -139,7 +139,7 @@ def test_client_cas_rotate_on_any_change_and_unusable_ones_are_skipped(pki, capl
     second = cache.context()
     assert second is not first and client_ca_names(second) == ["client-ca-0", "client-ca-2"]
     assert served_name(second, pki["ca"].cert) == "server-1"  # the pair did not change
-    with caplog.at_level(logging.WARNING, logger="kwserver.tls"):
+    with caplog.at_level(logging.WARNING, logger="kwserver.server.tls"):
         files[0].write_bytes(b"garbage")
         third = cache.context()
     assert client_ca_names(third) == ["client-ca-2"]

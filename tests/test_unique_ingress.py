@@ -1,5 +1,5 @@
 """The library's context-aware policy, unique-ingress, in a kwserver connected to the local API server
-(tests/kube_api.py): the cluster's Ingresses decide, and a change in the cluster is seen after its watch
+(tests/support/kube_api.py): the cluster's Ingresses decide, and a change in the cluster is seen after its watch
 event."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FIXTURES, REPO, load_json
-from tests.kube_api import KubeApi
-from tests.test_kubernetes_callbacks import connected
+from tests.support.kube_api import KubeApi, connected
+from tests.support.paths import FIXTURES, REPO, load_json
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import REPO
-from tests.registries import cosign_sign, public_pem, start_registry
-from tests.test_sources_https import kwserver, sources_file
+from tests.support.paths import REPO
+from tests.support.registries import cosign_sign, public_pem, sources_file, start_registry
+from tests.support.server import kwserver
 
 pytestmark = pytest.mark.skipif(not shutil.which("docker-registry"), reason="needs Debian's docker-registry")
 

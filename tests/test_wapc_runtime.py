@@ -6,7 +6,7 @@ import wasmtime
 from kwserver.runtime import GuestCallFailure, GuestTimeout, InstanceLimits, InstantiationFailure
 from kwserver.runtime.engine import EngineOptions, make_engine
 from kwserver.runtime.wapc import WapcModule
-from tests.conftest import CONFORMANCE, load_json
+from tests.support.paths import CONFORMANCE, load_json
 
 CASES = [c for c in load_json(CONFORMANCE / "expectations/runnable-cases.json")["cases"] if c["mode"] == "wapc-raw"]
 
@@ -126,8 +126,8 @@ def test_wrong_import_signature_is_refused_at_link_time(engine):
 def test_memory_10000_evaluations_in_one_worker(tmp_path, policy, review):
     """waPC, Rust and TinyGo: one reused instance serves 10,000 evaluations; its memory and the process
     USS stay flat (bound 1 MiB, about 100 bytes per evaluation: far below any per-request leak)."""
-    from tests.conftest import as_review, policy_path
-    from tests.mode_fixtures import worker_memory
+    from tests.support.modules import worker_memory
+    from tests.support.paths import as_review, policy_path
 
     module = policy if policy.endswith(".wasm") else policy_path(policy)
     result = worker_memory(tmp_path, {"p": {"module": module}}, "p", as_review(load_json(CONFORMANCE / review)))

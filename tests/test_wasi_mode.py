@@ -11,7 +11,7 @@ from kwserver.capabilities import Capabilities
 from kwserver.evaluation import MODES
 from kwserver.runtime import InstanceLimits, InstantiationFailure
 from kwserver.runtime.wasi_command import WasiCommandFailure, WasiCommandModule, WasiCommandTimeout
-from tests.mode_fixtures import WASI_TESTBED, javy_host_call_wat, worker_memory
+from tests.support.modules import WASI_TESTBED, javy_host_call_wat, worker_memory
 
 settings_error = MODES["wasi"].settings_error
 

@@ -10,7 +10,7 @@ Kubernetes calls (and, when the dispatcher has a `HostHandler`, every call the r
 asynchronous callback handler) are first decoded into a `HostRequest` — the reference's callback request,
 by variant name and fields — and checked against the policy's Kubernetes allow-list. A handler
 (`kwserver run`) then answers them: it may replay recorded answers or record this build's own
-(`kwserver.host_sessions`).
+(`kwserver.commands.host_sessions`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every call the reference hands to its asynchronous callback handler is decoded into a `HostRequest` (the
 reference's request variant by name, and its fields), with serde's wording for payloads that do not decode.
-Session files (`kwserver.host_sessions`) store these, and the Kubernetes callbacks are answered from them.
+Session files (`kwserver.commands.host_sessions`) store these, and the Kubernetes callbacks are answered from them.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from kwserver.evaluation import PoolObserver
-from kwserver.service import EvaluationRecord
+from kwserver.server.service import EvaluationRecord
 
 LATENCY_BUCKETS_MS = (0, 5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000)
 EVALUATION_LABELS = (

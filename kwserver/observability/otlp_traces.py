@@ -24,7 +24,7 @@ import orjson
 
 from kwserver.admission import EvaluationRequest
 from kwserver.observability import otlp
-from kwserver.service import AUDIT, VALIDATE, VALIDATE_RAW, AdmissionService
+from kwserver.server.service import AUDIT, VALIDATE, VALIDATE_RAW, AdmissionService
 
 log = logging.getLogger(__name__)
 

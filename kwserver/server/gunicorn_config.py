@@ -3,7 +3,7 @@
 `kwserver serve` loads this module (then the user's `--gunicorn-config`), and the repository's
 `gunicorn.conf.py` imports it for `gunicorn -c gunicorn.conf.py`, so both run with the same
 settings. Values come from kwserver's settings (flags and KUBEWARDEN_* / KWSERVER_* variables) of
-the daemon of this process. The hooks are thin: `kwserver.daemon.Daemon` owns the lifecycle.
+the daemon of this process. The hooks are thin: `kwserver.server.daemon.Daemon` owns the lifecycle.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import ssl as _ssl
 from collections.abc import Callable as _Callable
 from typing import Any as _Any
 
-from kwserver.daemon import GRACEFUL_TIMEOUT_SECONDS, WORKER_CLASS, get_daemon
 from kwserver.logs import gunicorn_log_level
 from kwserver.observability import discovery
+from kwserver.server.daemon import GRACEFUL_TIMEOUT_SECONDS, WORKER_CLASS, get_daemon
 
 _settings = get_daemon().settings
 
@@ -24,7 +24,7 @@ bind = get_daemon().bind
 # --min-workers and --max-workers.
 workers = _settings.initial_workers
 # An event loop reads whole requests (limits and timeouts per connection), then evaluates them one at
-# a time: see kwserver/worker.py.
+# a time: see kwserver/server/worker.py.
 worker_class = WORKER_CLASS
 keepalive = _settings.keepalive_timeout_seconds
 # Retired workers (reload, pool shrink, recycling, shutdown) finish their in-flight requests first.
@@ -37,7 +37,7 @@ pidfile = _settings.pid_file
 control_socket_disable = True
 # Required: the master fetches, validates and compiles every policy before forking.
 preload_app = True
-wsgi_app = "kwserver.gunicorn_config:load_app()"
+wsgi_app = "kwserver.server.gunicorn_config:load_app()"
 proc_name = "kwserver"
 loglevel = gunicorn_log_level(_settings.log_level)
 

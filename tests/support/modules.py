@@ -8,13 +8,15 @@ OPA Wasm ABI: "values" are NUL-terminated JSON strings, `opa_json_parse` keeps t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import wasmtime
 
 from kwserver.metadata import annotate
-from tests.conftest import CONFORMANCE, REPO
+from tests.support.paths import CONFORMANCE, REPO
 
 WASI_TESTBED = REPO / "tests" / "policies" / "wasi-testbed.wasm"
 OPA_NO_DEFAULT_NS = CONFORMANCE / "wasm/opa/kwctl-no-default-namespace-rego.wasm"
@@ -32,29 +34,34 @@ EVAL_BODIES = {
 }
 
 
-def _wat_string(text: str) -> str:
+def wat_string(text: str) -> str:
+    """`text` as the bytes of a WAT string literal."""
     return "".join(f"\\{b:02x}" for b in text.encode())
 
 
-def fake_opa_wat(behaviour: str, *, builtins: dict[str, int] | None = None,
-                 entrypoints: dict[str, int] | None = None, result: Any = None, abi_minor: int = 1) -> str:
-    builtins_json = json.dumps(builtins or {})
-    entrypoints_json = json.dumps(entrypoints or {"policy/violation": 0})
-    result_json = json.dumps(result if result is not None else [{"result": []}])
+def opa_module_wat(eval_body: str, *, entrypoints: dict[str, int], builtins: dict[str, int] | None = None,
+                   imports: str = "", definitions: str = "", heap: int = 8192, abi_minor: int = 1) -> str:
+    """A module of the OPA Wasm ABI whose `eval` runs `eval_body`, which sets `$result` and may read
+    `$input` and `$data`. Its builtins are at 1024, its entrypoints at 2048; `opa_malloc` allocates from
+    `heap` upwards, growing the memory as needed. `imports` and `definitions` add WAT of the caller's."""
     return f"""(module
   (import "env" "memory" (memory 2))
-  (import "env" "opa_abort" (func $abort (param i32)))
-  (import "env" "opa_builtin1" (func $builtin1 (param i32 i32 i32) (result i32)))
-  (global $heap (mut i32) (i32.const 8192))
+{imports}
+  (global $heap (mut i32) (i32.const {heap}))
   (global $input (mut i32) (i32.const 0))
+  (global $data (mut i32) (i32.const 0))
   (global $result (mut i32) (i32.const 0))
-  (data (i32.const 1024) "{_wat_string(builtins_json)}\\00")
-  (data (i32.const 2048) "{_wat_string(entrypoints_json)}\\00")
-  (data (i32.const 128) "aborting on purpose\\00")
-  (data (i32.const 4096) "{_wat_string(result_json)}\\00")
-  (func (export "opa_malloc") (param $size i32) (result i32) (local $at i32)
+  (data (i32.const 1024) "{wat_string(json.dumps(builtins or {}))}\\00")
+  (data (i32.const 2048) "{wat_string(json.dumps(entrypoints))}\\00")
+{definitions}
+  (func $malloc (export "opa_malloc") (param $size i32) (result i32) (local $at i32) (local $end i32) (local $have i32)
     (local.set $at (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (i32.add (local.get $size) (i32.const 1))))
+    (local.set $end (i32.add (local.get $at) (i32.add (local.get $size) (i32.const 1))))
+    (local.set $have (i32.mul (memory.size) (i32.const 65536)))
+    (if (i32.gt_u (local.get $end) (local.get $have))
+      (then (drop (memory.grow (i32.add (i32.const 1)
+                                        (i32.div_u (i32.sub (local.get $end) (local.get $have)) (i32.const 65536)))))))
+    (global.set $heap (local.get $end))
     (local.get $at))
   (func (export "opa_json_parse") (param $at i32) (param $size i32) (result i32)
     (i32.store8 (i32.add (local.get $at) (local.get $size)) (i32.const 0))
@@ -64,15 +71,30 @@ def fake_opa_wat(behaviour: str, *, builtins: dict[str, int] | None = None,
   (func (export "opa_heap_ptr_set") (param i32) (global.set $heap (local.get 0)))
   (func (export "opa_eval_ctx_new") (result i32) (i32.const 8))
   (func (export "opa_eval_ctx_set_input") (param i32 i32) (global.set $input (local.get 1)))
-  (func (export "opa_eval_ctx_set_data") (param i32 i32))
+  (func (export "opa_eval_ctx_set_data") (param i32 i32) (global.set $data (local.get 1)))
   (func (export "opa_eval_ctx_set_entrypoint") (param i32 i32))
   (func (export "opa_eval_ctx_get_result") (param i32) (result i32) (global.get $result))
-  (func (export "eval") (param i32) (result i32) {EVAL_BODIES[behaviour]} (i32.const 0))
+  (func (export "eval") (param i32) (result i32) {eval_body} (i32.const 0))
   (func (export "builtins") (result i32) (i32.const 1024))
   (func (export "entrypoints") (result i32) (i32.const 2048))
   (global (export "opa_wasm_abi_version") i32 (i32.const 1))
   (global (export "opa_wasm_abi_minor_version") i32 (i32.const {abi_minor}))
 )"""
+
+
+_ABORT_AND_BUILTIN = """  (import "env" "opa_abort" (func $abort (param i32)))
+  (import "env" "opa_builtin1" (func $builtin1 (param i32 i32 i32) (result i32)))"""
+
+
+def fake_opa_wat(behaviour: str, *, builtins: dict[str, int] | None = None,
+                 entrypoints: dict[str, int] | None = None, result: Any = None, abi_minor: int = 1) -> str:
+    """An OPA module whose `eval` does `behaviour` (EVAL_BODIES); `result` is its constant result."""
+    result_json = json.dumps(result if result is not None else [{"result": []}])
+    definitions = (f'  (data (i32.const 128) "aborting on purpose\\00")\n'
+                   f'  (data (i32.const 4096) "{wat_string(result_json)}\\00")')
+    return opa_module_wat(EVAL_BODIES[behaviour], entrypoints=entrypoints or {"policy/violation": 0},
+                          builtins=builtins, imports=_ABORT_AND_BUILTIN, definitions=definitions,
+                          abi_minor=abi_minor)
 
 
 def fake_opa_wasm(behaviour: str, **kwargs: Any) -> bytes:
@@ -86,7 +108,7 @@ def javy_host_call_wat() -> str:
     prefix = '{"valid":true,"accepted":false,"message":"javy host call returned '
     parts = {0: "kubewarden", 16: "kubernetes", 32: "list_resources_all",
              64: '{"api_version":"v1","kind":"Namespace"}', 128: prefix, 256: ": ", 272: '"}'}
-    data = "\n".join(f'  (data (i32.const {at}) "{_wat_string(text)}")' for at, text in parts.items())
+    data = "\n".join(f'  (data (i32.const {at}) "{wat_string(text)}")' for at, text in parts.items())
     return f"""(module
   (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
@@ -150,14 +172,17 @@ def request_fixture(relative: str, namespace: str | None = None) -> dict[str, An
     return request
 
 
-def in_process_evaluator(directory: Path, policies: dict[str, Any], **settings: Any) -> Any:
-    """What one worker runs, without HTTP: the registry built as at boot, a reusing InstancePool and
-    an Evaluator. Returns (evaluator, registry, pool); start an EpochTicker on registry.engine."""
+@contextmanager
+def in_process_evaluator(directory: Path, policies: dict[str, Any], **settings: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """What one worker runs, without HTTP: the registry built as at boot, a reusing InstancePool, an
+    Evaluator and the epoch ticker. Yields (evaluator, registry, pool); on exit the ticker stops and
+    the pool is emptied."""
     import yaml
 
-    from kwserver.bootstrap import build_registry
     from kwserver.config import ServerSettings
     from kwserver.evaluation import Evaluator, InstancePool
+    from kwserver.evaluation.bootstrap import build_registry
+    from kwserver.runtime.engine import EpochTicker
 
     config = directory / "policies.yml"
     config.write_text(yaml.safe_dump(policies))
@@ -165,7 +190,13 @@ def in_process_evaluator(directory: Path, policies: dict[str, Any], **settings: 
     cache.mkdir(mode=0o700, exist_ok=True)
     registry, _ = build_registry(ServerSettings(policies=str(config), compile_cache_dir=str(cache), **settings))
     pool = InstancePool(registry, reuse=True, keep_bytes=32 << 20, budget_bytes=512 << 20)
-    return Evaluator(registry, pool), registry, pool
+    ticker = EpochTicker(registry.engine)
+    ticker.start()
+    try:
+        yield Evaluator(registry, pool), registry, pool
+    finally:
+        ticker.stop()
+        pool.clear()
 
 
 def uss_growth(run: Any, *, warmup: int = 1_000, count: int = 10_000) -> int:
@@ -188,20 +219,17 @@ _WORKER_SCRIPT = """
 import json, sys
 from pathlib import Path
 from kwserver.admission import parse_admission_review, parse_raw_review
-from kwserver.runtime.engine import EpochTicker
-from tests.mode_fixtures import in_process_evaluator, uss_growth
+from tests.support.modules import in_process_evaluator, uss_growth
 
 args = json.loads(sys.argv[1])
-evaluator, registry, pool = in_process_evaluator(Path(args["directory"]), args["policies"])
 parse = parse_raw_review if args["raw"] else parse_admission_review
 request = parse(args["review"])
-ticker = EpochTicker(registry.engine)
-ticker.start()
-first = evaluator.evaluate(args["policy"], request)
-size = pool.stats()["idle_bytes"]
-growth = uss_growth(lambda: evaluator.evaluate(args["policy"], request), count=args["count"])
-ticker.stop()
-print(json.dumps({"first": first, "growth": growth, "idle_bytes_before": size, "stats": pool.stats()}))
+with in_process_evaluator(Path(args["directory"]), args["policies"]) as (evaluator, registry, pool):
+    first = evaluator.evaluate(args["policy"], request)
+    size = pool.stats()["idle_bytes"]
+    growth = uss_growth(lambda: evaluator.evaluate(args["policy"], request), count=args["count"])
+    stats = pool.stats()
+print(json.dumps({"first": first, "growth": growth, "idle_bytes_before": size, "stats": stats}))
 """
 
 
@@ -218,3 +246,73 @@ def worker_memory(directory: Path, policies: dict[str, Any], policy: str, review
                           text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- a waPC policy that makes one host call and answers with what the host said --------------------
+
+PREFIX = '{"accepted":false,"message":"'
+PAYLOAD_AT = 262144  # up to 256 KiB of payload (certificate chains are JSON arrays of bytes)
+
+
+def host_call_wat(binding: str, namespace: str, operation: str, payload: bytes) -> str:
+    """A raw waPC policy: validate makes the host call and rejects with `ok:<answer>` or `error:<text>`
+    (JSON-escaped into the message); validate_settings accepts."""
+    texts = {0: binding, 64: namespace, 128: operation, 4096: '{"valid":true}', 4128: PREFIX,
+             4200: "ok:", 4208: "error:", 4220: '"}'}
+    data = "\n".join(f'  (data (i32.const {at}) "{wat_string(text)}")' for at, text in texts.items())
+    lengths = {at: len(text.encode()) for at, text in texts.items()}
+    assert len(payload) < 262144
+    return f"""(module
+  (import "wapc" "__guest_response" (func $respond (param i32 i32)))
+  (import "wapc" "__host_call" (func $host_call (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "wapc" "__host_response_len" (func $response_len (result i32)))
+  (import "wapc" "__host_response" (func $response (param i32)))
+  (import "wapc" "__host_error_len" (func $error_len (result i32)))
+  (import "wapc" "__host_error" (func $error (param i32)))
+  (memory (export "memory") 8)
+{data}
+  (data (i32.const {PAYLOAD_AT}) "{wat_string(payload.decode())}")
+  (func $copy (param $dst i32) (param $src i32) (param $len i32) (result i32)
+    (memory.copy (local.get $dst) (local.get $src) (local.get $len))
+    (i32.add (local.get $dst) (local.get $len)))
+  (func $escape (param $dst i32) (param $src i32) (param $len i32) (result i32) (local $end i32) (local $c i32)
+    (local.set $end (i32.add (local.get $src) (local.get $len)))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $src) (local.get $end)))
+      (local.set $c (i32.load8_u (local.get $src)))
+      (if (i32.or (i32.eq (local.get $c) (i32.const 34)) (i32.eq (local.get $c) (i32.const 92)))
+        (then (i32.store8 (local.get $dst) (i32.const 92)) (local.set $dst (i32.add (local.get $dst) (i32.const 1)))))
+      (if (i32.lt_u (local.get $c) (i32.const 32)) (then (local.set $c (i32.const 32))))
+      (i32.store8 (local.get $dst) (local.get $c))
+      (local.set $dst (i32.add (local.get $dst) (i32.const 1)))
+      (local.set $src (i32.add (local.get $src) (i32.const 1)))
+      (br $next)))
+    (local.get $dst))
+  (func (export "__guest_call") (param $op_len i32) (param $msg_len i32) (result i32) (local $len i32) (local $at i32)
+    (if (i32.eq (local.get $op_len) (i32.const 17))
+      (then (call $respond (i32.const 4096) (i32.const {lengths[4096]})) (return (i32.const 1))))
+    (local.set $at (call $copy (i32.const 131072) (i32.const 4128) (i32.const {lengths[4128]})))
+    (if (call $host_call (i32.const 0) (i32.const {lengths[0]}) (i32.const 64) (i32.const {lengths[64]})
+                         (i32.const 128) (i32.const {lengths[128]}) (i32.const {PAYLOAD_AT}) (i32.const {len(payload)}))
+      (then (local.set $len (call $response_len)) (call $response (i32.const 8192))
+            (local.set $at (call $copy (local.get $at) (i32.const 4200) (i32.const 3))))
+      (else (local.set $len (call $error_len)) (call $error (i32.const 8192))
+            (local.set $at (call $copy (local.get $at) (i32.const 4208) (i32.const 6)))))
+    (local.set $at (call $escape (local.get $at) (i32.const 8192) (local.get $len)))
+    (local.set $at (call $copy (local.get $at) (i32.const 4220) (i32.const 2)))
+    (call $respond (i32.const 131072) (i32.sub (local.get $at) (i32.const 131072)))
+    (i32.const 1)))"""
+
+
+def host_policy(directory: Path, name: str, operation: str, payload: dict[str, Any] | str, *,
+                binding: str = "kubewarden", namespace: str = "kubernetes", **policy: Any) -> dict[str, Any]:
+    wasm = wasmtime.wat2wasm(host_call_wat(binding, namespace, operation, json.dumps(payload).encode()))
+    module = annotated(directory, name, wasm, "kubewarden-wapc", policyType="raw", protocolVersion="v1")
+    return {"module": module, **policy}
+
+
+def answer(server: Any, policy: str) -> tuple[str, Any]:
+    """("ok", decoded answer) or ("error", text) of the guest's host call."""
+    response = server.post(f"/validate_raw/{policy}", {"request": {"uid": "u"}}).json()["response"]
+    outcome, _, text = response["status"]["message"].partition(":")
+    return outcome, json.loads(text) if outcome == "ok" else text

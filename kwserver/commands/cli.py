@@ -10,7 +10,8 @@ from pathlib import Path
 import orjson
 import yaml
 
-from kwserver import KUBEWARDEN_COMPAT_VERSION, __version__, manifests, offline
+from kwserver import KUBEWARDEN_COMPAT_VERSION, __version__
+from kwserver.commands import manifests, offline
 from kwserver.config import ConfigError, ServerSettings, add_setting_arguments, settings_from_args
 from kwserver.metadata import MetadataError, WasmFormatError, annotate, parse_metadata
 
@@ -25,7 +26,7 @@ def _version_text() -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kwserver.daemon import serve
+    from kwserver.server.daemon import serve
 
     serve(settings_from_args(args), gunicorn_config=args.gunicorn_config)
     return 0
@@ -33,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Load, compile and validate a configuration exactly as `serve` would, then report."""
-    from kwserver.bootstrap import BootError, build_registry
+    from kwserver.evaluation.bootstrap import BootError, build_registry
     from kwserver.logs import configure_logging
 
     settings = settings_from_args(args)
@@ -84,8 +85,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from kwserver.commands.pull_push import pull
     from kwserver.sources import SourceError
-    from kwserver.sources.commands import pull
 
     try:
         fetched = pull(settings_from_args(args), args.reference)
@@ -97,8 +98,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from kwserver.commands.pull_push import push
     from kwserver.sources import SourceError
-    from kwserver.sources.commands import push
 
     try:
         reference, digest = push(settings_from_args(args), Path(args.module), args.destination)
@@ -110,7 +111,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from kwserver.bootstrap import make_fetcher
+    from kwserver.evaluation.bootstrap import make_fetcher
     from kwserver.sources import SourceError
     from kwserver.sources.references import parse_reference
 

@@ -17,7 +17,7 @@ import orjson
 from kwserver import admission
 from kwserver.admission import EvaluationRequest, RequestShapeError, RequestTooDeep
 from kwserver.evaluation import EvaluationError, UnknownPolicy
-from kwserver.service import AUDIT, VALIDATE, VALIDATE_RAW, AdmissionService
+from kwserver.server.service import AUDIT, VALIDATE, VALIDATE_RAW, AdmissionService
 from kwserver.truncation import bounded
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from tests.conftest import CertPair, free_port, make_ca, make_cert, stop_process
+from tests.support.certs import CertPair, make_ca, make_cert
+from tests.support.server import free_port, stop_process
 
 DOCKER_REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 
@@ -359,3 +360,10 @@ class ForwardProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def sources_file(directory: Path, doc: dict) -> Path:
+    """`doc` written as `directory`/sources.yml."""
+    path = directory / "sources.yml"
+    path.write_text(yaml.safe_dump(doc))
+    return path

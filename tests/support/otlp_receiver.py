@@ -13,14 +13,13 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-if TYPE_CHECKING:  # bench/telemetry.py uses the receiver too, without pytest's conftest
-    from tests.conftest import CertPair
+from tests.support.certs import CertPair
 
 
 @dataclass

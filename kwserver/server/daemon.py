@@ -4,7 +4,7 @@ Master: parse settings, build the policy registry (fetch, compile, validate sett
 listeners, serve readiness and metrics, fork, watch the pool. Worker (after fork): close what belongs
 to the master, start the epoch ticker (threads do not survive fork), set a process title, serve.
 
-Worker class: kwserver's event-loop worker (kwserver/worker.py): keep-alive connections (the
+Worker class: kwserver's event-loop worker (kwserver/server/worker.py): keep-alive connections (the
 Kubernetes API server calls webhooks over TLS and reuses its connections), each read completely
 within its limits before the request is evaluated, so slow clients never stall the server.
 Concurrency comes from processes: evaluations run one at a time per worker.
@@ -27,27 +27,27 @@ import psutil
 from gunicorn.app.base import Application
 
 from kwserver import __version__
-from kwserver.api import create_app
-from kwserver.autoscaler import PoolController, ScalingPolicy
-from kwserver.bootstrap import BootError, BootReport, build_registry
 from kwserver.cluster import connection
 from kwserver.cluster.limits import CacheLimits
 from kwserver.cluster.supervisor import CacheSupervisor
 from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
+from kwserver.evaluation.bootstrap import BootError, BootReport, build_registry
 from kwserver.logs import configure_logging
 from kwserver.observability import metrics, otlp
 from kwserver.observability.endpoints import EndpointServer, Readiness
 from kwserver.observability.status import LoadedFacts, StatusView
 from kwserver.runtime.engine import EpochTicker
-from kwserver.service import AdmissionService
-from kwserver.tls import TlsContextCache
+from kwserver.server.api import create_app
+from kwserver.server.autoscaler import PoolController, ScalingPolicy
+from kwserver.server.service import AdmissionService
+from kwserver.server.tls import TlsContextCache
 
 log = logging.getLogger(__name__)
 
-WORKER_CLASS = "kwserver.worker.EventLoopWorker"
+WORKER_CLASS = "kwserver.server.worker.EventLoopWorker"
 # gunicorn's settings and hooks for kwserver (also imported by the repository's gunicorn.conf.py).
-GUNICORN_CONFIG_MODULE = "kwserver.gunicorn_config"
+GUNICORN_CONFIG_MODULE = "kwserver.server.gunicorn_config"
 # Workers get this long to finish in-flight requests when retired (reload, shrink, recycle, shutdown).
 GRACEFUL_TIMEOUT_SECONDS = 30
 TITLE_EVERY_REQUESTS = 100

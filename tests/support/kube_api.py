@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from tests.conftest import make_ca, make_cert
+from tests.support.certs import make_ca, make_cert
 
 
 @dataclass(frozen=True)
@@ -316,3 +316,13 @@ def _handler(api: KubeApi) -> type[BaseHTTPRequestHandler]:
 
     return Handler
 
+
+SERVICES = [{"apiVersion": "v1", "kind": "Service"}]
+NAMESPACES = [{"apiVersion": "v1", "kind": "Namespace"}]
+
+
+def connected(run_server: Any, kube_api: KubeApi, tmp_path: Path, policies: dict[str, Any], **kwargs: Any) -> Any:
+    """A kwserver (from the `run_server` fixture) connected to `kube_api` through a kubeconfig."""
+    config = kube_api.kubeconfig(tmp_path / "kubeconfig")
+    return run_server(policies, env={"KUBECONFIG": str(config), "KUBEWARDEN_WORKERS": "2", **kwargs.pop("env", {})},
+                      **kwargs)

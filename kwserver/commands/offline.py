@@ -1,6 +1,6 @@
 """`kwserver run`: evaluate one request offline, as `kwctl run` does.
 
-The module is loaded as `serve` loads it (`kwserver.sources` through the boot of `kwserver.bootstrap`, settings
+The module is loaded as `serve` loads it (`kwserver.sources` through `kwserver.evaluation.bootstrap`, settings
 validated the same way) and the request goes through the server's own pipeline (`AdmissionService`: evaluation,
 then the post-processing of /validate, or of /validate_raw for raw policies) on one fresh instance. Flags,
 output and exit codes are kwctl's: the AdmissionResponse as one JSON line on stdout, logs on stderr, exit 0
@@ -353,7 +353,7 @@ def granted_resources(policy: Any, args: argparse.Namespace, from_cli: bool) -> 
 
 def host_handler(args: argparse.Namespace, replayed: list[Any] | None) -> Any:
     from kwserver.capabilities import DirectHandler
-    from kwserver.host_sessions import RecordSession, ReplaySession
+    from kwserver.commands.host_sessions import RecordSession, ReplaySession
 
     if replayed is not None:
         return ReplaySession(replayed)
@@ -382,11 +382,11 @@ def bind_host_handler(registry: Any, name: str, handler: Any, args: argparse.Nam
 
 def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """The AdmissionResponse of every policy named by `args`, in order; RunError when one cannot run."""
-    from kwserver.bootstrap import BootError, assemble_registry
+    from kwserver.commands.host_sessions import SessionError, load_session
     from kwserver.evaluation import EvaluationError, Evaluator, InstancePool
-    from kwserver.host_sessions import SessionError, load_session
+    from kwserver.evaluation.bootstrap import BootError, assemble_registry
     from kwserver.runtime.engine import EpochTicker
-    from kwserver.service import VALIDATE, VALIDATE_RAW, AdmissionService
+    from kwserver.server.service import VALIDATE, VALIDATE_RAW, AdmissionService
 
     check_unsupported(args)
     request_doc = read_request(args.request_path)

@@ -60,7 +60,7 @@ def webhook_name(policy: str, domain: str) -> str:
 
 
 def _metadata(spec: PolicySpec, base_dir: Path, settings: ServerSettings) -> PolicyMetadata:
-    from kwserver.bootstrap import make_fetcher
+    from kwserver.evaluation.bootstrap import make_fetcher
 
     fetched = make_fetcher(settings, base_dir).fetch(spec.module)
     metadata = parse_metadata(fetched.wasm)

@@ -512,7 +512,7 @@ class EventLoopWorker(Worker):
             loop.close()
 
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
-        from kwserver.daemon import get_daemon  # the daemon of this process, made by the master
+        from kwserver.server.daemon import get_daemon  # the daemon of this process, made by the master
 
         settings = get_daemon().settings
         limits = ConnectionLimits(

@@ -18,7 +18,7 @@ from kwserver.sources.trust import load_sources
 
 def pull(settings: ServerSettings, reference: str) -> FetchedModule:
     """Download `reference` into the download directory, from the network even when it is there already."""
-    from kwserver.bootstrap import make_fetcher
+    from kwserver.evaluation.bootstrap import make_fetcher
 
     fetcher = make_fetcher(settings, Path.cwd())
     parsed = parse_reference(reference, Path.cwd())
