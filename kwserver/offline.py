@@ -87,11 +87,13 @@ def add_parser(commands: Any) -> None:
     run.add_argument("--settings-json", metavar="VALUE", help="JSON string containing the settings for this policy")
     run.add_argument("-s", "--settings-path", metavar="PATH",
                      help="File (YAML or JSON) containing the settings for this policy")
-    run.add_argument("--sigstore-trust-config", metavar="PATH", help="Sigstore trust configuration (unused)")
+    run.add_argument("--sigstore-trust-config", metavar="PATH",
+                     help="Sigstore ClientTrustConfig or TrustedRoot JSON for keyless signatures (default: the "
+                          "public-good root shipped with kwserver)")
     run.add_argument("--sources-path", metavar="PATH",
                      help="YAML file holding source information (https, registry insecure hosts, custom CAs...)")
     run.add_argument("--verification-config-path", "--verification-path", dest="verification_config_path",
-                     metavar="PATH", help="Signature verification configuration (not supported: refused)")
+                     metavar="PATH", help="verification.yml: signatures the policy must carry (keys, keyless)")
     run.add_argument("-a", "--verification-annotation", metavar="KEY=VALUE", action="append",
                      help="Annotation the signature must carry (not supported)")
     run.add_argument("-k", "--verification-key", metavar="PATH", action="append",
@@ -286,6 +288,8 @@ def run_settings(args: argparse.Namespace, compile_cache_dir: str | None) -> Ser
             overrides[name] = getattr(args, name)
     if args.verification_config_path:
         overrides["verification_path"] = args.verification_config_path
+    if args.sigstore_trust_config:
+        overrides["sigstore_trust_config"] = args.sigstore_trust_config
     if compile_cache_dir:
         overrides["compile_cache_dir"] = compile_cache_dir
     try:
@@ -298,8 +302,6 @@ def check_unsupported(args: argparse.Namespace) -> None:
     given = [f"--{name.replace('_', '-')}" for name in _VERIFICATION_FLAGS if getattr(args, name)]
     if given:
         raise RunError(f"policy signature verification ({', '.join(given)}) is not supported by this build")
-    if args.sigstore_trust_config:
-        log.warning("--sigstore-trust-config has no effect: this build verifies no signatures")
 
 
 # --- evaluating ------------------------------------------------------------------------------------
