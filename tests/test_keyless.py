@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import json
 import shutil
 
@@ -306,3 +307,59 @@ def test_kwserver_verify_and_run_with_keyless_entries(signed, tmp_path):
                        "--sources-path", str(sources), "--sigstore-trust-config", str(trust),
                        registry.ref("keyless/another-identity:v1"), cwd=tmp_path)
     assert refused.returncode != 0 and "cannot be verified: Image verification failed" in refused.stderr
+
+
+# --- the ten-policy example, signed keyless --------------------------------------------------------
+
+EXAMPLE_VERIFICATION = {"apiVersion": "v1", "allOf": [GITHUB_ENTRY],
+                        "anyOf": {"minimumMatches": 1, "signatures": [ISSUER_ENTRY]}}
+
+
+@needs_registry
+@pytest.mark.integration
+def test_the_ten_policy_example_signed_keyless_starts_and_another_identity_is_an_init_error(
+        run_server, tmp_path):
+    import requests
+
+    from tests.registries import LIBRARY_REPOSITORY, push_library
+
+    registry = start_registry(tmp_path / "example-registry")
+    try:
+        sources = sources_file(tmp_path, {"insecure_sources": [registry.host]})
+        references = push_library(registry, DIST, sources, tmp_path)
+
+        def sign(stem: str, signer: Signer) -> None:
+            repository = f"{LIBRARY_REPOSITORY}/{stem}"
+            manifest = requests.get(f"http://{registry.host}/v2/{repository}/manifests/v1.0.0", timeout=10,
+                                    headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+            digest = "sha256:" + hashlib.sha256(manifest.content).hexdigest()
+            cosign_sign_keyless(registry, repository, digest, TRUSTED, [signer])
+
+        for stem in references:
+            sign(stem, github(f"kubewarden/{stem}-policy"))
+        example = yaml.safe_load((REPO / "deploy" / "examples" / "policies-registry.yml").read_text())
+        policies = {name: {**entry, "module": entry["module"].replace("localhost:5000", registry.host)}
+                    for name, entry in example.items()}
+        env = {"KUBEWARDEN_SOURCES_PATH": str(sources),
+               "KUBEWARDEN_VERIFICATION_CONFIG_PATH": config_file(tmp_path, EXAMPLE_VERIFICATION),
+               "KUBEWARDEN_SIGSTORE_TRUST_CONFIG_PATH": str(TRUSTED.write_trust_root(tmp_path / "trust.json"))}
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                  "request": fixture("pod-privileged-policy/test_data/privileged_container.json")}
+        # Without --continue-on-errors: it starts only when every module's signature holds.
+        server = run_server(policies, env={**env, "KUBEWARDEN_POLICIES_DOWNLOAD_DIR": str(tmp_path / "dl1")})
+        for name in policies:
+            reply = server.post(f"/validate/{name}", review)
+            assert reply.status_code == 200 and reply.json()["response"]["uid"] == review["request"]["uid"], name
+
+        # The module of one policy is now signed by another identity only: that policy's init error.
+        sign("pod-privileged", github("someone-else/pod-privileged-policy"))
+        bad = next(name for name, entry in example.items() if "/pod-privileged:" in entry["module"])
+        server = run_server(policies, args=["--continue-on-errors"],
+                            env={**env, "KUBEWARDEN_POLICIES_DOWNLOAD_DIR": str(tmp_path / "dl2")})
+        response = server.post(f"/validate/{bad}", review).json()["response"]
+        assert response["allowed"] is False and response["status"]["code"] == 500
+        assert f"Policy '{bad}' cannot be verified: {MISSING_GITHUB}" in response["status"]["message"]
+        for name in (name for name in policies if name != bad):
+            assert (server.post(f"/validate/{name}", review).json()["response"].get("status") or {}).get("code") != 500
+    finally:
+        registry.stop()
