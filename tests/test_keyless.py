@@ -363,3 +363,69 @@ def test_the_ten_policy_example_signed_keyless_starts_and_another_identity_is_an
             assert (server.post(f"/validate/{name}", review).json()["response"].get("status") or {}).get("code") != 500
     finally:
         registry.stop()
+
+
+# --- refreshing the shipped trust root through TUF ---------------------------------------------------
+
+def tuf_repository(directory, trusted_root: bytes, *, served: bytes | None = None) -> bytes:
+    """A TUF repository (one key for every role) whose target `trusted_root.json` is `trusted_root`; the
+    file served may differ (`served`). Returns the root metadata a client starts from."""
+    from securesystemslib.signer import CryptoSigner
+    from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+
+    signer = CryptoSigner.generate_ecdsa()
+    expires = NOW + datetime.timedelta(days=7)
+    root = Root(expires=expires, consistent_snapshot=False)
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        root.add_key(signer.public_key, role)
+    targets = Targets(expires=expires)
+    targets.targets["trusted_root.json"] = TargetFile.from_data("trusted_root.json", trusted_root, ["sha256"])
+    snapshot, timestamp = Snapshot(expires=expires), Timestamp(expires=expires)
+    snapshot.meta["targets.json"] = MetaFile(version=1)
+    timestamp.snapshot_meta = MetaFile(version=1)
+    (directory / "targets").mkdir(parents=True)
+    for name, signed in (("1.root", root), ("targets", targets), ("snapshot", snapshot), ("timestamp", timestamp)):
+        metadata = Metadata(signed)
+        metadata.sign(signer)
+        metadata.to_file(str(directory / f"{name}.json"))
+    (directory / "targets" / "trusted_root.json").write_bytes(trusted_root if served is None else served)
+    return (directory / "1.root.json").read_bytes()
+
+
+@pytest.fixture
+def web_root(tmp_path):
+    """A plain HTTP server on loopback for the files under the returned directory."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+def test_the_trust_root_is_refreshed_through_tuf(web_root, tmp_path, tampered):
+    directory, url = web_root
+    fresh = json.dumps(TRUSTED.trusted_root()).encode()
+    bootstrap = tmp_path / "tuf-root.json"
+    bootstrap.write_bytes(tuf_repository(directory / "repo", fresh, served=fresh + b" " if tampered else None))
+    output = tmp_path / "trusted_root.json"
+    output.write_text("{}")
+    result = kwserver("sigstore-trust-root", "--refresh", "--tuf-url", f"{url}/repo", "--tuf-root", str(bootstrap),
+                      "--output", str(output), cwd=tmp_path)
+    if tampered:  # TUF refuses a target whose hash is not the signed one; the old file stays
+        assert result.returncode == 1 and f"TUF update from {url}/repo failed" in result.stderr
+        assert output.read_text() == "{}"
+        return
+    assert result.returncode == 0, result.stderr
+    assert output.read_bytes() == fresh
+    assert f"Rekor log https://rekor.trusted.test [2020-01-01 .. now]: {TRUSTED.rekor_log_id}" in result.stdout
+    shown = kwserver("sigstore-trust-root", "--sigstore-trust-config", str(output), cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout == result.stdout
