@@ -309,6 +309,34 @@ def test_kwserver_verify_and_run_with_keyless_entries(signed, tmp_path):
     assert refused.returncode != 0 and "cannot be verified: Image verification failed" in refused.stderr
 
 
+
+@needs_registry
+def test_kwctl_verification_flags_of_run(signed, tmp_path):
+    registry, sources, trust = signed
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(fixture("pod-privileged-policy/test_data/privileged_container.json")))
+
+    def run(reference: str, *flags: str):
+        return kwserver("run", "--request-path", str(request), "--sources-path", str(sources),
+                        "--sigstore-trust-config", str(trust), *flags, registry.ref(reference), cwd=tmp_path)
+
+    assert run("keyless/good:v1", "--github-owner", "kubewarden", "--github-repo",
+               "pod-privileged-policy").returncode == 0
+    subject = github("kubewarden/pod-privileged-policy").subject
+    assert run("keyless/good:v1", "--cert-email", subject, "--cert-oidc-issuer",
+               "https://token.actions.githubusercontent.com").returncode == 0
+    refused = run("keyless/another-identity:v1", "--github-owner", "kubewarden")
+    assert refused.returncode != 0 and MISSING_GITHUB in refused.stderr
+    for flags, message in [
+        (("--github-repo", "x"), "Intending to verify GitHub actions signature, but the repository owner is missing."),
+        (("--cert-email", "me@example.com"), "Intending to verify OIDC issuer, but no email or issuer were provided"),
+        (("-a", "env=prod"), "Intending to verify annotations, but no verification keys, OIDC issuer or GitHub owner"),
+        (("--github-owner", "kubewarden", "--verification-config-path", "v.yml"),
+         "verification-config-path cannot be used in conjunction with other verification flags"),
+    ]:
+        result = run("keyless/good:v1", *flags)
+        assert result.returncode != 0 and message in result.stderr, (flags, result.stderr)
+
 # --- the ten-policy example, signed keyless --------------------------------------------------------
 
 EXAMPLE_VERIFICATION = {"apiVersion": "v1", "allOf": [GITHUB_ENTRY],
