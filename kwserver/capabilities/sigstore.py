@@ -127,12 +127,13 @@ def _certificate_check(request: HostRequest, access: RegistryAccess, annotations
         digest = client.manifest(reference).digest
         signed = [p for p in verification.signed_payloads(client, reference, digest) if constraint.satisfied_by(p)]
         rejected = []
-        for payload in signed:
-            if payload.bundle is None and not require_bundle:
-                return orjson.dumps({"is_trusted": True, "digest": digest})
+        for payload in signed:  # as the reference: a bundle, when there is one, must hold
             try:
-                keyless.check_logged(payload.payload, payload.signature, certificate, payload.bundle,
-                                     access.trust_root())
+                if payload.bundle is not None:
+                    keyless.check_logged(payload.payload, payload.signature, certificate, payload.bundle,
+                                         access.trust_root())
+                elif require_bundle:
+                    raise keyless.KeylessError(keyless.NO_BUNDLE)
             except keyless.KeylessError as exc:
                 rejected.append(f"- {payload.layer}: {exc}\n")
                 continue

@@ -52,6 +52,7 @@ ISSUER_OID = ObjectIdentifier("1.3.6.1.4.1.57264.1.1")  # raw UTF-8, the one the
 ISSUER_V2_OID = ObjectIdentifier("1.3.6.1.4.1.57264.1.8")  # DER UTF8String, Fulcio's newer form
 GITHUB_REPOSITORY_OID = ObjectIdentifier("1.3.6.1.4.1.57264.1.5")  # raw UTF-8 "owner/repo"
 SOURCE_REPOSITORY_URI_OID = ObjectIdentifier("1.3.6.1.4.1.57264.1.12")  # DER UTF8String
+NO_BUNDLE = f"no Rekor bundle ({BUNDLE_ANNOTATION}): the signature is not in the transparency log"
 
 
 class KeylessError(Exception):
@@ -277,7 +278,7 @@ def check_logged(payload: bytes, signature: bytes, certificate: x509.Certificate
                  root: TrustRoot) -> RekorBundle:
     """The Rekor bundle of this signature, verified, logged while `certificate` was valid."""
     if bundle_text is None:
-        raise KeylessError(f"no Rekor bundle ({BUNDLE_ANNOTATION}): the signature is not in the transparency log")
+        raise KeylessError(NO_BUNDLE)
     bundle = parse_bundle(bundle_text)
     check_bundle(bundle, root)
     check_entry(bundle, payload, signature, certificate)
