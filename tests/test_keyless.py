@@ -457,3 +457,15 @@ def test_the_trust_root_is_refreshed_through_tuf(web_root, tmp_path, tampered):
     assert f"Rekor log https://rekor.trusted.test [2020-01-01 .. now]: {TRUSTED.rekor_log_id}" in result.stdout
     shown = kwserver("sigstore-trust-root", "--sigstore-trust-config", str(output), cwd=tmp_path)
     assert shown.returncode == 0 and shown.stdout == result.stdout
+
+
+def test_an_unusable_trust_root_is_a_warning_at_start(tmp_path):
+    trust = tmp_path / "trust.json"
+    trust.write_text("{")
+    policies = tmp_path / "policies.yml"
+    policies.write_text(yaml.safe_dump({"p": {"module": str(DIST / "echo.wasm")}}))
+    result = kwserver("check", "--policies", str(policies), "--sigstore-trust-config", str(trust), cwd=tmp_path,
+                      env={"KWSERVER_COMPILE_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0 and "p: ok" in result.stdout
+    assert f"the Sigstore trust root {trust} is not valid JSON" in result.stderr
+    assert "keyless signatures cannot be verified" in result.stderr
