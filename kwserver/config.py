@@ -222,7 +222,7 @@ class ServerSettings:
         "Directory of Docker's config.json with registry credentials (default: $DOCKER_CONFIG, ~/.docker)")
     verification_path: str | None = setting(
         None, "KUBEWARDEN_VERIFICATION_CONFIG_PATH",
-        "verification.yml: cosign signatures every registry module must carry (pubKey entries)")
+        "verification.yml: cosign signatures every registry module must carry (pubKey, keyless entries)")
     download_timeout_seconds: float = setting(
         30.0, "KWSERVER_DOWNLOAD_TIMEOUT_SECONDS", "Give up on a registry or web server silent for this long",
         parse=float, check=above(0))
@@ -233,10 +233,11 @@ class ServerSettings:
                                        "Refuse to download a module larger than this", parse=int, check=at_least(1))
     # Accepted so that existing policy-server deployments start unchanged; see ServerSettings.ignored().
     sigstore_cache_dir: str | None = setting(None, "KUBEWARDEN_SIGSTORE_CACHE_DIR",
-                                             "Sigstore cache; unused by this build")
+                                             "Sigstore TUF cache; unused: no Sigstore data is fetched at start")
     sigstore_trust_config: str | None = setting(
         None, "KUBEWARDEN_SIGSTORE_TRUST_CONFIG_PATH",
-        "Sigstore trust root (keyless signatures); unused: keyless verification is refused")
+        "Sigstore ClientTrustConfig or TrustedRoot JSON for keyless signatures (default: the public-good "
+        "root shipped with kwserver)")
     enable_metrics: bool = setting(
         False, "KUBEWARDEN_ENABLE_METRICS",
         "Also push the metrics over OTLP (OTEL_* variables); Prometheus still serves them on --metrics-port",
@@ -269,8 +270,8 @@ class ServerSettings:
     def ignored(self) -> list[str]:
         """Reference-server settings that are set but have no effect here, for a startup warning each."""
         notes = {
-            "sigstore_cache_dir": "there is no sigstore support in this build",
-            "sigstore_trust_config": "keyless signatures are refused, so no sigstore trust root is read",
+            "sigstore_cache_dir": "no Sigstore data is fetched at start (the trust root is --sigstore-trust-config "
+                                  "or the one shipped with kwserver)",
             "enable_pprof": "profiling endpoints are not available",
         }
         return [f"{name.replace('_', '-')}: {note}" for name, note in notes.items() if getattr(self, name)]

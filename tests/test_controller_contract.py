@@ -28,6 +28,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from kwserver.sources.sigstore_trust import SHIPPED_TRUSTED_ROOT
 from tests.support.certs import make_ca, make_cert
 from tests.support.paths import FIXTURES, SERVER_FIXTURES, TEST_POLICIES, as_review, load_json
 from tests.support.pod import DEPLOYMENTS_NAMESPACE, Pod, privileged_review, read_only
@@ -102,7 +103,9 @@ def pod() -> Iterator[Pod]:
         (root / "verification" / "verification.yml").write_text(json.dumps(
             {"apiVersion": "v1", "allOf": [{"kind": "pubKey", "key": public_pem(SIGNER)}]}))
         (root / "sigstore-trust").mkdir()
-        (root / "sigstore-trust" / "sigstore-trust-config.json").write_text("{}")
+        (root / "sigstore-trust" / "sigstore-trust-config.json").write_text(json.dumps({  # as the controller's
+            "mediaType": "application/vnd.dev.sigstore.clienttrustconfig.v0.1+json",
+            "trustedRoot": json.loads(SHIPPED_TRUSTED_ROOT.read_text())}))
 
         # The ConfigMap's policies.yml, as the controller writes it (JSON, with namespacedName and
         # hostCapabilities).
@@ -241,9 +244,10 @@ def test_only_the_emptydir_is_written_and_compiled_modules_are_cached_there(pod)
 
 def test_settings_without_effect_are_named_at_startup(pod):
     log = pod.log()
-    for setting in ("sigstore-cache-dir", "sigstore-trust-config"):
-        assert f"{setting}:" in log, setting
-    for setting in ("enable-metrics", "log-fmt"):  # they have an effect: OTLP metrics and spans
+    assert "sigstore-cache-dir:" in log
+    # They have an effect: OTLP metrics and spans, the trust root of keyless signatures (read, and usable).
+    assert "Sigstore trust root" not in log
+    for setting in ("enable-metrics", "log-fmt", "sigstore-trust-config"):
         assert f"{setting}:" not in log, setting
     assert "Traceback" not in log
 

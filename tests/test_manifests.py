@@ -117,6 +117,15 @@ def test_options_change_the_objects(tmp_path):
     assert kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == 9443
 
 
+def test_the_sigstore_trust_config_travels_in_the_config_map(tmp_path):
+    trust = tmp_path / "trust.json"
+    trust.write_text('{"mediaType": "application/vnd.dev.sigstore.clienttrustconfig.v0.1+json"}')
+    kinds = by_kind(manifests("--policies", str(EXAMPLE), "--sigstore-trust-config", str(trust)))
+    assert kinds["ConfigMap"]["data"]["sigstore-trust-config.json"] == trust.read_text()
+    env = {e["name"]: e["value"] for e in kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBEWARDEN_SIGSTORE_TRUST_CONFIG_PATH"].endswith("/sigstore-trust-config.json")
+
+
 def test_context_aware_resources_get_read_only_rbac_and_groups_get_their_members_rules(tmp_path):
     (tmp_path / "policies.yml").write_text(yaml.safe_dump({
         "aware": {"module": str(DIST / "pod-privileged.wasm"), "contextAwareResources": [

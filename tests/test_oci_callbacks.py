@@ -4,6 +4,7 @@ images and cosign signatures pushed by the test, and check certificates the test
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import json
@@ -23,6 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.support.modules import answer, host_policy
 from tests.support.registries import cosign_sign, docker_config, public_pem, raw_push, sources_file, start_registry
+from tests.support.sigstore import GITHUB_ISSUER, Sigstore, cosign_sign_keyless, github, simple_signing
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not shutil.which("docker-registry"), reason="needs Debian's docker-registry")]
@@ -34,6 +36,7 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 IMAGE_CONFIG = {"architecture": "amd64", "os": "linux", "config": {"Env": ["PATH=/bin"]},
                 "rootfs": {"type": "layers", "diff_ids": []}}
+TRUSTED = Sigstore("callbacks")
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
@@ -272,37 +275,53 @@ def test_public_key_signatures_are_verified(run_server, registry, tmp_path):
 
 
 def cosign_sign_bytes(key: Any, payload: bytes) -> str:
-    import base64
-
     return base64.b64encode(key.sign(payload, ec.ECDSA(hashes.SHA256()))).decode()
 
 
-def test_keyless_requests_fail_as_the_reference_without_a_trust_root(run_server, registry, tmp_path):
-    signer = ec.generate_private_key(ec.SECP256R1())
+def test_keyless_requests_are_checked_against_the_trust_root(run_server, registry, tmp_path):
+    trust = TRUSTED.write_trust_root(tmp_path / "trust.json")
     digest = push_image(registry, "keyless/app", "1.0")
-    cosign_sign(registry, "keyless/app", digest, [signer])
-    image = f"{registry.host}/keyless/app:1.0"
+    cosign_sign_keyless(registry, "keyless/app", digest, TRUSTED, [github("kubewarden/app")])
+    keyed = push_image(registry, "keyless/keyed", "1.0", b"keyed")
+    cosign_sign(registry, "keyless/keyed", keyed, [ec.generate_private_key(ec.SECP256R1())])
+    image, subject = f"{registry.host}/keyless/app:1.0", github("kubewarden/app").subject
+
+    def exact(name: str, issuer: str, target: str = image) -> dict[str, Any]:
+        return oci(tmp_path, name, "v1/verify", {"SigstoreKeylessVerify": {
+            "image": target, "keyless": [{"issuer": issuer, "subject": subject}], "annotations": None}})
+
+    def prefix(name: str, url: str) -> dict[str, Any]:
+        return oci(tmp_path, name, "v2/verify", {"type": "SigstoreKeylessPrefixVerify", "image": image,
+                                                  "keyless_prefix": [{"issuer": GITHUB_ISSUER, "url_prefix": url}]})
+
+    def owner(name: str, who: str, repo: str | None = None) -> dict[str, Any]:
+        return oci(tmp_path, name, "v2/verify", {"type": "SigstoreGithubActionsVerify", "image": image,
+                                                  "owner": who, "repo": repo})
+
     policies = {
-        "keyless": oci(tmp_path, "keyless", "v1/verify", {"SigstoreKeylessVerify": {
-            "image": image, "keyless": [{"issuer": "https://issuer.example", "subject": "me@example.com"}],
-            "annotations": None}}),
-        "prefix": oci(tmp_path, "prefix", "v2/verify", {
-            "type": "SigstoreKeylessPrefixVerify", "image": image,
-            "keyless_prefix": [{"issuer": "https://issuer.example", "url_prefix": "https://github.com/org"}]}),
-        "github": oci(tmp_path, "github", "v2/verify", {"type": "SigstoreGithubActionsVerify", "image": image,
-                                                         "owner": "kubewarden", "repo": None}),
+        "exact": exact("exact", GITHUB_ISSUER), "other-issuer": exact("other-issuer", "https://issuer.example"),
+        "keyed": exact("keyed", GITHUB_ISSUER, f"{registry.host}/keyless/keyed:1.0"),
+        "prefix": prefix("prefix", "https://github.com/kubewarden"), "org": prefix("org", "https://github.com/org"),
+        "github": owner("github", "kubewarden", "app"), "other-owner": owner("other-owner", "kubewarden-x"),
         "no-info": oci(tmp_path, "no-info", "v2/verify", {"type": "SigstoreKeylessVerify", "image": image,
                                                            "keyless": []}),
-        "no-owner": oci(tmp_path, "no-owner", "v2/verify", {"type": "SigstoreGithubActionsVerify", "image": image,
-                                                             "owner": ""}),
+        "no-owner": owner("no-owner", ""),
         "unknown-variant": oci(tmp_path, "unknown-variant", "v1/verify", {"SigstoreGithubActionsVerify": {}}),
     }
-    server = serve(run_server, tmp_path, policies, [registry.host])
-    for name, constraint in (("keyless", "issuer: https://issuer.example"),
-                             ("prefix", "urlPrefix: https://github.com/org"), ("github", "owner: kubewarden")):
-        outcome, text = answer(server, name)
-        assert outcome == "error" and text.startswith(FAILURE + "Image verification failed: missing signatures")
-        assert constraint in text, (name, text)
+    server = serve(run_server, tmp_path, policies, [registry.host], "--sigstore-trust-config", str(trust))
+    for name in ("exact", "prefix", "github"):
+        assert answer(server, name) == ("ok", {"is_trusted": True, "digest": digest}), name
+    # (the host-calling policy hands the error back on one line)
+    missing = FAILURE + "Image verification failed: missing signatures The following constraints were not " \
+                        "satisfied: "
+    assert answer(server, "other-issuer") == ("error", missing + "kind: genericIssuer issuer: "
+                                              f"https://issuer.example subject: !equal {subject} annotations: null ")
+    assert answer(server, "org") == ("error", missing + f"kind: genericIssuer issuer: {GITHUB_ISSUER} "
+                                     "subject: !urlPrefix https://github.com/org annotations: null ")
+    assert answer(server, "other-owner") == ("error", missing + "kind: githubAction owner: kubewarden-x "
+                                             "repo: null annotations: null ")
+    outcome, text = answer(server, "keyed")  # signed with a key: no certificate, so no identity
+    assert outcome == "error" and text.startswith(missing) and "could not be trusted" not in text
     assert answer(server, "no-info") == ("error", FAILURE + "Must provide keyless info")
     assert answer(server, "no-owner") == ("error", FAILURE + "Must provide owner info")
     outcome, text = answer(server, "unknown-variant")
@@ -415,10 +434,20 @@ def test_certificate_signatures_are_verified_offline(run_server, registry, tmp_p
     digest = push_image(registry, "certified/app", "1.0", b"certified")
     cosign_sign(registry, "certified/app", digest, [signing_key], annotations={"env": "prod"})
     image = f"{registry.host}/certified/app:1.0"
+    # The same key's signature of another image, with a Rekor bundle of the test's Sigstore.
+    logged_digest = push_image(registry, "certified/logged", "1.0", b"logged")
+    payload = simple_signing(registry, "certified/logged", logged_digest, None)
+    signature = signing_key.sign(payload, ec.ECDSA(hashes.SHA256()))
+    raw_push(registry, "certified/logged", logged_digest.replace(":", "-") + ".sig", [(
+        "application/vnd.dev.cosign.simplesigning.v1+json", payload,
+        {"dev.cosignproject.cosign/signature": base64.b64encode(signature).decode(),
+         "dev.sigstore.cosign/bundle": TRUSTED.bundle(payload, signature, signing_cert)})],
+        config=(OCI_CONFIG, b"{}"))
+    trust = TRUSTED.write_trust_root(tmp_path / "trust.json")
 
     def request(name: str, cert: x509.Certificate, cert_chain: list[x509.Certificate] | None, *,
-                rekor: bool = False, annotations: dict[str, str] | None = None) -> dict[str, Any]:
-        body = {"type": "SigstoreCertificateVerify", "image": image, "certificate": pem(cert)["data"],
+                rekor: bool = False, annotations: dict[str, str] | None = None, target: str = image) -> dict[str, Any]:
+        body = {"type": "SigstoreCertificateVerify", "image": target, "certificate": pem(cert)["data"],
                 "certificate_chain": None if cert_chain is None else [pem(c)["data"] for c in cert_chain],
                 "require_rekor_bundle": rekor, "annotations": annotations}
         return oci(tmp_path, name, "v2/verify", body)
@@ -430,8 +459,9 @@ def test_certificate_signatures_are_verified_offline(run_server, registry, tmp_p
         "other-cert": request("other-cert", other_cert, [ca[0]]),
         "other-annotation": request("other-annotation", signing_cert, None, annotations={"env": "dev"}),
         "rekor": request("rekor", signing_cert, [ca[0]], rekor=True),
+        "logged": request("logged", signing_cert, [ca[0]], rekor=True, target=f"{registry.host}/certified/logged:1.0"),
     }
-    server = serve(run_server, tmp_path, policies, [registry.host])
+    server = serve(run_server, tmp_path, policies, [registry.host], "--sigstore-trust-config", str(trust))
     assert answer(server, "chained") == ("ok", {"is_trusted": True, "digest": digest})
     assert answer(server, "unchained") == ("ok", {"is_trusted": True, "digest": digest})
     assert answer(server, "wrong-chain") == ("error", FAILURE + "verification failed: the certificate is not "
@@ -439,7 +469,8 @@ def test_certificate_signatures_are_verified_offline(run_server, registry, tmp_p
     for name in ("other-cert", "other-annotation", "rekor"):
         outcome, text = answer(server, name)
         assert outcome == "error" and text.startswith(FAILURE + "verification failed: "), (name, text)
-    assert "Rekor" in answer(server, "rekor")[1]
+    assert "not in the transparency log as required: - sha256:" in answer(server, "rekor")[1]
+    assert answer(server, "logged") == ("ok", {"is_trusted": True, "digest": logged_digest})
 
 
 def kwserver_run(tmp_path: Path, module: Path, *args: str) -> tuple[str, Any]:

@@ -124,10 +124,10 @@ def test_a_tampered_download_fails_the_checksum(signed, tmp_path):
     ({"allOf": [{"kind": "pubKey", "key": "k", "colour": "red"}]}, "unknown field(s) ['colour']"),
     ({"allof": []}, "unknown field(s) ['allof']"),
     ({}, "config is missing signatures in both allOf and anyOff list"),
-    ({"allOf": [{"kind": "githubAction", "owner": "kubewarden"}]},
-     "keyless signatures (`githubAction`) are not supported by this build"),
-    ({"anyOf": {"signatures": [{"kind": "genericIssuer", "issuer": "https://i", "subject": {"equal": "x"}}]}},
-     "cannot verify offline"),
+    ({"allOf": [{"kind": "githubAction", "owner": "kubewarden", "repository": "x"}]},
+     "unknown field(s) ['repository'] in a `githubAction` entry"),
+    ({"anyOf": {"signatures": [{"kind": "genericIssuer", "issuer": "https://i", "subject": {"urlPrefix": "x"}}]}},
+     "`subject.urlPrefix`: 'x' is not an absolute URL"),
 ])
 def test_invalid_verification_files_refuse_to_start(tmp_path, doc, message):
     path = tmp_path / "verification.yml"

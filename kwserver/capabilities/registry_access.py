@@ -26,12 +26,13 @@ class RegistryAccess:
     timeout_seconds: float = 30.0
     retries: int = 2
     max_bytes: int = 256 * 1024 * 1024
+    sigstore_trust_config: str | None = None  # keyless checks: this trust root, else the shipped one
     _loaded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     def _settings(self) -> tuple[Any, Any, Any]:
         with self._lock:
-            if not self._loaded:
+            if "sources" not in self._loaded:
                 from kwserver.sources.credentials import load_credentials
                 from kwserver.sources.transport import FetchOptions
                 from kwserver.sources.trust import load_sources
@@ -42,6 +43,15 @@ class RegistryAccess:
                     options=FetchOptions(timeout_seconds=self.timeout_seconds, retries=self.retries,
                                          max_bytes=self.max_bytes))
             return self._loaded["sources"], self._loaded["credentials"], self._loaded["options"]
+
+    def trust_root(self) -> Any:
+        """The Sigstore trust root (`kwserver.sources.sigstore_trust.TrustRoot`), read on first use; a bad
+        one is every keyless request's error."""
+        from kwserver.sources.sigstore_trust import LazyTrustRoot
+
+        with self._lock:
+            lazy = self._loaded.setdefault("trust_root", LazyTrustRoot(self.sigstore_trust_config))
+        return lazy()
 
     def client(self, reference: ImageReference, deadline: float | None) -> OciClient:
         """A client whose every request gives up when the evaluation's deadline passes."""

@@ -2,13 +2,13 @@
 are (kwserver.sources.verification: the `sha256-<digest>.sig` simple-signing payloads, ECDSA / RSA /
 Ed25519 keys, annotations), through the same registry settings as the OCI callbacks.
 
-Public-key requests become one `allOf` constraint per key, as the reference maps them. Keyless requests
-(issuer/subject, URL prefix, GitHub Actions) need Fulcio certificates and Rekor's log from the sigstore
-trust root, which this build does not fetch: like the reference without a trust root, their signatures
-cannot count, so such a request fails with the reference's "missing signatures" error naming the
-constraints. Certificate requests are checked offline: the certificate against its chain (as
-`crypto/v1/is_certificate_trusted` checks, now), the signatures with its public key; one that requires a
-Rekor bundle fails, as there is no Rekor key to check it with. Only successes are cached, 60 s.
+Public-key and keyless requests become `allOf` constraints (one per key, per issuer/subject or URL
+prefix, or one GitHub Actions owner/repo), as the reference maps them; keyless signatures are checked
+against the Sigstore trust root (`--sigstore-trust-config`, else the shipped public-good root), read on
+the first keyless request. Certificate requests: the certificate against its chain (as
+`crypto/v1/is_certificate_trusted` checks, now), the signatures with its public key and, when a signature
+carries a Rekor bundle (required with `require_rekor_bundle`), the bundle against the trust root's Rekor
+keys, logged while the certificate was valid. Only successes are cached, 60 s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-import yaml
 from cryptography.hazmat.primitives import serialization
 
 from kwserver.capabilities import crypto
@@ -27,11 +26,10 @@ from kwserver.capabilities.callback_requests import HostCallError, HostRequest, 
 from kwserver.capabilities.oci import image_reference
 from kwserver.capabilities.registry_access import RegistryAccess
 from kwserver.capabilities.waiting import CALLBACK_FAILURE, TtlCache, until_deadline
-from kwserver.sources import verification
+from kwserver.sources import keyless, verification
 from kwserver.sources.errors import SourceError
 from kwserver.sources.references import ImageReference
 
-KEYLESS_KINDS = ("SigstoreKeylessVerify", "SigstoreKeylessPrefixVerify", "SigstoreGithubActionsVerify")
 _cache = TtlCache()
 Check = Callable[[ImageReference], bytes]  # verifies one image; its answer, or a SourceError
 
@@ -69,14 +67,17 @@ def _public_keys(pems: list[str], annotations: dict[str, str]) -> tuple[verifica
     return tuple(keys)
 
 
-def _keyless_constraints(request: HostRequest, annotations: dict[str, str]) -> list[dict[str, Any]]:
-    """The verification.yml entries the reference builds from a keyless request (for its error text)."""
-    extra = {"annotations": annotations or None}
+def _keyless_constraints(request: HostRequest,
+                         annotations: dict[str, str]) -> list[verification.GenericIssuer | verification.GithubAction]:
+    """The verification.yml entries the reference builds from a keyless request, all required."""
     fields = request.fields
     if request.kind == "SigstoreGithubActionsVerify":
         if not isinstance(fields["owner"], str) or not fields["owner"]:
             raise _failure("Must provide owner info")
-        return [{"kind": "githubAction", "owner": fields["owner"], "repo": fields.get("repo"), **extra}]
+        repo = fields.get("repo")
+        if repo is not None and not isinstance(repo, str):
+            raise HostCallError(f"invalid type: {_json_type(repo)}, expected a string")
+        return [verification.GithubAction(fields["owner"], repo, annotations)]
     prefix = request.kind == "SigstoreKeylessPrefixVerify"
     entries = fields["keyless_prefix" if prefix else "keyless"]
     if not isinstance(entries, list):
@@ -88,10 +89,18 @@ def _keyless_constraints(request: HostRequest, annotations: dict[str, str]) -> l
         if not isinstance(entry, dict) or not isinstance(entry.get("issuer"), str):
             raise HostCallError("missing field `issuer`")
         subject_key = "url_prefix" if prefix else "subject"
-        if not isinstance(entry.get(subject_key), str):
+        subject = entry.get(subject_key)
+        if not isinstance(subject, str):
             raise HostCallError(f"missing field `{subject_key}`")
-        subject = {"urlPrefix": entry[subject_key]} if prefix else {"equal": entry[subject_key]}
-        constraints.append({"kind": "genericIssuer", "issuer": entry["issuer"], "subject": subject, **extra})
+        if not prefix:
+            constraints.append(verification.GenericIssuer(entry["issuer"], subject, False, annotations))
+            continue
+        try:
+            constraints.append(verification.GenericIssuer(
+                entry["issuer"], verification.url_prefix(subject), True, annotations,
+                verification.url_prefix(subject, slash=False)))
+        except ValueError as exc:
+            raise _failure(f"Cannot build url prefix: {exc}") from None
     return constraints
 
 
@@ -111,20 +120,31 @@ def _certificate_check(request: HostRequest, access: RegistryAccess, annotations
         if problem is not None:
             raise _failure(f"verification failed: the certificate is not trusted: {problem}")
     constraint = verification.PubKey("", certificate.public_key(), None, annotations)
+    require_bundle = bool(fields["require_rekor_bundle"])
 
     def check(reference: ImageReference) -> bytes:
         client = access.client(reference, deadline)
         digest = client.manifest(reference).digest
-        payloads = verification.signed_payloads(client, reference, digest)
-        if fields["require_rekor_bundle"]:
+        signed = [p for p in verification.signed_payloads(client, reference, digest) if constraint.satisfied_by(p)]
+        rejected = []
+        for payload in signed:  # as the reference: a bundle, when there is one, must hold
+            try:
+                if payload.bundle is not None:
+                    keyless.check_logged(payload.payload, payload.signature, certificate, payload.bundle,
+                                         access.trust_root())
+                elif require_bundle:
+                    raise keyless.KeylessError(keyless.NO_BUNDLE)
+            except keyless.KeylessError as exc:
+                rejected.append(f"- {payload.layer}: {exc}\n")
+                continue
+            return orjson.dumps({"is_trusted": True, "digest": digest})
+        if rejected:
             raise verification.VerificationError(
-                "verification failed: a Rekor bundle is required, and this build has no Rekor public key to "
-                "check one with (no sigstore trust root)")
-        if not any(constraint.satisfied_by(payload) for payload in payloads):
-            raise verification.VerificationError(
-                "verification failed: no signature of the image is made by the certificate's key"
-                + (" with the requested annotations" if annotations else ""))
-        return orjson.dumps({"is_trusted": True, "digest": digest})
+                "verification failed: the signatures made by the certificate's key are not in the transparency "
+                "log as required:\n" + "".join(rejected))
+        raise verification.VerificationError(
+            "verification failed: no signature of the image is made by the certificate's key"
+            + (" with the requested annotations" if annotations else ""))
     return check
 
 
@@ -147,15 +167,12 @@ def _pub_key_check(request: HostRequest, access: RegistryAccess, annotations: di
 
 def _keyless_check(request: HostRequest, access: RegistryAccess, annotations: dict[str, str],
                    deadline: float | None) -> Check:
-    constraints = _keyless_constraints(request, annotations)
+    config = verification.VerificationConfig(all_of=tuple(_keyless_constraints(request, annotations)))
 
     def check(reference: ImageReference) -> bytes:
         client = access.client(reference, deadline)
-        digest = client.manifest(reference).digest
-        verification.signed_payloads(client, reference, digest)  # its errors come first, as the reference's
-        raise verification.VerificationError(
-            "Image verification failed: missing signatures\nThe following constraints were not satisfied:\n"
-            + "".join(yaml.safe_dump(c, sort_keys=False) for c in constraints))
+        digest = verification.verify(client, reference, config, access.trust_root)
+        return orjson.dumps({"is_trusted": True, "digest": digest})
     return check
 
 

@@ -129,6 +129,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sigstore_trust_root(args: argparse.Namespace) -> int:
+    from kwserver.sources import sigstore_trust
+
+    try:
+        if args.refresh:
+            root = sigstore_trust.refresh(args.tuf_url or sigstore_trust.PUBLIC_GOOD_TUF_URL,
+                                          Path(args.tuf_root or sigstore_trust.SHIPPED_TUF_ROOT),
+                                          Path(args.output or sigstore_trust.SHIPPED_TRUSTED_ROOT))
+        else:
+            root = sigstore_trust.load_trust_root(settings_from_args(args).sigstore_trust_config)
+    except sigstore_trust.TrustRootError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(sigstore_trust.describe(root))
+    return 0
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from kwserver.observability.discovery import DiscoveryError, choose, master_with_pid, running_masters
     from kwserver.observability.top import run
@@ -239,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify_cmd.add_argument("reference", help="registry:// reference")
     add_setting_arguments(verify_cmd)
     verify_cmd.set_defaults(func=cmd_verify)
+
+    trust = commands.add_parser(
+        "sigstore-trust-root", help="show the Sigstore trust root keyless signatures are checked against; "
+                                    "--refresh updates the shipped one from Sigstore's TUF repository")
+    trust.add_argument("--sigstore-trust-config", help="the trust root to show (default: "
+                       "$KUBEWARDEN_SIGSTORE_TRUST_CONFIG_PATH, else the public-good root shipped with kwserver)")
+    trust.add_argument("--refresh", action="store_true",
+                       help="download trusted_root.json through TUF (network) and write it to --output")
+    trust.add_argument("--tuf-url", help="TUF repository (default: Sigstore's public-good one)")
+    trust.add_argument("--tuf-root", help="TUF root.json to start from, rotated forward in place (default: the "
+                                          "shipped one)")
+    trust.add_argument("--output", help="where --refresh writes the trusted root (default: the shipped file)")
+    trust.set_defaults(func=cmd_sigstore_trust_root)
 
     top = commands.add_parser("top", help="live memory and activity of a running server's processes")
     top.add_argument("--url", help="the server's metrics endpoint (default: found from the running server's "

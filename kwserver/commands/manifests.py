@@ -168,6 +168,9 @@ def deployment(args: argparse.Namespace, settings: ServerSettings, config_data: 
         env.append({"name": "KUBEWARDEN_SOURCES_PATH", "value": f"{CONFIG_DIR}/sources.yml"})
     if "verification.yml" in config_data:
         env.append({"name": "KUBEWARDEN_VERIFICATION_CONFIG_PATH", "value": f"{CONFIG_DIR}/verification.yml"})
+    if "sigstore-trust-config.json" in config_data:
+        env.append({"name": "KUBEWARDEN_SIGSTORE_TRUST_CONFIG_PATH",
+                    "value": f"{CONFIG_DIR}/sigstore-trust-config.json"})
     if settings.workers:
         env.append({"name": "KUBEWARDEN_WORKERS", "value": str(settings.workers)})
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -291,7 +294,8 @@ def build(args: argparse.Namespace) -> list[dict[str, Any]]:
     base_dir = policies_path.resolve().parent
     entries = load_policies(policies_path)
     config_data = {"policies.yml": config_map_policies(policies_path.read_text(), base_dir, args.module_dir)}
-    for key, path in (("sources.yml", settings.sources_path), ("verification.yml", settings.verification_path)):
+    for key, path in (("sources.yml", settings.sources_path), ("verification.yml", settings.verification_path),
+                      ("sigstore-trust-config.json", settings.sigstore_trust_config)):
         if path:
             config_data[key] = Path(path).read_text()
     return [

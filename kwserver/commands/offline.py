@@ -33,8 +33,6 @@ CRD_KINDS = ("AdmissionPolicy", "ClusterAdmissionPolicy", "AdmissionPolicyGroup"
 EXECUTION_MODES = {"kubewarden": "kubewarden-wapc", "kubewarden-wapc": "kubewarden-wapc", "opa": "opa",
                    "gatekeeper": "gatekeeper", "wasi": "wasi"}
 _HAS_SCHEME = re.compile(r"^\w+://")
-_VERIFICATION_FLAGS = ("verification_key", "verification_annotation", "cert_email", "cert_oidc_issuer",
-                       "github_owner", "github_repo")
 
 DESCRIPTION = """\
 Evaluate one request with a Kubewarden policy, offline, and print the AdmissionResponse (kwctl run).
@@ -61,9 +59,9 @@ def add_parser(commands: Any) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--allow-context-aware", action="store_true",
                      help="Grant the Kubernetes resources listed in the policy's contextAwareResources metadata")
-    run.add_argument("--cert-email", metavar="VALUE", help="Expected email in Fulcio certificate (not supported)")
+    run.add_argument("--cert-email", metavar="VALUE", help="Expected email in Fulcio certificate")
     run.add_argument("--cert-oidc-issuer", metavar="VALUE",
-                     help="Expected OIDC issuer in Fulcio certificates (not supported)")
+                     help="Expected OIDC issuer in Fulcio certificates")
     run.add_argument("--disable-wasmtime-cache", action="store_true",
                      help="Compile the module afresh instead of using the compiled-module cache")
     run.add_argument("--docker-config-json-path", metavar="DOCKER_CONFIG",
@@ -72,9 +70,9 @@ def add_parser(commands: Any) -> None:
                      help="The runtime of a module without metadata: opa, gatekeeper, kubewarden, wasi "
                           "(must agree with the metadata when there is some)")
     run.add_argument("--github-owner", metavar="VALUE",
-                     help="GitHub owner expected in the certificates (not supported)")
+                     help="GitHub owner expected in the certificates")
     run.add_argument("--github-repo", metavar="VALUE",
-                     help="GitHub repository expected in the certificates (not supported)")
+                     help="GitHub repository expected in the certificates")
     run.add_argument("--raw", action="store_true", help="Validate a raw request (any JSON document)")
     host = run.add_mutually_exclusive_group()
     host.add_argument("--record-host-capabilities-interactions", metavar="FILE",
@@ -87,15 +85,17 @@ def add_parser(commands: Any) -> None:
     run.add_argument("--settings-json", metavar="VALUE", help="JSON string containing the settings for this policy")
     run.add_argument("-s", "--settings-path", metavar="PATH",
                      help="File (YAML or JSON) containing the settings for this policy")
-    run.add_argument("--sigstore-trust-config", metavar="PATH", help="Sigstore trust configuration (unused)")
+    run.add_argument("--sigstore-trust-config", metavar="PATH",
+                     help="Sigstore ClientTrustConfig or TrustedRoot JSON for keyless signatures (default: the "
+                          "public-good root shipped with kwserver)")
     run.add_argument("--sources-path", metavar="PATH",
                      help="YAML file holding source information (https, registry insecure hosts, custom CAs...)")
     run.add_argument("--verification-config-path", "--verification-path", dest="verification_config_path",
-                     metavar="PATH", help="Signature verification configuration (not supported: refused)")
+                     metavar="PATH", help="verification.yml: signatures the policy must carry (keys, keyless)")
     run.add_argument("-a", "--verification-annotation", metavar="KEY=VALUE", action="append",
-                     help="Annotation the signature must carry (not supported)")
+                     help="Annotation the signatures must carry")
     run.add_argument("-k", "--verification-key", metavar="PATH", action="append",
-                     help="Key the policy must be signed with (not supported)")
+                     help="Public key (PEM file) the policy must be signed with")
     # kwserver's own.
     run.add_argument("--timeout", metavar="SECONDS", type=int,
                      help="Interrupt the evaluation after this many seconds (default: never, as kwctl)")
@@ -276,7 +276,8 @@ def policy_entries(args: argparse.Namespace) -> dict[str, PolicyEntry]:
     return {spec.name: spec}
 
 
-def run_settings(args: argparse.Namespace, compile_cache_dir: str | None) -> ServerSettings:
+def run_settings(args: argparse.Namespace, compile_cache_dir: str | None,
+                 verification_path: str | None = None) -> ServerSettings:
     """Server settings for one run: `serve`'s environment and defaults, kwctl's flags over them."""
     overrides: dict[str, Any] = {"disable_timeout_protection": args.timeout is None}
     if args.timeout is not None:
@@ -284,8 +285,10 @@ def run_settings(args: argparse.Namespace, compile_cache_dir: str | None) -> Ser
     for name in ("sources_path", "docker_config_json_path", "policies_download_dir"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    if args.verification_config_path:
-        overrides["verification_path"] = args.verification_config_path
+    if verification_path or args.verification_config_path:
+        overrides["verification_path"] = verification_path or args.verification_config_path
+    if args.sigstore_trust_config:
+        overrides["sigstore_trust_config"] = args.sigstore_trust_config
     if compile_cache_dir:
         overrides["compile_cache_dir"] = compile_cache_dir
     try:
@@ -294,12 +297,35 @@ def run_settings(args: argparse.Namespace, compile_cache_dir: str | None) -> Ser
         raise RunError(str(exc)) from exc
 
 
-def check_unsupported(args: argparse.Namespace) -> None:
-    given = [f"--{name.replace('_', '-')}" for name in _VERIFICATION_FLAGS if getattr(args, name)]
-    if given:
-        raise RunError(f"policy signature verification ({', '.join(given)}) is not supported by this build")
-    if args.sigstore_trust_config:
-        log.warning("--sigstore-trust-config has no effect: this build verifies no signatures")
+def flags_verification(args: argparse.Namespace) -> dict[str, Any] | None:
+    """kwctl's verification flags as a verification.yml document, with kwctl's rules and messages."""
+    keys, items = args.verification_key or [], args.verification_annotation or []
+    if not (keys or items or args.cert_email or args.cert_oidc_issuer or args.github_owner or args.github_repo):
+        return None
+    if args.verification_config_path:
+        raise RunError("verification-config-path cannot be used in conjunction with other verification flags")
+    annotations = dict(item.split("=", 1) for item in items if "=" in item) or None
+    if annotations and not (keys or args.cert_email or args.cert_oidc_issuer or args.github_owner):
+        raise RunError("Intending to verify annotations, but no verification keys, OIDC issuer or GitHub owner "
+                       "were passed")
+    if args.github_repo and not args.github_owner:
+        raise RunError("Intending to verify GitHub actions signature, but the repository owner is missing.")
+    if bool(args.cert_email) != bool(args.cert_oidc_issuer):
+        raise RunError("Intending to verify OIDC issuer, but no email or issuer were provided. You must pass the "
+                       "email and OIDC issuer to be validated together ")
+    signatures: list[dict[str, Any]] = []
+    if args.cert_email:
+        signatures.append({"kind": "genericIssuer", "issuer": args.cert_oidc_issuer,
+                           "subject": {"equal": args.cert_email}, "annotations": annotations})
+    if args.github_owner:
+        signatures.append({"kind": "githubAction", "owner": args.github_owner, "repo": args.github_repo,
+                           "annotations": annotations})
+    for path in keys:
+        try:
+            signatures.append({"kind": "pubKey", "key": Path(path).read_text(), "annotations": annotations})
+        except OSError as exc:
+            raise RunError(f"could not read file {path}: {exc.strerror or exc}") from None
+    return {"apiVersion": "v1", "allOf": signatures}
 
 
 # --- evaluating ------------------------------------------------------------------------------------
@@ -388,7 +414,7 @@ def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     from kwserver.runtime.engine import EpochTicker
     from kwserver.server.service import VALIDATE, VALIDATE_RAW, AdmissionService
 
-    check_unsupported(args)
+    verification = flags_verification(args)
     request_doc = read_request(args.request_path)
     replayed = None
     if args.replay_host_capabilities_interactions:
@@ -398,7 +424,11 @@ def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             raise RunError(str(exc)) from exc
     entries = policy_entries(args)
     with tempfile.TemporaryDirectory(prefix="kwserver-run-") as scratch:
-        settings = run_settings(args, scratch if args.disable_wasmtime_cache else None)
+        verification_path = None
+        if verification is not None:
+            verification_path = str(Path(scratch) / "verification.yml")
+            Path(verification_path).write_text(yaml.safe_dump(verification, sort_keys=False))
+        settings = run_settings(args, scratch if args.disable_wasmtime_cache else None, verification_path)
         try:
             registry, _ = assemble_registry(entries, Path.cwd(), settings,
                                             execution_mode=EXECUTION_MODES.get(args.execution_mode or ""))

@@ -119,7 +119,8 @@ def make_fetcher(settings: ServerSettings, base_dir: Path) -> ModuleFetcher:
     return ModuleFetcher(base_dir=base_dir, download_dir=Path(settings.policies_download_dir),
                          sources=load_sources(settings.sources_path),
                          credentials=load_credentials(settings.docker_config_json_path), options=options,
-                         verification=load_verification(settings.verification_path))
+                         verification=load_verification(settings.verification_path),
+                         sigstore_trust_config=settings.sigstore_trust_config)
 
 
 def _previous_modules(previous: PolicyRegistry | None) -> dict[str, CompiledModule]:
@@ -192,7 +193,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     registries = RegistryAccess(  # for the OCI callbacks
         sources_path=settings.sources_path, docker_config_json_path=settings.docker_config_json_path,
         timeout_seconds=settings.download_timeout_seconds, retries=settings.download_retries,
-        max_bytes=settings.max_module_size_mib * 1024 * 1024)
+        max_bytes=settings.max_module_size_mib * 1024 * 1024, sigstore_trust_config=settings.sigstore_trust_config)
     for spec in specs:
         loaded = by_reference[spec.module]
         if isinstance(loaded, Exception):

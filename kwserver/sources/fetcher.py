@@ -20,6 +20,7 @@ from kwserver.sources.credentials import Credentials
 from kwserver.sources.errors import SourceError
 from kwserver.sources.file import FetchedModule, check_wasm, read_module
 from kwserver.sources.references import ImageReference, LocalReference, UrlReference, parse_reference
+from kwserver.sources.sigstore_trust import LazyTrustRoot
 from kwserver.sources.store import DownloadStore
 from kwserver.sources.transport import FetchOptions
 from kwserver.sources.trust import Sources
@@ -36,8 +37,13 @@ class ModuleFetcher:
     credentials: Credentials = field(default_factory=Credentials)
     options: FetchOptions = field(default_factory=FetchOptions)
     verification: verification.VerificationConfig | None = None  # verify registry modules before use
+    sigstore_trust_config: str | None = None  # keyless entries: this trust root, else the shipped one
+    trust_root: LazyTrustRoot = field(init=False, repr=False)
     downloaded: int = 0  # modules that came over the network (not from the download directory)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.trust_root = LazyTrustRoot(self.sigstore_trust_config)
 
     @property
     def store(self) -> DownloadStore:
@@ -70,7 +76,7 @@ class ModuleFetcher:
             raise verification.VerificationError(
                 f"Verification only works with OCI images: Not a valid oci image: {where}")
         assert self.verification is not None
-        return verification.verify(self.client(reference), reference, self.verification)
+        return verification.verify(self.client(reference), reference, self.verification, self.trust_root)
 
     def download(self, reference: ImageReference | UrlReference) -> bytes:
         if isinstance(reference, UrlReference):

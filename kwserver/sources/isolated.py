@@ -32,7 +32,8 @@ class FetchOutcome:
 
 def needs_child(settings: ServerSettings, base_dir: Path, references: Iterable[str]) -> bool:
     """Whether fetching these references needs the network libraries (or their configuration files)."""
-    if settings.verification_path or settings.sources_path or settings.docker_config_json_path:
+    if (settings.verification_path or settings.sources_path or settings.docker_config_json_path
+            or settings.sigstore_trust_config):
         return True
     for reference in references:
         try:
@@ -72,6 +73,13 @@ def _fetch_here(settings: ServerSettings, base_dir: Path, references: list[str])
     from kwserver.evaluation.bootstrap import make_fetcher
 
     fetcher = make_fetcher(settings, base_dir)
+    if settings.sigstore_trust_config:  # read at start, as the reference reads it, so that a bad one is seen
+        from kwserver.sources.sigstore_trust import TrustRootError
+
+        try:
+            fetcher.trust_root()
+        except TrustRootError as exc:
+            log.warning("%s: keyless signatures cannot be verified", exc)
     return FetchOutcome(fetcher.fetch_all(references), fetcher.downloaded)
 
 
