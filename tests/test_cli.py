@@ -126,6 +126,15 @@ def test_run_says_what_policy_it_takes(tmp_path):
         "AdmissionPolicy, ClusterAdmissionPolicy, AdmissionPolicyGroup, ClusterAdmissionPolicyGroup) or a policies.yml")
 
 
+@pytest.mark.parametrize("text", ["", "{}\n", "---\n---\n"])
+def test_run_refuses_a_yaml_file_without_policies(text, tmp_path):
+    empty = tmp_path / "policies.yml"
+    empty.write_text(text)
+    done = _run(str(empty), "-r", str(REQUESTS / "pod.json"), cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"Error: {empty} holds no policy: the policy is a Wasm module"), done.stderr
+
+
 def test_run_takes_a_policies_yml_with_paths_relative_to_it(tmp_path):
     """The issue's first attempt: `kwserver run deploy/examples/policies.yml -r req.json`, from elsewhere."""
     done = _run(str(EXAMPLE), "-r", str(REQUESTS / "privileged-pod.json"), cwd=tmp_path)

@@ -280,10 +280,14 @@ def yaml_entries(path: str) -> tuple[dict[str, PolicyEntry], Path]:
         raise RunError(f'Cannot parse YAML file "{path}": {exc}') from exc
     if is_policies_yml(documents):
         try:
-            return parse_policies(documents[0]), Path(path).resolve().parent
+            entries, base_dir = parse_policies(documents[0]), Path(path).resolve().parent
         except ConfigError as exc:
             raise RunError(f"{path}: {exc}") from exc
-    return crd_entries(path, documents), Path.cwd()
+    else:
+        entries, base_dir = crd_entries(path, documents), Path.cwd()
+    if not entries:
+        raise RunError(f"{path} holds no policy: the policy is {POLICY_SHAPES}")
+    return entries, base_dir
 
 
 def crd_entries(path: str, documents: list[Any]) -> dict[str, PolicyEntry]:
