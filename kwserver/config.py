@@ -478,10 +478,10 @@ def _unknown_keys(doc: dict[str, Any], known: set[str], where: str,
     by_lower = {key.lower(): key for key in known}
     warnings = []
     for key in sorted(str(key) for key in doc if key not in known):
-        close = difflib.get_close_matches(key.lower(), by_lower, n=1, cutoff=0.6)
         if misplaced and key in misplaced:
             hint = f": {misplaced[key]}"
         else:
+            close = difflib.get_close_matches(key.lower(), by_lower, n=1, cutoff=0.6)
             hint = f"; did you mean `{by_lower[close[0]]}`?" if close else ""
         warnings.append(f"{where}: unknown key `{key}` is ignored{hint}")
     return tuple(warnings)
