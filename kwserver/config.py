@@ -7,6 +7,7 @@ falcon or gunicorn.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import tempfile
@@ -61,6 +62,7 @@ class Setting:
     parse: Callable[[str], Any] = str
     check: Callable[[Any], str | None] | None = None  # the problem with a value, or None when it is fine
     hidden: bool = False
+    group: str | None = None  # its section of `--help`: a key of SETTING_GROUPS
 
     @property
     def flag(self) -> str:
@@ -77,10 +79,24 @@ class Setting:
         return f"{self.flag.lstrip('-')}: {problem}" if problem else None
 
 
+# The sections of `--help`, in order; every setting names one (`setting(..., group=...)`).
+SETTING_GROUPS = {
+    "listeners": "listeners and TLS",
+    "policies": "policies",
+    "sources": "module sources and signatures",
+    "evaluation": "evaluation limits and instances",
+    "workers": "worker pool",
+    "connections": "client connections",
+    "kubernetes": "Kubernetes",
+    "telemetry": "logs, metrics and traces",
+    "process": "process",
+}
+
+
 def setting(default: Any, env: str, help: str, *, parse: Callable[[str], Any] = str,
-            check: Callable[[Any], str | None] | None = None, hidden: bool = False) -> Any:
+            check: Callable[[Any], str | None] | None = None, hidden: bool = False, group: str | None = None) -> Any:
     """A `ServerSettings` field that is also a flag and an environment variable."""
-    return field(default=default, metadata={"setting": (env, help, parse, check, hidden)})
+    return field(default=default, metadata={"setting": (env, help, parse, check, hidden, group)})
 
 
 def at_least(minimum: int) -> Callable[[int], str | None]:
@@ -111,145 +127,160 @@ LOG_LEVELS = tuple(LEVELS)
 @dataclass(frozen=True)
 class ServerSettings:
     # Names, variables and defaults of the reference server, so existing deployments carry over.
-    addr: str = setting("0.0.0.0", "KUBEWARDEN_BIND_ADDRESS", "Bind address of the API and readiness listeners")
-    port: int = setting(3000, "KUBEWARDEN_PORT", "Port of the admission API", parse=int, check=port_number)
+    addr: str = setting("0.0.0.0", "KUBEWARDEN_BIND_ADDRESS", "Bind address of the API and readiness listeners",
+                        group="listeners")
+    port: int = setting(3000, "KUBEWARDEN_PORT", "Port of the admission API", parse=int, check=port_number,
+                        group="listeners")
     readiness_probe_port: int = setting(8081, "KUBEWARDEN_READINESS_PROBE_PORT",
                                         "Port of the readiness probe (always plain HTTP)",
-                                        parse=int, check=port_number)
+                                        parse=int, check=port_number, group="listeners")
     workers: int | None = setting(None, "KUBEWARDEN_WORKERS", "Worker processes (default: number of CPUs)",
-                                  parse=int, check=at_least(1))
-    policies: str = setting("policies.yml", "KUBEWARDEN_POLICIES", "YAML file holding the policies")
+                                  parse=int, check=at_least(1), group="workers")
+    policies: str = setting("policies.yml", "KUBEWARDEN_POLICIES", "YAML file holding the policies", group="policies")
     policies_download_dir: str = setting(".", "KUBEWARDEN_POLICIES_DOWNLOAD_DIR",
-                                         "Download directory for remote policy modules")
+                                         "Download directory for remote policy modules", group="policies")
     policy_timeout: int = setting(2, "KUBEWARDEN_POLICY_TIMEOUT",
                                   "Interrupt a policy evaluation after this many seconds",
-                                  parse=int, check=at_least(1))
+                                  parse=int, check=at_least(1), group="evaluation")
     disable_timeout_protection: bool = setting(
         False, "KUBEWARDEN_DISABLE_TIMEOUT_PROTECTION",
-        "Disable the global evaluation timeout (per-policy timeoutEvalSeconds still apply)", parse=parse_bool)
+        "Disable the global evaluation timeout (per-policy timeoutEvalSeconds still apply)", parse=parse_bool,
+        group="evaluation")
     always_accept_admission_reviews_on_namespace: str | None = setting(
         None, "KUBEWARDEN_ALWAYS_ACCEPT_ADMISSION_REVIEWS_ON_NAMESPACE",
-        "Accept every AdmissionReview for this namespace without evaluating it")
+        "Accept every AdmissionReview for this namespace without evaluating it", group="policies")
     continue_on_errors: bool = setting(False, "KUBEWARDEN_CONTINUE_ON_ERRORS",
                                        "Start even if some policies fail to load; they reject every request",
-                                       parse=parse_bool)
-    cert_file: str | None = setting(None, "KUBEWARDEN_CERT_FILE", "TLS certificate (PEM) of the API listener")
-    key_file: str | None = setting(None, "KUBEWARDEN_KEY_FILE", "TLS private key (PEM) of the API listener")
+                                       parse=parse_bool, group="policies")
+    cert_file: str | None = setting(None, "KUBEWARDEN_CERT_FILE", "TLS certificate (PEM) of the API listener",
+                                    group="listeners")
+    key_file: str | None = setting(None, "KUBEWARDEN_KEY_FILE", "TLS private key (PEM) of the API listener",
+                                   group="listeners")
     client_ca_file: str | None = setting(
-        None, "KUBEWARDEN_CLIENT_CA_FILE", "Comma-separated PEM files of CAs for mandatory client certificates (mTLS)")
+        None, "KUBEWARDEN_CLIENT_CA_FILE", "Comma-separated PEM files of CAs for mandatory client certificates (mTLS)",
+        group="listeners")
     ignore_kubernetes_connection_failure: bool = setting(
         False, "KUBEWARDEN_IGNORE_KUBERNETES_CONNECTION_FAILURE",
-        "Start even when the Kubernetes API cannot be reached", parse=parse_bool)
+        "Start even when the Kubernetes API cannot be reached", parse=parse_bool, group="kubernetes")
     cluster_max_reflectors: int = setting(
         100, "KWSERVER_CLUSTER_MAX_REFLECTORS",
         "Most lists (list+watch reflectors) the cluster cache keeps for the Kubernetes callbacks",
-        parse=int, check=at_least(1))
+        parse=int, check=at_least(1), group="kubernetes")
     cluster_max_objects: int = setting(
         100_000, "KWSERVER_CLUSTER_MAX_OBJECTS", "Most Kubernetes objects the cluster cache holds over all its lists",
-        parse=int, check=at_least(1))
+        parse=int, check=at_least(1), group="kubernetes")
     log_level: str = setting("info", "KUBEWARDEN_LOG_LEVEL", f"Log level: {', '.join(LOG_LEVELS)}",
-                             check=one_of(*LOG_LEVELS))
+                             check=one_of(*LOG_LEVELS), group="telemetry")
     # `otlp` is what the Kubewarden controller sets when tracing is on: spans over OTLP, and text logs as
     # the reference also writes (kwserver/observability/otlp_traces.py).
     log_fmt: str = setting("text", "KUBEWARDEN_LOG_FMT",
                            "Log format: text, json or otlp (text logs, and spans exported over OTLP: OTEL_* variables)",
-                           check=one_of("text", "json", "otlp"))
+                           check=one_of("text", "json", "otlp"), group="telemetry")
     # kwserver's own settings.
     compile_cache_dir: str | None = setting(
         None, "KWSERVER_COMPILE_CACHE_DIR",
-        "Directory of compiled modules (default: $XDG_CACHE_HOME/kwserver or ~/.cache/kwserver)")
+        "Directory of compiled modules (default: $XDG_CACHE_HOME/kwserver or ~/.cache/kwserver)", group="policies")
     policy_memory_limit_mib: int = setting(256, "KWSERVER_POLICY_MEMORY_LIMIT_MIB",
                                            "Maximum linear memory of one policy instance during an evaluation",
-                                           parse=int, check=at_least(1))
+                                           parse=int, check=at_least(1), group="evaluation")
     instance_keep_memory_mib: int = setting(32, "KWSERVER_INSTANCE_KEEP_MEMORY_MIB",
                                             "Discard an instance after use when its memory grew beyond this",
-                                            parse=int, check=at_least(0))
+                                            parse=int, check=at_least(0), group="evaluation")
     worker_instance_budget_mib: int = setting(
         512, "KWSERVER_WORKER_INSTANCE_BUDGET_MIB",
         "Memory of all idle instances kept by one worker; least recently used ones go first",
-        parse=int, check=at_least(0))
+        parse=int, check=at_least(0), group="evaluation")
     fresh_instance_per_request: bool = setting(
         False, "KWSERVER_FRESH_INSTANCE_PER_REQUEST",
-        "Never reuse instances: every evaluation gets a new one (strict isolation)", parse=parse_bool)
+        "Never reuse instances: every evaluation gets a new one (strict isolation)", parse=parse_bool,
+        group="evaluation")
     # What one client may cost a worker (kwserver/server/worker.py); none of it delays another client.
     header_timeout_seconds: float = setting(
         10.0, "KWSERVER_HEADER_TIMEOUT_SECONDS", "Answer 408 and close when request headers take longer than this",
-        parse=float, check=above(0))
+        parse=float, check=above(0), group="connections")
     body_timeout_seconds: float = setting(
         30.0, "KWSERVER_BODY_TIMEOUT_SECONDS", "Answer 408 and close when a request body takes longer than this",
-        parse=float, check=above(0))
+        parse=float, check=above(0), group="connections")
     keepalive_timeout_seconds: int = setting(
         75, "KWSERVER_KEEPALIVE_TIMEOUT_SECONDS",
         "Close a keep-alive connection idle for this long (the API server reuses its connections)",
-        parse=int, check=at_least(1))
+        parse=int, check=at_least(1), group="connections")
     tls_handshake_timeout_seconds: float = setting(
         10.0, "KWSERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS", "Close a connection whose TLS handshake takes longer than this",
-        parse=float, check=above(0))
+        parse=float, check=above(0), group="connections")
     max_connections_per_worker: int = setting(
         1024, "KWSERVER_MAX_CONNECTIONS_PER_WORKER",
         "Open connections one worker keeps; beyond, new connections get 503 and are closed",
-        parse=int, check=at_least(1))
+        parse=int, check=at_least(1), group="connections")
     metrics_port: int = setting(9090, "KWSERVER_METRICS_PORT",
                                 "Port of the Prometheus /metrics and JSON /status endpoints (0: disabled)",
-                                parse=int, check=port_number)
+                                parse=int, check=port_number, group="listeners")
     min_workers: int | None = setting(None, "KWSERVER_MIN_WORKERS",
                                       "Fewest workers when the pool shrinks (default: --workers)",
-                                      parse=int, check=at_least(1))
+                                      parse=int, check=at_least(1), group="workers")
     max_workers: int | None = setting(
         None, "KWSERVER_MAX_WORKERS",
         "Most workers when the pool grows (default: --workers); above min, the pool follows the load",
-        parse=int, check=at_least(1))
+        parse=int, check=at_least(1), group="workers")
     scale_up_after_seconds: int = setting(
         3, "KWSERVER_SCALE_UP_AFTER_SECONDS",
-        f"Add a worker after the workers were this long busier than {GROW_ABOVE:.0%}", parse=int, check=at_least(0))
+        f"Add a worker after the workers were this long busier than {GROW_ABOVE:.0%}", parse=int, check=at_least(0),
+        group="workers")
     scale_down_after_seconds: int = setting(
         30, "KWSERVER_SCALE_DOWN_AFTER_SECONDS",
         f"Remove a worker after the workers were this long less than {SHRINK_BELOW:.0%} busy",
-        parse=int, check=at_least(0))
+        parse=int, check=at_least(0), group="workers")
     worker_max_uss_mib: int = setting(0, "KWSERVER_WORKER_MAX_USS_MIB",
                                       "Recycle a worker gracefully once its own memory (USS) exceeds this (0: never)",
-                                      parse=int, check=at_least(0))
+                                      parse=int, check=at_least(0), group="workers")
     worker_max_requests: int = setting(
         0, "KWSERVER_WORKER_MAX_REQUESTS",
         "Recycle a worker gracefully after this many requests, with 10% jitter (0: never)",
-        parse=int, check=at_least(0))
-    pid_file: str | None = setting(None, "KWSERVER_PID_FILE", "Write the master's pid here (used by `kwserver reload`)")
+        parse=int, check=at_least(0), group="workers")
+    pid_file: str | None = setting(None, "KWSERVER_PID_FILE", "Write the master's pid here (used by `kwserver reload`)",
+                                   group="process")
     # Where remote modules come from (kwserver/sources/).
     sources_path: str | None = setting(
-        None, "KUBEWARDEN_SOURCES_PATH", "sources.yml: insecure_sources and per-host CAs (source_authorities)")
+        None, "KUBEWARDEN_SOURCES_PATH", "sources.yml: insecure_sources and per-host CAs (source_authorities)",
+        group="sources")
     docker_config_json_path: str | None = setting(
         None, "KUBEWARDEN_DOCKER_CONFIG_JSON_PATH",
-        "Directory of Docker's config.json with registry credentials (default: $DOCKER_CONFIG, ~/.docker)")
+        "Directory of Docker's config.json with registry credentials (default: $DOCKER_CONFIG, ~/.docker)",
+        group="sources")
     verification_path: str | None = setting(
         None, "KUBEWARDEN_VERIFICATION_CONFIG_PATH",
-        "verification.yml: cosign signatures every registry module must carry (pubKey, keyless entries)")
+        "verification.yml: cosign signatures every registry module must carry (pubKey, keyless entries)",
+        group="sources")
     download_timeout_seconds: float = setting(
         30.0, "KWSERVER_DOWNLOAD_TIMEOUT_SECONDS", "Give up on a registry or web server silent for this long",
-        parse=float, check=above(0))
+        parse=float, check=above(0), group="sources")
     download_retries: int = setting(2, "KWSERVER_DOWNLOAD_RETRIES",
                                     "Retries of a download request after a transient failure (connection, 5xx)",
-                                    parse=int, check=at_least(0))
+                                    parse=int, check=at_least(0), group="sources")
     max_module_size_mib: int = setting(128, "KWSERVER_MAX_MODULE_SIZE_MIB",
-                                       "Refuse to download a module larger than this", parse=int, check=at_least(1))
+                                       "Refuse to download a module larger than this", parse=int, check=at_least(1),
+                                       group="sources")
     # Accepted so that existing policy-server deployments start unchanged; see ServerSettings.ignored().
     sigstore_cache_dir: str | None = setting(None, "KUBEWARDEN_SIGSTORE_CACHE_DIR",
-                                             "Sigstore TUF cache; unused: no Sigstore data is fetched at start")
+                                             "Sigstore TUF cache; unused: no Sigstore data is fetched at start",
+                                             group="sources")
     sigstore_trust_config: str | None = setting(
         None, "KUBEWARDEN_SIGSTORE_TRUST_CONFIG_PATH",
         "Sigstore ClientTrustConfig or TrustedRoot JSON for keyless signatures (default: the public-good "
-        "root shipped with kwserver)")
+        "root shipped with kwserver)", group="sources")
     enable_metrics: bool = setting(
         False, "KUBEWARDEN_ENABLE_METRICS",
         "Also push the metrics over OTLP (OTEL_* variables); Prometheus still serves them on --metrics-port",
-        parse=parse_bool)
+        parse=parse_bool, group="telemetry")
     enable_pprof: bool = setting(False, "KUBEWARDEN_ENABLE_PPROF", "Go-style profiling endpoints; not available",
-                                 parse=parse_bool)
+                                 parse=parse_bool, group="telemetry")
     log_no_color: bool = setting(False, "NO_COLOR", "No colours in text logs (kwserver never colours them)",
-                                 parse=parse_present)
+                                 parse=parse_present, group="telemetry")
     daemon: bool = setting(
         False, "KUBEWARDEN_DAEMON",
         "Detach from the terminal; not supported: run in the foreground (container, systemd)", parse=parse_bool,
-        check=refused("--daemon is not supported: run kwserver in the foreground (container, systemd)"))
+        check=refused("--daemon is not supported: run kwserver in the foreground (container, systemd)"),
+        group="process")
 
     def __post_init__(self) -> None:
         for item in SETTINGS:
@@ -356,13 +387,18 @@ def help_text(setting: Setting) -> str:
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare every setting as a flag. Unset flags stay None, so environment and defaults apply."""
+    """Declare every setting as a flag, in the `--help` section its group names. Unset flags stay None, so
+    environment and defaults apply."""
+    sections = {key: parser.add_argument_group(title) for key, title in SETTING_GROUPS.items()}
     for setting in SETTINGS:
+        if setting.group not in sections:  # a setting that names no group still gets a flag
+            sections[setting.group] = parser.add_argument_group("other settings")
+        section = sections[setting.group]
         text = argparse.SUPPRESS if setting.hidden else help_text(setting)
         if setting.is_bool:
-            parser.add_argument(setting.flag, dest=setting.name, action="store_true", default=None, help=text)
+            section.add_argument(setting.flag, dest=setting.name, action="store_true", default=None, help=text)
         else:
-            parser.add_argument(setting.flag, dest=setting.name, type=setting.parse, default=None, help=text)
+            section.add_argument(setting.flag, dest=setting.name, type=setting.parse, default=None, help=text)
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerSettings:
@@ -401,6 +437,7 @@ class PolicySpec:
     own_instance: bool = False
     # Written by the Kubewarden controller (1.32+); read and checked, not enforced (docs/compatibility.md).
     host_capabilities: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = field(default=(), compare=False)  # unknown keys, ignored
 
 
 @dataclass(frozen=True)
@@ -412,14 +449,56 @@ class PolicyGroupSpec:
     tree: Node | None  # None when the expression is invalid (then `expression_error` says why)
     policy_mode: str = "protect"
     expression_error: str | None = None
+    warnings: tuple[str, ...] = field(default=(), compare=False)  # unknown keys, ignored
 
 
 PolicyEntry = PolicySpec | PolicyGroupSpec
 
+_CONTROLLER_KEYS = {"namespacedName"}  # written by the Kubewarden controller, read by no server
 _POLICY_KEYS = {"module", "policyMode", "allowedToMutate", "settings", "contextAwareResources", "message",
-                "timeoutEvalSeconds", "entrypoint", "ownInstance", "hostCapabilities"}
+                "timeoutEvalSeconds", "entrypoint", "ownInstance", "hostCapabilities", *_CONTROLLER_KEYS}
+_GROUP_KEYS = {"policies", "expression", "message", "policyMode", *_CONTROLLER_KEYS}
 _MEMBER_KEYS = {"module", "settings", "contextAwareResources", "timeoutEvalSeconds", "entrypoint", "ownInstance",
                 "hostCapabilities"}
+
+
+# Policy keys that mean nothing in a group member, and why.
+_GROUP_LEVEL_KEYS = {
+    "policyMode": "a member has no mode of its own: the group's `policyMode` applies",
+    "allowedToMutate": "group members never mutate",
+    "message": "the group's `message` applies",
+}
+
+
+def _unknown_keys(doc: dict[str, Any], known: set[str], where: str,
+                  misplaced: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """A warning for each key of `doc` that is not in `known`, naming the closest known key (or, for a key
+    in `misplaced`, why it does not belong here).
+
+    Unknown keys are ignored, never refused: the reference ignores them in policies, and a newer
+    controller may write keys this server does not know yet. A misspelt `policyMode` silently means
+    protect mode, so the user is told which key was probably meant."""
+    by_lower = {key.lower(): key for key in known}
+    warnings = []
+    for key in sorted(str(key) for key in doc if key not in known):
+        if misplaced and key in misplaced:
+            hint = f": {misplaced[key]}"
+        else:
+            close = difflib.get_close_matches(key.lower(), by_lower, n=1, cutoff=0.6)
+            hint = f"; did you mean `{by_lower[close[0]]}`?" if close else ""
+        warnings.append(f"{where}: unknown key `{key}` is ignored{hint}")
+    return tuple(warnings)
+
+
+def entry_warnings(entries: Mapping[str, PolicyEntry]) -> list[str]:
+    """What parsing noticed but did not refuse, for every entry and group member."""
+    warnings: list[str] = []
+    for entry in entries.values():
+        warnings.extend(entry.warnings)
+        if isinstance(entry, PolicyGroupSpec):
+            for member in entry.members.values():
+                warnings.extend(member.warnings)
+    return warnings
 
 
 def _settings(value: Any) -> dict[str, Any]:
@@ -510,6 +589,7 @@ def _parse_policy(name: str, doc: dict[str, Any]) -> PolicySpec:
         entrypoint=_entrypoint(doc.get("entrypoint"), f"policy '{name}'"),
         own_instance=_own_instance(doc.get("ownInstance", False), f"policy '{name}'"),
         host_capabilities=_host_capabilities(doc.get("hostCapabilities"), f"policy '{name}'"),
+        warnings=_unknown_keys(doc, _POLICY_KEYS, f"policy '{name}'"),
     )
 
 
@@ -533,9 +613,6 @@ def _parse_group(name: str, doc: dict[str, Any], tolerate_invalid_expression: bo
             )
         if not isinstance(member_doc, dict):
             raise ConfigError(f"policy group '{name}': member '{member}' must be a map")
-        unknown = sorted(str(key) for key in set(member_doc) - _MEMBER_KEYS)
-        if unknown:
-            raise ConfigError(f"policy group '{name}': member '{member}' has unknown field(s) {unknown}")
         member_id = f"{name}/{member}"
         members[member] = PolicySpec(
             name=member_id,
@@ -548,6 +625,8 @@ def _parse_group(name: str, doc: dict[str, Any], tolerate_invalid_expression: bo
                                        f"policy group '{name}' member '{member}'"),
             host_capabilities=_host_capabilities(member_doc.get("hostCapabilities"),
                                                  f"policy group '{name}' member '{member}'"),
+            warnings=_unknown_keys(member_doc, _MEMBER_KEYS, f"policy group '{name}' member '{member}'",
+                                   _GROUP_LEVEL_KEYS),
         )
     expression, message = doc["expression"], doc["message"]
     if not isinstance(expression, str) or not isinstance(message, str):
@@ -562,6 +641,7 @@ def _parse_group(name: str, doc: dict[str, Any], tolerate_invalid_expression: bo
     return PolicyGroupSpec(
         name=name, expression=expression, message=message, members=members, tree=tree,
         policy_mode=_policy_mode(doc.get("policyMode")), expression_error=expression_error,
+        warnings=_unknown_keys(doc, _GROUP_KEYS, f"policy group '{name}'"),
     )
 
 

@@ -1,6 +1,19 @@
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
 
 from kwserver.commands.cli import main
+from tests.support.paths import REPO
+
+EXAMPLE = REPO / "deploy" / "examples" / "policies.yml"
+REQUESTS = REPO / "deploy" / "examples" / "requests"
 
 
 @pytest.mark.parametrize("command", ["serve", "check", "annotate", "inspect", "top", "reload", "run"])
@@ -34,3 +47,100 @@ def test_kubernetes_manifest_runs_kwserver_with_valid_flags():
         settings.port, settings.readiness_probe_port, settings.metrics_port)
     assert settings.tls and settings.autoscaling
     assert yaml.safe_load(documents["ConfigMap"]["data"]["policies.yml"])
+
+
+def test_serve_help_lists_every_setting_under_its_topic(capsys):
+    from kwserver.config import SETTING_GROUPS, SETTINGS
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: kwserver serve [options]\n")
+    # Sections in the declared order, each holding the flags of the settings that name it.
+    sections = dict(re.findall(r"^(\S[^\n]*):\n(.*?)(?=^\S|\Z)", text, re.M | re.S))
+    assert [title for title in sections if title in SETTING_GROUPS.values()] == list(SETTING_GROUPS.values())
+    for setting in SETTINGS:
+        assert setting.group in SETTING_GROUPS, f"{setting.name} names no --help section"
+        if not setting.hidden:
+            assert re.search(rf"^  {setting.flag}\b", sections[SETTING_GROUPS[setting.group]], re.M), setting.flag
+
+
+SIGPIPE_STATUS = 128 + signal.SIGPIPE
+
+
+@pytest.mark.parametrize("command,status", [
+    (["manifests", "--policies", str(EXAMPLE), "--image", "registry.example/kwserver:1"], SIGPIPE_STATUS),
+    (["inspect", str(REPO / "policies" / "dist" / "echo.wasm")], SIGPIPE_STATUS),
+    (["check", "--policies", str(EXAMPLE)], SIGPIPE_STATUS),
+    (["run", str(REPO / "policies" / "dist" / "pod-privileged.wasm"), "-r", str(REQUESTS / "privileged-pod.json")],
+     SIGPIPE_STATUS),
+    (["serve", "--help"], 0),  # argparse ignores write errors of --help and --version
+    (["--version"], 0),
+])
+def test_a_reader_that_goes_away_is_not_an_error(command, status, tmp_path):
+    """`kwserver ... | head`: the reader closed the pipe; the command stops quietly with the shell's SIGPIPE
+    status, as coreutils do."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before the first write: every write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "kwserver", *command], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120, cwd=tmp_path,
+                              env={**os.environ, "KWSERVER_COMPILE_CACHE_DIR": str(tmp_path / "cache")})
+    finally:
+        os.close(write_end)
+    assert done.returncode == status
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kwserver", "run", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, env={**os.environ, "KWSERVER_COMPILE_CACHE_DIR": str(cwd / "cache")})
+
+
+@pytest.mark.parametrize("request_doc,why", [
+    ([1, 2], "Invalid request object: expected an AdmissionReview"),
+    ({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"},
+     "invalid AdmissionReview object: it has no `request`; expected an AdmissionReview"),
+    # An envelope without its kind is read as a bare request, as kwctl reads it: the error says so.
+    ({"request": {"uid": "1"}}, "missing field `uid`; a document is read as an AdmissionReview only when its `kind` "
+                                "is AdmissionReview, and otherwise as a bare request; expected an AdmissionReview"),
+    ({"uid": "1"}, "missing field `kind`; expected an AdmissionReview ({\"apiVersion\": \"admission.k8s.io/v1\", "
+                   "\"kind\": \"AdmissionReview\", \"request\": {...}}) or its bare request (an AdmissionRequest: uid"),
+])
+def test_run_says_what_request_it_takes(request_doc, why, tmp_path):
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(request_doc))
+    done = _run(str(REPO / "policies" / "dist" / "pod-privileged.wasm"), "-r", str(request), cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert why in done.stderr, done.stderr
+
+
+def test_run_says_what_policy_it_takes(tmp_path):
+    deployment = tmp_path / "deployment.yml"
+    deployment.write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n")
+    done = _run(str(deployment), "-r", str(REQUESTS / "pod.json"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        'Error: invalid apiVersion Some("apps/v1"): the policy is a Wasm module (path, file://, registry:// or '
+        "https:// URL), a YAML file of Kubewarden policy resources (apiVersion policies.kubewarden.io/v1, kind "
+        "AdmissionPolicy, ClusterAdmissionPolicy, AdmissionPolicyGroup, ClusterAdmissionPolicyGroup) or a policies.yml")
+
+
+@pytest.mark.parametrize("text", ["", "{}\n", "---\n---\n"])
+def test_run_refuses_a_yaml_file_without_policies(text, tmp_path):
+    empty = tmp_path / "policies.yml"
+    empty.write_text(text)
+    done = _run(str(empty), "-r", str(REQUESTS / "pod.json"), cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"Error: {empty} holds no policy: the policy is a Wasm module"), done.stderr
+
+
+def test_run_takes_a_policies_yml_with_paths_relative_to_it(tmp_path):
+    """The issue's first attempt: `kwserver run deploy/examples/policies.yml -r req.json`, from elsewhere."""
+    done = _run(str(EXAMPLE), "-r", str(REQUESTS / "privileged-pod.json"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    names = re.findall(r"kwserver\.commands\.offline: (\S+):$", done.stderr, re.M)
+    assert names == list(yaml.safe_load(EXAMPLE.read_text()))
+    verdicts = dict(zip(names, (answer["allowed"] for answer in answers), strict=True))
+    assert verdicts["clusterwide-no-privileged-pod"] is False and verdicts["clusterwide-no-host-namespace-sharing"]

@@ -147,8 +147,80 @@ def test_check_reports_every_problem(tmp_path):
     assert "bad-group: ERROR: Policy settings are invalid" in result.stdout
     assert "pod-privileged: ok" in result.stdout.splitlines()
     assert "bad-settings: ERROR: Policy settings are invalid" in result.stdout
-    assert "missing-module: ERROR: bootstrap failure: missing-module: Error while downloading" in result.stdout
-    assert "not-wasm: ERROR:" in result.stdout and "\\0asm" in result.stdout
+    # A local file is not downloaded: the message says the file is missing.
+    assert f"missing-module: ERROR: bootstrap failure: missing-module: module file {tmp_path / 'nope.wasm'} " \
+           "does not exist" in result.stdout.splitlines()
+    assert f"not-wasm: ERROR: bootstrap failure: not-wasm: module file {REPO / 'README.md'} is not a WebAssembly " \
+           "module (it does not start with the \\0asm magic)" in result.stdout.splitlines()
+
+
+def test_check_names_the_policies_yml_key_of_a_settings_type_error(tmp_path):
+    """The guest's parser error points into the settings JSON kwserver handed it ("line 1 column N"); check
+    names the key in policies.yml."""
+    library = REPO / "policies" / "dist"
+    result = _check(tmp_path, {
+        "caps": {"module": str(library / "capabilities-psp.wasm"), "settings": {"allowed_capabilities": "CHOWN"}},
+        "group": {"expression": "users()", "message": "no", "policies": {"users": {
+            "module": str(library / "user-group-psp.wasm"),
+            "settings": {"run_as_user": {"rule": "RunAsAny"}, "run_as_group": {"rule": 3}}}}},
+    })
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("caps: ERROR: Policy settings are invalid: ") and "at line 1 column" in line
+               and line.endswith("(in policies.yml: policy 'caps', settings.allowed_capabilities)") for line in lines)
+    assert any(line.startswith("group: ERROR: Policy settings are invalid: ") and line.endswith(
+        "(in policies.yml: policy group 'group' member 'users', settings.run_as_group.rule)") for line in lines)
+    assert result.stderr == ""  # said once, on stdout
+
+
+def test_check_and_serve_warn_about_unknown_keys(run_server, tmp_path):
+    policies = {"p": {"module": policy_path("pod-privileged"), "policymode": "monitor"},
+                "g": {"expression": "m()", "message": "no", "policies": {"m": {
+                    "module": policy_path("pod-privileged"), "setings": {}}}}}
+    warnings = ["policy 'p': unknown key `policymode` is ignored; did you mean `policyMode`?",
+                "policy group 'g' member 'm': unknown key `setings` is ignored; did you mean `settings`?"]
+    result = _check(tmp_path, policies)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.removeprefix("warning: ") for line in result.stdout.splitlines() if line.startswith("warning:")] == \
+        warnings
+    # The reference ignores unknown policy keys: the server starts, warns, and the policy runs in protect mode.
+    server = run_server(policies)
+    assert all(warning in server.log() for warning in warnings), server.log()
+    assert server.post("/validate/p", PRIVILEGED).json()["response"]["allowed"] is False
+
+
+@pytest.mark.parametrize("taken", ["api", "readiness", "metrics"])
+def test_a_port_in_use_stops_the_server_at_once_with_one_line(taken, tmp_path):
+    """As a busy readiness port always did: one line naming the port and the flag, before any policy loads
+    (gunicorn alone retries a busy API port for 5 s)."""
+    import socket
+
+    from tests.support.server import free_port
+
+    ports = {"api": free_port(), "readiness": free_port(), "metrics": free_port()}
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", ports[taken]))
+    busy.listen()
+    config = tmp_path / "policies.yml"
+    config.write_text(json.dumps(POLICIES))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "kwserver", "serve", "--policies", str(config), "--addr", "127.0.0.1",
+             "--port", str(ports["api"]), "--readiness-probe-port", str(ports["readiness"]),
+             "--metrics-port", str(ports["metrics"])],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            env={**os.environ, "KWSERVER_COMPILE_CACHE_DIR": str(tmp_path / "cache")})
+    finally:
+        busy.close()
+    assert result.returncode == 1
+    what, flag = {"api": ("the admission API", "--port"), "readiness": ("readiness", "--readiness-probe-port"),
+                  "metrics": ("metrics", "--metrics-port")}[taken]
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"cannot serve {what} on 127.0.0.1:{ports[taken]}: Address already in use (another server? choose a port "
+        f"with {flag})"), result.stderr
+    # Not gunicorn's retries (each logs "Connection in use"), and before any policy was loaded.
+    assert "Connection in use" not in result.stderr and "loaded" not in result.stderr
 
 
 def test_check_rejects_an_unparsable_file(tmp_path):

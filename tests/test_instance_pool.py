@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kwserver.admission import parse_admission_review
+from kwserver.evaluation.registry import instance_labels
 from tests.support.modules import annotated, in_process_evaluator
 from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
 from tests.support.server import published_metrics, sample
@@ -29,9 +30,8 @@ def test_idle_instances_stay_within_the_worker_budget(run_server):
         for name in policies:
             assert server.post(f"/validate/{name}", PRIVILEGED).json()["response"]["allowed"] is False
     text = published_metrics(server, served=2 * COPIES)
-    idle = sum(sample(text, "kwserver_policy_instances", instance=f"policy:{name}") for name in policies)
-    idle_bytes = sum(sample(text, "kwserver_policy_instance_memory_bytes", instance=f"policy:{name}")
-                     for name in policies)
+    idle = sum(sample(text, "kwserver_policy_instances", instance=name) for name in policies)
+    idle_bytes = sum(sample(text, "kwserver_policy_instance_memory_bytes", instance=name) for name in policies)
     misses, evictions = (sample(text, "kwserver_instance_cache_events_total", event=e) for e in ("miss", "eviction"))
     assert 0 < idle_bytes <= 3 * MIB and 1 <= idle < COPIES, (idle, idle_bytes)
     # Every instance made was kept, taken back (a hit) or evicted; the cyclic order hits nothing.
@@ -97,13 +97,13 @@ class RecordingObserver:
 
     def __init__(self):
         self.events: dict[str, int] = {}
-        self.idle_by_key: dict[str, tuple[int, int]] = {}
+        self.idle_by_label: dict[str, tuple[int, int]] = {}
 
     def event(self, name: str, count: int = 1) -> None:
         self.events[name] = self.events.get(name, 0) + count
 
-    def idle(self, instance_key: str, count: int, memory_bytes: int) -> None:
-        self.idle_by_key[instance_key] = (count, memory_bytes)
+    def idle(self, label: str, count: int, memory_bytes: int) -> None:
+        self.idle_by_label[label] = (count, memory_bytes)
 
 
 @settings(max_examples=40, deadline=None)
@@ -112,6 +112,10 @@ def test_pool_bookkeeping_under_any_sequence_of_evaluations(evaluator_parts, bud
     from kwserver.evaluation import Evaluator, InstancePool
 
     _, registry = evaluator_parts
+    # The metrics name instances after their policies: a and b share one.
+    assert {registry.policies[name].instance_key: label for name, label in (("a", "a, b"), ("c", "c"))} == \
+        instance_labels(registry.policies.values())
+    labels = instance_labels(registry.policies.values())
     observer = RecordingObserver()
     pool = InstancePool(registry, reuse=True, keep_bytes=32 * MIB, budget_bytes=budget, observer=observer)
     evaluator = Evaluator(registry, pool)
@@ -131,7 +135,7 @@ def test_pool_bookkeeping_under_any_sequence_of_evaluations(evaluator_parts, bud
             # Least recently used first: if the instance just returned was evicted, so was every other.
             assert key in stats["per_key"] or stats["idle_instances"] == 0
             # ... and it is evicted only when it alone is over the budget.
-            count, memory = observer.idle_by_key[key]
+            count, memory = observer.idle_by_label[labels[key]]
             if count:
                 sizes[key] = memory
             elif key in sizes:
@@ -142,8 +146,9 @@ def test_pool_bookkeeping_under_any_sequence_of_evaluations(evaluator_parts, bud
             assert stats["discards"] == 0
             assert stats["evictions"] == stats["misses"] - stats["idle_instances"]
             # The metrics see the same: per policy, the idle count and memory; the events, counted.
-            reported = {key: entry for key, entry in observer.idle_by_key.items() if entry[0]}
-            assert {key: entry[0] for key, entry in reported.items()} == stats["per_key"]
+            reported = {label: entry for label, entry in observer.idle_by_label.items() if entry[0]}
+            assert {label: entry[0] for label, entry in reported.items()} == {
+                labels[key]: count for key, count in stats["per_key"].items()}
             assert sum(entry[1] for entry in reported.values()) == stats["idle_bytes"]
             assert {event: observer.events.get(event, 0) for event in ("hit", "miss", "eviction")} == {
                 "hit": stats["hits"], "miss": stats["misses"], "eviction": stats["evictions"]}

@@ -107,6 +107,31 @@ def test_top_once_json(run_server):
     assert "total PSS" in text and "master" in text
 
 
+def test_top_metrics_and_titles_name_the_policies(run_server):
+    """Where users read them, instances are named after their policies (the first two sharing a module and how
+    many more), and a worker's title counts what `kwserver top --json` counts."""
+    policies = {name: POD_PRIVILEGED for name in ("alpha", "beta", "gamma")}
+    policies["own"] = {**POD_PRIVILEGED, "ownInstance": True}
+    server = run_server(policies, env={"KUBEWARDEN_WORKERS": "1"})
+    for name in [*policies, "alpha", "own", "beta"]:
+        assert server.post(f"/validate/{name}", PRIVILEGED).status_code == 200
+    text = published_metrics(server, served=7)
+    assert sample(text, "kwserver_policy_instances", instance="alpha, beta +1 more") == 1
+    assert sample(text, "kwserver_policy_instances", instance="own") == 1
+    assert "module:" not in text
+    url = f"http://127.0.0.1:{server.metrics_port}"
+    status = json.loads(subprocess.run([sys.executable, "-m", "kwserver", "top", "--json", "--url", url],
+                                       capture_output=True, text=True, timeout=60, check=True).stdout)
+    worker = next(p for p in status["processes"] if p["role"] == "worker")
+    assert worker["instances"] == {"alpha, beta +1 more": 1, "own": 1} and worker["requests"] == 7
+    title = wait_for(lambda: (t := " ".join(psutil.Process(worker["pid"]).cmdline())).endswith("7 requests") and t)
+    assert title.startswith("kwserver: worker 1 [4 policies")
+    table = subprocess.run([sys.executable, "-m", "kwserver", "top", "--once", "--url", url],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    row = next(line for line in table.splitlines() if line.split()[:2] == [str(worker["pid"]), "worker"])
+    assert row.endswith("  alpha, beta +1 more (1); own (1)"), row
+
+
 def _load(server, path, body, stop: threading.Event, failures: list, count: list, threads: int = 4):
     def run():
         while not stop.is_set():

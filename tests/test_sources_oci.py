@@ -272,8 +272,11 @@ def test_the_ten_policy_example_by_registry_reference(run_server, tmp_path):
         for name in policies:
             reply = server.post(f"/validate/{name}", review)
             assert reply.status_code == 200 and reply.json()["response"]["uid"] == review["request"]["uid"], name
-        # Monitor mode (the chart's default for cluster-wide policies): evaluated, and accepted.
-        assert server.post("/validate/clusterwide-no-privileged-pod", review).json()["response"]["allowed"] is True
+        # Monitor mode (the chart's default for cluster-wide policies): evaluated, and accepted; the privileged
+        # Pod policy is in protect mode.
+        assert server.post("/validate/clusterwide-no-host-namespace-sharing", review).json()["response"][
+            "allowed"] is True
+        assert server.post("/validate/clusterwide-no-privileged-pod", review).json()["response"]["allowed"] is False
     finally:
         registry.stop()
 

@@ -39,6 +39,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     configure_logging("warn")
+    # What the boot finds is printed below, once; its log lines would say it twice.
+    logging.getLogger("kwserver.evaluation.bootstrap").setLevel(logging.CRITICAL)
     try:
         registry, report = build_registry(ServerSettings(**{**settings.__dict__, "continue_on_errors": True}))
     except (ConfigError, BootError) as exc:
@@ -47,9 +49,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name in registry.top_level_names:
         status = "ok"
         if name in registry.init_errors:
-            status = f"ERROR: {registry.init_errors[name]}"
+            status = f"ERROR: {report.describe(name, registry.init_errors[name])}"
         elif name in registry.groups:
-            member_errors = [e for m, e in registry.init_errors.items() if m.startswith(f"{name}/")]
+            member_errors = [report.describe(m, e) for m, e in registry.init_errors.items()
+                             if m.startswith(f"{name}/")]
             status = "ERROR: " + "; ".join(member_errors) if member_errors else "ok (group)"
         print(f"{name}: {status}")
     for warning in report.warnings:
@@ -219,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version_text())
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the policy server",
+    # Commands that take the server's settings list them by topic; their usage line would be 40 lines long.
+    serve = commands.add_parser("serve", help="run the policy server", usage="%(prog)s [options]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_arguments(serve)
     serve.add_argument("--version", action="version", version=_version_text())
@@ -227,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a gunicorn config file whose settings override kwserver's defaults")
     serve.set_defaults(func=cmd_serve)
 
-    check = commands.add_parser("check", help="validate a configuration: parse, load, compile, validate settings")
+    check = commands.add_parser("check", help="validate a configuration: parse, load, compile, validate settings",
+                                usage="%(prog)s [options]")
     add_setting_arguments(check)
     check.set_defaults(func=cmd_check)
 
@@ -241,18 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_cmd.add_argument("module")
     inspect_cmd.set_defaults(func=cmd_inspect)
 
-    pull_cmd = commands.add_parser("pull", help="download a policy into the download directory; prints its digest")
+    pull_cmd = commands.add_parser("pull", help="download a policy into the download directory; prints its digest",
+                                   usage="%(prog)s [options] reference")
     pull_cmd.add_argument("reference", help="registry://, https:// or http:// reference")
     add_setting_arguments(pull_cmd)
     pull_cmd.set_defaults(func=cmd_pull)
 
-    push_cmd = commands.add_parser("push", help="push a policy module to an OCI registry in Kubewarden's format")
+    push_cmd = commands.add_parser("push", help="push a policy module to an OCI registry in Kubewarden's format",
+                                   usage="%(prog)s [options] module destination")
     push_cmd.add_argument("module", help="the (annotated) policy module")
     push_cmd.add_argument("destination", help="registry://host[:port]/repository:tag")
     add_setting_arguments(push_cmd)
     push_cmd.set_defaults(func=cmd_push)
 
-    verify_cmd = commands.add_parser("verify", help="check a registry policy's signatures against verification.yml")
+    verify_cmd = commands.add_parser("verify", help="check a registry policy's signatures against verification.yml",
+                                     usage="%(prog)s [options] reference")
     verify_cmd.add_argument("reference", help="registry:// reference")
     add_setting_arguments(verify_cmd)
     verify_cmd.set_defaults(func=cmd_verify)
@@ -291,13 +299,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)  # --help and --version write to stdout too
+        logging.basicConfig(level=logging.WARNING)
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be answered quietly
+        return status
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (`kwserver manifests | head`): stop quietly, as coreutils do
+    (they die of SIGPIPE), with the shell's status for that. Output still buffered would fail again at
+    exit, so stdout now goes nowhere."""
+    import os
+    import signal
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

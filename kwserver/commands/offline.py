@@ -34,6 +34,14 @@ EXECUTION_MODES = {"kubewarden": "kubewarden-wapc", "kubewarden-wapc": "kubeward
                    "gatekeeper": "gatekeeper", "wasi": "wasi"}
 _HAS_SCHEME = re.compile(r"^\w+://")
 
+REQUEST_SHAPE = (
+    'expected an AdmissionReview ({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", '
+    '"request": {...}}) or its bare request (an AdmissionRequest: uid, kind, resource, operation, userInfo, '
+    "object, ...)")
+POLICY_SHAPES = (
+    "a Wasm module (path, file://, registry:// or https:// URL), a YAML file of Kubewarden policy resources "
+    f"(apiVersion {CRD_API_VERSION}, kind {', '.join(CRD_KINDS)}) or a policies.yml")
+
 DESCRIPTION = """\
 Evaluate one request with a Kubewarden policy, offline, and print the AdmissionResponse (kwctl run).
 
@@ -42,7 +50,15 @@ The policy is given as
   - a registry:// or https:// URL, fetched as `kwserver serve` fetches modules,
   - a YAML file (.yml, .yaml) of Kubewarden policy resources (AdmissionPolicy, ClusterAdmissionPolicy and
     their groups): each is evaluated with the same request, with its settings, mode, mutating flag, message
-    and (cluster-wide kinds) contextAwareResources; --settings-* are ignored and --raw is refused.
+    and (cluster-wide kinds) contextAwareResources; --settings-* are ignored and --raw is refused,
+  - a policies.yml, as `kwserver serve` reads it (an extension): each of its policies and groups is
+    evaluated with the same request, in the file's order.
+
+The request (-r) is an AdmissionReview as the API server sends it, or its bare `request`, in JSON:
+  {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+   "request": {"uid": "...", "kind": {...}, "resource": {...}, "operation": "CREATE", "userInfo": {...},
+               "object": {...}, ...}}
+With --raw (or a raw policy), any JSON document.
 
 A policy named on the command line may mutate and runs in protect mode, as in kwctl.
 Exit status: 0 when the request was evaluated (accepted or not), 1 when it could not be.
@@ -81,7 +97,7 @@ def add_parser(commands: Any) -> None:
                       help="Answer the policy's host-capability calls from FILE (recorded by kwctl or kwserver); "
                            "nothing is asked of DNS, registries or Kubernetes")
     run.add_argument("-r", "--request-path", metavar="PATH", required=True,
-                     help="File of the AdmissionRequest (or a whole AdmissionReview) in JSON; - for stdin")
+                     help="File of the AdmissionReview (or its bare AdmissionRequest) in JSON; - for stdin")
     run.add_argument("--settings-json", metavar="VALUE", help="JSON string containing the settings for this policy")
     run.add_argument("-s", "--settings-path", metavar="PATH",
                      help="File (YAML or JSON) containing the settings for this policy")
@@ -106,7 +122,8 @@ def add_parser(commands: Any) -> None:
     run.add_argument("-v", "--verbose", action="store_true", help="Debug logs")
     run.add_argument("--no-color", action="store_true", help="No colours in logs (kwserver never colours them)")
     run.add_argument("module", metavar="uri_or_yaml_file",
-                     help="Policy module (path, file://, registry://, https://) or YAML file of policy resources")
+                     help="Policy module (path, file://, registry://, https://), YAML file of policy resources, "
+                          "or a policies.yml")
     run.set_defaults(func=cmd_run)
 
 
@@ -216,12 +233,12 @@ def _crd_member(member: str, doc: Any, cluster: bool) -> dict[str, Any]:
 def crd_entry(doc: Any) -> tuple[str, dict[str, Any]]:
     """One Kubewarden policy resource as a policies.yml entry (the fields kwctl evaluates)."""
     if not isinstance(doc, dict):
-        raise RunError("cannot extract ObjectReference: expected a map")
+        raise RunError(f"cannot extract ObjectReference: expected a map; the policy is {POLICY_SHAPES}")
     if doc.get("apiVersion") != CRD_API_VERSION:
-        raise RunError(f"invalid apiVersion {_rust_option(doc.get('apiVersion'))}")
+        raise RunError(f"invalid apiVersion {_rust_option(doc.get('apiVersion'))}: the policy is {POLICY_SHAPES}")
     kind = doc.get("kind")
     if kind not in CRD_KINDS:
-        raise RunError(f"unknown kind {_rust_option(kind)}, not a Kubewarden policy")
+        raise RunError(f"unknown kind {_rust_option(kind)}, not a Kubewarden policy; the policy is {POLICY_SHAPES}")
     spec = doc.get("spec")
     if not isinstance(spec, dict):
         raise RunError(f"CRD does not have spec, but it is required for {kind}")
@@ -245,13 +262,35 @@ def crd_entry(doc: Any) -> tuple[str, dict[str, Any]]:
     return name, entry
 
 
-def crd_entries(path: str) -> dict[str, PolicyEntry]:
+def is_policies_yml(documents: list[Any]) -> bool:
+    """A policies.yml rather than policy resources: one map of names to entries, none a resource."""
+    return (len(documents) == 1 and isinstance(documents[0], dict) and "apiVersion" not in documents[0]
+            and all(isinstance(entry, dict) and ("module" in entry or "policies" in entry)
+                    for entry in documents[0].values()))
+
+
+def yaml_entries(path: str) -> tuple[dict[str, PolicyEntry], Path]:
+    """The policies of a YAML file of policy resources or of a policies.yml, and the directory their relative
+    module paths are resolved against (kwctl's: the current one; a policies.yml's: its own, as `serve`)."""
     try:
         documents = [doc for doc in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if doc is not None]
     except OSError as exc:
         raise RunError(f'Cannot open YAML file "{path}": {_os_error(exc)}') from exc
     except yaml.YAMLError as exc:
         raise RunError(f'Cannot parse YAML file "{path}": {exc}') from exc
+    if is_policies_yml(documents):
+        try:
+            entries, base_dir = parse_policies(documents[0]), Path(path).resolve().parent
+        except ConfigError as exc:
+            raise RunError(f"{path}: {exc}") from exc
+    else:
+        entries, base_dir = crd_entries(path, documents), Path.cwd()
+    if not entries:
+        raise RunError(f"{path} holds no policy: the policy is {POLICY_SHAPES}")
+    return entries, base_dir
+
+
+def crd_entries(path: str, documents: list[Any]) -> dict[str, PolicyEntry]:
     config: dict[str, Any] = {}
     for document in documents:
         name, entry = crd_entry(document)
@@ -264,16 +303,17 @@ def crd_entries(path: str) -> dict[str, PolicyEntry]:
         raise RunError(f"{path}: {exc}") from exc
 
 
-def policy_entries(args: argparse.Namespace) -> dict[str, PolicyEntry]:
+def policy_entries(args: argparse.Namespace) -> tuple[dict[str, PolicyEntry], Path]:
+    """The policies to evaluate and the directory their relative module paths are resolved against."""
     if is_yaml_file(args.module):
         if args.raw:
             raise RunError(f"The --raw option cannot be used with a YAML file: {args.module}")
         if args.settings_json is not None or args.settings_path:
             log.info("The --settings-json and --settings-path options are ignored when using a YAML file")
-        return crd_entries(args.module)
+        return yaml_entries(args.module)
     spec = PolicySpec(name=POLICY_FROM_CLI, module=module_reference(args.module), settings=read_settings(args),
                       allowed_to_mutate=True)
-    return {spec.name: spec}
+    return {spec.name: spec}, Path.cwd()
 
 
 def run_settings(args: argparse.Namespace, compile_cache_dir: str | None,
@@ -346,15 +386,19 @@ def evaluation_request(doc: Any, raw: bool) -> Any:
     if raw:
         return admission.parse_raw_review({"request": doc})
     if not isinstance(doc, dict):
-        raise RunError("Invalid request object")
+        raise RunError(f"Invalid request object: {REQUEST_SHAPE}")
     if doc.get("kind") == "AdmissionReview":
         if "request" not in doc:
-            raise RunError("invalid AdmissionReview object")
+            raise RunError(f"invalid AdmissionReview object: it has no `request`; {REQUEST_SHAPE}")
         doc = doc["request"]
     try:
         return admission.parse_admission_review({"request": doc})
     except admission.RequestShapeError as exc:
-        raise RunError(f"cannot build AdmissionRequest object from given input: {exc}") from exc
+        hint = REQUEST_SHAPE
+        if "request" in doc and "uid" not in doc:
+            hint = ("a document is read as an AdmissionReview only when its `kind` is AdmissionReview, and "
+                    f"otherwise as a bare request; {REQUEST_SHAPE}")
+        raise RunError(f"cannot build AdmissionRequest object from given input: {exc}; {hint}") from exc
 
 
 def granted_resources(policy: Any, args: argparse.Namespace, from_cli: bool) -> tuple[ContextAwareResource, ...]:
@@ -422,7 +466,7 @@ def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             replayed = load_session(args.replay_host_capabilities_interactions)
         except SessionError as exc:
             raise RunError(str(exc)) from exc
-    entries = policy_entries(args)
+    entries, base_dir = policy_entries(args)
     with tempfile.TemporaryDirectory(prefix="kwserver-run-") as scratch:
         verification_path = None
         if verification is not None:
@@ -430,7 +474,7 @@ def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             Path(verification_path).write_text(yaml.safe_dump(verification, sort_keys=False))
         settings = run_settings(args, scratch if args.disable_wasmtime_cache else None, verification_path)
         try:
-            registry, _ = assemble_registry(entries, Path.cwd(), settings,
+            registry, _ = assemble_registry(entries, base_dir, settings,
                                             execution_mode=EXECUTION_MODES.get(args.execution_mode or ""))
         except BootError as exc:
             raise RunError(boot_error_text(exc.errors, exc.report.invalid_settings)) from exc
@@ -447,6 +491,8 @@ def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                 policy = registry.policies.get(name)
                 raw = policy is not None and (args.raw or policy.module.metadata.policy_type == "raw")
                 request = evaluation_request(request_doc, raw)
+                if len(registry.top_level_names) > 1:
+                    log.info("%s:", name)  # which policy the next line of stdout answers
                 if policy is not None:
                     log.debug("evaluating %s: module %s (sha256 %s), execution mode %s%s", name, policy.module.source,
                               policy.module.digest, policy.module.execution_mode, ", raw request" if raw else "")

@@ -18,8 +18,9 @@ import orjson
 import wasmtime
 
 from kwserver.capabilities import Capabilities, RegistryAccess
-from kwserver.config import PolicyGroupSpec, PolicySpec, ServerSettings, load_policies
+from kwserver.config import PolicyGroupSpec, PolicySpec, ServerSettings, entry_warnings, load_policies
 from kwserver.evaluation import GROUP_EXPRESSION_ERROR, InstancePool, LoadedPolicy, PolicyRegistry
+from kwserver.evaluation.settings_location import settings_path
 from kwserver.metadata import (
     MetadataError,
     check_metadata,
@@ -37,7 +38,7 @@ from kwserver.runtime.engine import (
     make_engine,
     malloc_trim,
 )
-from kwserver.sources.errors import ChecksumError, SourceError, TransportError, VerificationError
+from kwserver.sources.errors import ChecksumError, LocalModuleError, SourceError, TransportError, VerificationError
 from kwserver.sources.isolated import fetch_modules
 from kwserver.truncation import bounded
 
@@ -53,7 +54,7 @@ class BootError(Exception):
     def __init__(self, errors: dict[str, str], report: BootReport | None = None):
         self.errors = errors
         self.report = report or BootReport()
-        lines = "\n".join(f"  - {name}: {error}" for name, error in errors.items())
+        lines = "\n".join(f"  - {name}: {self.report.describe(name, error)}" for name, error in errors.items())
         super().__init__(f"{len(errors)} policy initialization error(s):\n{lines}")
 
 
@@ -67,6 +68,18 @@ class BootReport:
     downloaded_modules: int = 0  # fetched over the network (not from the download directory)
     warnings: list[str] = field(default_factory=list)
     invalid_settings: dict[str, str] = field(default_factory=dict)  # policy -> what its validation said
+    # policy -> the setting its validation error points at (`settings.<path>`), when it names a place
+    settings_locations: dict[str, str] = field(default_factory=dict)
+
+    def describe(self, name: str, error: str) -> str:
+        """An initialisation error as the operator reads it: with the policies.yml key it is about.
+        (Answers and metrics keep the error as the reference words it.)"""
+        location = self.settings_locations.get(name)
+        if location is None:
+            return error
+        group, member_sep, member = name.partition("/")
+        owner = f"policy group '{group}' member '{member}'" if member_sep else f"policy '{name}'"
+        return f"{error} (in policies.yml: {owner}, {location})"
 
 
 def engine_options_for(settings: ServerSettings, specs: list[PolicySpec]) -> EngineOptions:
@@ -149,6 +162,9 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     cache = CompileCache(settings.cache_dirs, options)
     registry = PolicyRegistry(engine=engine, engine_options=options)
     report = BootReport()
+    for warning in entry_warnings(entries):
+        log.warning("%s", warning)
+        report.warnings.append(warning)
     registry.groups = {n: e for n, e in entries.items() if isinstance(e, PolicyGroupSpec)}
     registry.specs = {n: e for n, e in entries.items() if isinstance(e, PolicySpec)}
 
@@ -202,7 +218,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
                 message = f"Policy '{spec.name}' cannot be verified: {message}"
             elif isinstance(loaded, ChecksumError):
                 message = f"Verification of policy {spec.name} failed: {message}"
-            elif isinstance(loaded, SourceError):
+            elif isinstance(loaded, SourceError) and not isinstance(loaded, LocalModuleError):
                 message = f"Error while downloading policy '{_download_name(spec)}' from {spec.module}: {message}"
             registry.init_errors[spec.name] = f"bootstrap failure: {spec.name}: {message}"
             continue
@@ -223,7 +239,8 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     if registry.init_errors and not settings.continue_on_errors:
         raise BootError(registry.init_errors, report)
     for name, error in registry.init_errors.items():
-        log.error("policy %s failed to initialise and will reject every request: %s", name, error)
+        log.error("policy %s failed to initialise and will reject every request: %s", name,
+                  report.describe(name, error))
     return registry, report
 
 
@@ -249,6 +266,9 @@ def _check_all_policies(registry: PolicyRegistry, options: EngineOptions, report
                 report.warnings.append(f"policy {name}: {warning}")
             if error is not None:
                 report.invalid_settings[name] = error
+                location = settings_path(policy.settings_json, error)
+                if location is not None:
+                    report.settings_locations[name] = location
                 registry.init_errors[name] = f"Policy settings are invalid: {error}"
                 del registry.policies[name]
     finally:

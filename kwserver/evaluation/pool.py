@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from kwserver.evaluation.modes import mode_named
-from kwserver.evaluation.registry import LoadedPolicy, PolicyRegistry
+from kwserver.evaluation.registry import LoadedPolicy, PolicyRegistry, instance_labels
 from kwserver.runtime import LinkedModule, PolicyInstance
 from kwserver.runtime.engine import CompiledModule
 
@@ -30,8 +30,8 @@ class PoolObserver:
     def event(self, name: str, count: int = 1) -> None:
         pass
 
-    def idle(self, instance_key: str, count: int, memory_bytes: int) -> None:
-        pass
+    def idle(self, label: str, count: int, memory_bytes: int) -> None:
+        """`label`: the policies using the instances (`instance_labels`)."""
 
 
 class InstancePool:
@@ -52,6 +52,7 @@ class InstancePool:
         self._idle: OrderedDict[int, tuple[str, PolicyInstance, int]] = OrderedDict()
         self._by_key: dict[str, list[int]] = {}
         self._idle_bytes = 0
+        self._labels = instance_labels(registry.policies.values())
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = self.discards = 0
 
@@ -106,7 +107,8 @@ class InstancePool:
 
     def _idle_changed(self, instance_key: str) -> None:
         ids = self._by_key.get(instance_key, [])
-        self.observer.idle(instance_key, len(ids), sum(self._idle[ident][2] for ident in ids))
+        self.observer.idle(self._labels.get(instance_key, instance_key), len(ids),
+                           sum(self._idle[ident][2] for ident in ids))
 
     def new_instance(self, policy: LoadedPolicy) -> PolicyInstance:
         return self.linked(policy.module).instantiate(policy.limits, policy.capabilities, label=policy.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import wasmtime
@@ -47,6 +48,19 @@ class LoadedPolicy:
     def entrypoint(self) -> str | None:
         """OPA/Gatekeeper: the entrypoint chosen by name (policies.yml, then metadata); None: id 0."""
         return self.spec.entrypoint or self.module.metadata.entrypoint
+
+
+def instance_labels(policies: Iterable[LoadedPolicy]) -> dict[str, str]:
+    """What users read for each instance key (`kwserver top`, the `instance` metric label): the names of
+    the policies that use its instances, the first two and a count of the others."""
+    users: dict[str, list[str]] = {}
+    for policy in policies:
+        users.setdefault(policy.instance_key, []).append(policy.name)
+    labels = {}
+    for key, names in users.items():
+        more = f" +{len(names) - 2} more" if len(names) > 2 else ""
+        labels[key] = ", ".join(names[:2]) + more
+    return labels
 
 
 @dataclass

@@ -81,8 +81,8 @@ class WorkerMetrics(PoolObserver):
         self.instance_events = Counter(
             "kwserver_instance_cache_events", "Instance cache hits, misses, evictions and discards", ["event"],
             registry=None)
-        # `instance`: `module:<sha256>` for instances shared by the policies of a module,
-        # `policy:<name>` for a policy with `ownInstance: true`.
+        # `instance`: the policies using the instances: those sharing a module's (the first two names
+        # and how many more), or one with `ownInstance: true`.
         self.instances = Gauge("kwserver_policy_instances", "Idle policy instances kept by the workers",
                                ["instance"], multiprocess_mode="livesum", registry=None)
         self.instance_memory = Gauge(
@@ -123,8 +123,8 @@ class WorkerMetrics(PoolObserver):
         events = self._pending.events
         events[name] = events.get(name, 0) + count
 
-    def idle(self, instance_key: str, count: int, memory_bytes: int) -> None:
-        self._pending.idle[instance_key] = (count, memory_bytes)
+    def idle(self, label: str, count: int, memory_bytes: int) -> None:
+        self._pending.idle[label] = (count, memory_bytes)
 
     def flush(self) -> None:
         """Publish what was counted since the last flush to this process's multiprocess files."""
@@ -139,9 +139,9 @@ class WorkerMetrics(PoolObserver):
             self.busy.inc(pending.busy_seconds)
         for name, count in pending.events.items():
             self.instance_events.labels(name).inc(count)
-        for instance_key, (count, memory_bytes) in pending.idle.items():
-            self.instances.labels(instance_key).set(count)
-            self.instance_memory.labels(instance_key).set(memory_bytes)
+        for label, (count, memory_bytes) in pending.idle.items():
+            self.instances.labels(label).set(count)
+            self.instance_memory.labels(label).set(memory_bytes)
 
 
 class PendingCounts:

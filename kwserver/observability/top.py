@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 import urllib.error
@@ -22,8 +23,9 @@ def _mib(value: float) -> str:
     return f"{value / MIB:8.1f}"
 
 
-def render(status: dict[str, Any]) -> str:
-    """A plain-text table: one row per process, then the totals that matter for a pod memory limit."""
+def render(status: dict[str, Any], width: int | None = None) -> str:
+    """A plain-text table: one row per process, then the totals that matter for a pod memory limit.
+    With `width` (a terminal's), process rows are cut to it, as `ps` cuts them."""
     header = f"{'PID':>8} {'ROLE':<7} {'RSS MiB':>8} {'USS MiB':>8} {'PSS MiB':>8} {'SHR MiB':>8} {'SWAP':>8} " \
              f"{'CPU s':>8} {'REQUESTS':>9} {'INST':>5} {'INST MiB':>8}  POLICIES WITH INSTANCES"
     lines = [
@@ -36,13 +38,14 @@ def render(status: dict[str, Any]) -> str:
     ]
     for process in status["processes"]:
         instances = process.get("instances", {})
-        held = ", ".join(f"{name}:{count}" for name, count in sorted(instances.items()))
-        lines.append(
+        held = "; ".join(f"{label} ({count})" for label, count in sorted(instances.items()))
+        row = (
             f"{process['pid']:>8} {process['role']:<7} {_mib(process['rss'])} {_mib(process['uss'])} "
             f"{_mib(process['pss'])} {_mib(process['shared'])} {_mib(process['swap'])} "
             f"{process['cpu_seconds']:8.1f} {process.get('requests', 0):>9} {sum(instances.values()):>5} "
             f"{_mib(process.get('instance_bytes', 0))}  {held}"
         )
+        lines.append(row if width is None or len(row) <= width else row[:width - 1] + "…")
     totals = status["totals"]
     lines += [
         "",
@@ -65,7 +68,7 @@ def run(url: str, *, once: bool, as_json: bool, interval: float) -> int:
         else:
             if not once:
                 print("\x1b[H\x1b[2J", end="")
-            print(render(status))
+            print(render(status, shutil.get_terminal_size().columns if sys.stdout.isatty() else None))
         if once:
             return 0
         try:

@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -50,7 +51,6 @@ WORKER_CLASS = "kwserver.server.worker.EventLoopWorker"
 GUNICORN_CONFIG_MODULE = "kwserver.server.gunicorn_config"
 # Workers get this long to finish in-flight requests when retired (reload, shrink, recycle, shutdown).
 GRACEFUL_TIMEOUT_SECONDS = 30
-TITLE_EVERY_REQUESTS = 100
 MIB = 1024 * 1024
 
 
@@ -63,13 +63,28 @@ def set_process_title(title: str) -> None:
         pass
 
 
+def exit_if_taken(listeners: Iterable[tuple[str, Any, str]]) -> None:
+    """Exit with one line for the first (what, (host, port), flag) that cannot be bound."""
+    for what, address, flag in listeners:
+        if not isinstance(address, tuple):
+            continue  # a unix socket or an inherited descriptor: gunicorn's to check
+        host, port = address[0], address[1]
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn and the endpoints bind
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                log.error("cannot serve %s on %s:%d: %s (another server? choose a port with %s)",
+                          what, host, port, exc.strerror or exc, flag)
+                sys.exit(1)
+
+
 class ServedCounter:
     """WSGI middleware of the workers: counts requests and busy time (the pool's utilisation)."""
 
-    def __init__(self, app: Callable, record: Callable[[float], None], retitle: Callable[[int], None]):
+    def __init__(self, app: Callable, record: Callable[[float], None]):
         self.app = app
         self.record = record  # called with the seconds each request took
-        self.retitle = retitle  # called with the request count, every TITLE_EVERY_REQUESTS requests
         self.requests = 0
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
@@ -79,8 +94,6 @@ class ServedCounter:
         finally:
             self.record(time.perf_counter() - started)
             self.requests += 1
-            if self.requests % TITLE_EVERY_REQUESTS == 1:
-                self.retitle(self.requests)
 
 
 class Daemon:
@@ -107,6 +120,8 @@ class Daemon:
         self.metrics_push: Any = None  # otlp_metrics.MetricsPush with --enable-metrics, in the master
         self.cluster_cache: CacheSupervisor | None = None
         self.worker_age = 0
+        self.served: ServedCounter | None = None  # the app, counting the requests it serves
+        self._titled_requests = 0
         Daemon.current = self
 
     @classmethod
@@ -122,8 +137,19 @@ class Daemon:
         return [f"{host}:{self.settings.port}"]
 
     # master: loading ------------------------------------------------------------------------------
-    def load(self) -> Callable:
-        """Build the registry and the WSGI app; runs in the master, before the fork."""
+    def load(self, api_addresses: Iterable[Any] = ()) -> Callable:
+        """Build the registry and the WSGI app; runs in the master, before the fork.
+
+        `api_addresses`: where gunicorn will bind the API (its `cfg.address`), checked first with the
+        master's own ports, so that a port in use stops the server at once and before any policy loads
+        (gunicorn alone would retry for 5 s)."""
+        if "GUNICORN_FD" not in os.environ:  # not a re-exec inheriting its listeners (USR2)
+            settings = self.settings
+            listeners = [("the admission API", address, "--port") for address in api_addresses]
+            listeners.append(("readiness", (settings.addr, settings.readiness_probe_port), "--readiness-probe-port"))
+            if settings.metrics_port:
+                listeners.append(("metrics", (settings.addr, settings.metrics_port), "--metrics-port"))
+            exit_if_taken(listeners)
         # Before any metric value exists: prometheus-client picks its multiprocess value class here.
         self.metrics_dir = metrics.prepare_directory(None)
         self.metrics = metrics.WorkerMetrics()
@@ -142,10 +168,9 @@ class Daemon:
             registry, evaluator, observe=self.metrics.observe,
             always_accept_namespace=self.settings.always_accept_admission_reviews_on_namespace,
         )
-        app = ServedCounter(create_app(self._traced(self.service)), record=self.metrics.served,
-                            retitle=self._title_worker)
+        self.served = ServedCounter(create_app(self._traced(self.service)), record=self.metrics.served)
         self._freeze_heap()
-        return app
+        return self.served
 
     def _check_telemetry(self) -> None:
         if self.settings.enable_metrics:
@@ -344,8 +369,7 @@ class Daemon:
     # worker ---------------------------------------------------------------------------------------
     def after_fork(self, worker: Any) -> None:
         self.worker_age = worker.age
-        if self.metrics is not None:
-            worker.every_second = self.metrics.flush
+        worker.every_second = self._each_second
         for endpoint in self.endpoints:
             endpoint.close_inherited()
         self.endpoints = []
@@ -358,7 +382,16 @@ class Daemon:
             self.ticker.start()
         self._title_worker(0)
 
+    def _each_second(self) -> None:
+        """Publish this second's counts; the title then shows the count `kwserver top` reads (the worker
+        serves from this thread, so nothing is counted in between)."""
+        if self.metrics is not None:
+            self.metrics.flush()
+        if self.served is not None and self.served.requests != self._titled_requests:
+            self._title_worker(self.served.requests)
+
     def _title_worker(self, requests: int) -> None:
+        self._titled_requests = requests
         set_process_title(f"kwserver: worker {self.worker_age} [{self._describe()}] {requests} requests")
 
 
@@ -393,7 +426,7 @@ class KwserverApplication(Application):
             self.load_config_from_module_name_or_filename(self.gunicorn_config)
 
     def load(self) -> Callable:
-        return self.daemon.load()
+        return self.daemon.load(self.cfg.address)
 
 
 def serve(settings: ServerSettings, gunicorn_config: str | None = None) -> None:

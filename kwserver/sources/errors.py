@@ -6,6 +6,10 @@ class SourceError(Exception):
     """The module could not be fetched; the text completes `Error while downloading policy ...: `."""
 
 
+class LocalModuleError(SourceError):
+    """A module path or file:// URL that cannot be used; nothing was downloaded, so the text stands alone."""
+
+
 class TransportError(SourceError):
     """A request failed before any HTTP answer (connection, TLS, timeout)."""
 

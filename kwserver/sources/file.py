@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kwserver.metadata import WASM_MAGIC
-from kwserver.sources.errors import SourceError
+from kwserver.sources.errors import LocalModuleError, SourceError
 from kwserver.sources.references import LocalReference, parse_reference
 
 
@@ -29,17 +29,19 @@ def resolve_local_path(reference: str, base_dir: Path) -> Path:
     return parsed.path
 
 
-def check_wasm(wasm: bytes, where: object) -> None:
+def check_wasm(wasm: bytes, where: object, error: type[SourceError] = SourceError) -> None:
     if not wasm.startswith(WASM_MAGIC):
-        raise SourceError(f"{where} is not a WebAssembly module (it does not start with the \\0asm magic)")
+        raise error(f"{where} is not a WebAssembly module (it does not start with the \\0asm magic)")
 
 
 def read_module(reference: str, path: Path) -> FetchedModule:
     try:
         wasm = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise LocalModuleError(f"module file {path} does not exist") from exc
     except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    check_wasm(wasm, path)
+        raise LocalModuleError(f"cannot read module file {path}: {exc.strerror or exc}") from exc
+    check_wasm(wasm, f"module file {path}", LocalModuleError)
     return FetchedModule(reference=reference, path=path, wasm=wasm, digest=hashlib.sha256(wasm).hexdigest())
 
 
