@@ -216,9 +216,14 @@ def list_memory(run: ScenarioRun, name: str, config: Path, env: dict[str, str]) 
     server = run.kwserver(name, config, workers=1, env=env)
     time.sleep(1.0)
     empty = pss_mib(server)
-    status, body = server.post("/validate_raw/pods", b'{"request":{"uid":"u"}}', timeout=60)
-    if status != 200 or b'"allowed":true' not in body:
-        raise RuntimeError(f"{name}: the list policy answered {status} {body[:300]!r}")
+    deadline = time.monotonic() + 300
+    while True:  # a call gives up after 10 s; the list goes on loading in the cache meanwhile
+        status, body = server.post("/validate_raw/pods", b'{"request":{"uid":"u"}}', timeout=60)
+        if status == 200 and b'"allowed":true' in body:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: the list policy answered {status} {body[:300]!r}")
+        time.sleep(1.0)
     time.sleep(2.0)
     loaded = pss_mib(server)
     run.stop(server)
@@ -242,18 +247,21 @@ def caches(run: ScenarioRun) -> None:
         env = {"KUBECONFIG": str(api.kubeconfig(work / "kubeconfig"))}
         fill_configmaps(api, LOOKUPS + 2_000)
         config = lookup_config(work)
-        floods = {"this build": flood(run, "lookups", config, env)}
+        # Kept in run.data as they come: a failure later still leaves them in results.json.
+        floods: dict[str, Any] = {}
+        masks: dict[str, Any] = {}
+        run.data["caches"] = {"lookups": LOOKUPS, "objects": OBJECTS, "floods": floods, "masks": masks}
+        floods["this build"] = flood(run, "lookups", config, env)
         base = base_checkout(run)
         if base is None:
             run.notes.append(f"The base commit {BASE_COMMIT} is not in this checkout's history: no baseline.")
         else:
             floods[f"base {BASE_COMMIT}"] = flood(run, "lookups-base", config, {**env, "PYTHONPATH": str(base)})
         fill_pods(api, OBJECTS)
-        masks = {"whole objects": list_memory(run, "list-whole", mask_config(work, None), env),
-                 f"field_masks {MASK}": list_memory(run, "list-masked", mask_config(work, MASK), env)}
+        masks["whole objects"] = list_memory(run, "list-whole", mask_config(work, None), env)
+        masks[f"field_masks {MASK}"] = list_memory(run, "list-masked", mask_config(work, MASK), env)
     finally:
         api.stop()
-    run.data["caches"] = {"lookups": LOOKUPS, "objects": OBJECTS, "floods": floods, "masks": masks}
     report(run, floods, masks)
 
 

@@ -163,7 +163,7 @@ class ServerSettings:
     cluster_max_objects: int = setting(
         100_000, "KWSERVER_CLUSTER_MAX_OBJECTS", "Most Kubernetes objects the cluster cache holds over all its lists",
         parse=int, check=at_least(1))
-    # What policies may make the server remember (kwserver/bounded_cache.py): each cache is bounded twice.
+    # What policies may make the server remember (kwserver/bounded_cache.py): entries and bytes of each cache.
     cluster_answer_cache_entries: int = setting(
         10_000, "KWSERVER_CLUSTER_ANSWER_CACHE_ENTRIES",
         "Most get_resource and can_i answers the cluster cache keeps (each for 5 s)", parse=int, check=at_least(0))
@@ -527,7 +527,7 @@ def _host_capabilities(doc: dict[str, Any], where: str) -> tuple[str, ...] | Non
         return None
     value = doc["hostCapabilities"]
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ConfigError(f"{where}: `hostCapabilities` must be a list of strings, found {value!r}")
+        raise ConfigError(f"{where}: `hostCapabilities` must be a list of strings, found {value!r:.80}")
     return tuple(value)
 
 
