@@ -344,8 +344,7 @@ class ClusterClient:
                     raise ClusterError(f"cannot list {api_version}/{kind}: the cluster cache keeps at most "
                                        f"{self.limits.max_reflectors} lists (--cluster-max-reflectors) "
                                        "and all are in use")
-                reflector = Reflector(self.http, resource, namespace, selectors, self.budget,
-                                      mask_tree(mask) if mask else None)
+                reflector = Reflector(self.http, resource, namespace, selectors, self.budget, mask_tree(mask))
                 self.reflectors[key] = reflector
         return reflector
 
@@ -373,7 +372,7 @@ class ClusterClient:
                                f"'{shown}'") from exc
         except (httpx.HTTPError, ValueError) as exc:
             raise ClusterError(f"cannot get {api_version}/{kind} {name}: {describe(exc)}") from exc
-        answer = _compact(orjson.dumps(masked(doc, mask_tree(mask) if mask else None)))
+        answer = _compact(orjson.dumps(masked(doc, mask_tree(mask))))
         self.answers.put(key, answer)
         return answer
 

@@ -25,7 +25,10 @@ def normalized(masks: Iterable[str] | None) -> tuple[str, ...] | None:
     return tuple(unique) if unique else None
 
 
-def mask_tree(masks: Iterable[str]) -> Mask:
+def mask_tree(masks: Iterable[str] | None) -> Mask | None:
+    """The paths as a tree; None for no mask (keep everything)."""
+    if not masks:
+        return None
     root: Mask = {}
     for path in masks:
         node = root
