@@ -84,7 +84,8 @@ def config(directory: Path, pod_privileged: str) -> Path:
                        "kubewarden-wapc", protocolVersion="v1")
     path = directory / "policies-context.yml"
     path.write_text(yaml.safe_dump({
-        "context": {"module": module, "contextAwareResources": CONFIGMAPS, "timeoutEvalSeconds": 10},
+        "context": {"module": module, "contextAwareResources": CONFIGMAPS, "timeoutEvalSeconds": 10,
+                    "hostCapabilities": ["kubernetes/list_resources_by_namespace"]},
         "plain": {"module": pod_privileged},
     }))
     return path

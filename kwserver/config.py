@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 import yaml
 
+from kwserver.cluster.limits import CacheLimits
 from kwserver.expressions import ExpressionError, Node, compile_expression
 from kwserver.logs import LEVELS
 from kwserver.server.autoscaler import GROW_ABOVE, SHRINK_BELOW
@@ -115,6 +116,21 @@ def one_of(*choices: str) -> Callable[[str], str | None]:
     return lambda value: None if value in choices else f"invalid value {value!r}, expected one of {', '.join(choices)}"
 
 
+def split_patterns(text: str) -> list[str]:
+    """The patterns of a comma-separated list (the server setting's form); empty text is no pattern."""
+    return [item.strip() for item in text.split(",")] if text.strip() else []
+
+
+def _host_capability_problem(patterns: list[str]) -> str | None:
+    from kwserver.capabilities.allow_list import PatternError, parse
+
+    try:
+        parse(patterns)
+    except PatternError as exc:
+        return str(exc)
+    return None
+
+
 def refused(reason: str) -> Callable[[Any], str | None]:
     """For reference settings this build cannot honour: starting without them would be wrong."""
     return lambda value: reason if value else None
@@ -169,6 +185,30 @@ class ServerSettings:
     cluster_max_objects: int = setting(
         100_000, "KWSERVER_CLUSTER_MAX_OBJECTS", "Most Kubernetes objects the cluster cache holds over all its lists",
         parse=int, check=at_least(1), group="kubernetes")
+    # What policies may make the server remember (kwserver/bounded_cache.py): entries and bytes of each cache.
+    cluster_answer_cache_entries: int = setting(
+        10_000, "KWSERVER_CLUSTER_ANSWER_CACHE_ENTRIES",
+        "Most get_resource and can_i answers the cluster cache keeps (each for 5 s)", parse=int, check=at_least(0),
+        group="kubernetes")
+    cluster_answer_cache_mib: int = setting(
+        64, "KWSERVER_CLUSTER_ANSWER_CACHE_MIB", "Most memory of the get_resource and can_i answers kept",
+        parse=int, check=at_least(0), group="kubernetes")
+    registry_answer_cache_entries: int = setting(
+        1_000, "KWSERVER_REGISTRY_ANSWER_CACHE_ENTRIES",
+        "Most OCI manifest and signature-verification answers one worker keeps (each for 60 s)",
+        parse=int, check=at_least(0), group="sources")
+    registry_answer_cache_mib: int = setting(
+        16, "KWSERVER_REGISTRY_ANSWER_CACHE_MIB", "Most memory of the OCI and signature answers one worker keeps",
+        parse=int, check=at_least(0), group="sources")
+    kept_lists_mib: int = setting(
+        32, "KWSERVER_KEPT_LISTS_MIB",
+        "Most memory of the Kubernetes list answers one worker keeps to skip unchanged transfers",
+        parse=int, check=at_least(0), group="kubernetes")
+    default_host_capabilities: str = setting(
+        "", "KWSERVER_DEFAULT_HOST_CAPABILITIES",
+        "hostCapabilities of policies whose entry has none (written by controllers before 1.35): comma-separated "
+        "patterns, e.g. '*'; empty: no host capability but logging, as the reference",
+        check=lambda value: _host_capability_problem(split_patterns(value)), group="policies")
     log_level: str = setting("info", "KUBEWARDEN_LOG_LEVEL", f"Log level: {', '.join(LOG_LEVELS)}",
                              check=one_of(*LOG_LEVELS), group="telemetry")
     # `otlp` is what the Kubewarden controller sets when tracing is on: spans over OTLP, and text logs as
@@ -324,6 +364,11 @@ class ServerSettings:
         return self.pool_max > self.pool_min
 
     @property
+    def cluster_cache_limits(self) -> CacheLimits:
+        return CacheLimits(self.cluster_max_reflectors, self.cluster_max_objects, self.cluster_answer_cache_entries,
+                           self.cluster_answer_cache_mib * MIB, self.kept_lists_mib * MIB)
+
+    @property
     def global_timeout(self) -> int | None:
         return None if self.disable_timeout_protection else self.policy_timeout
 
@@ -435,8 +480,9 @@ class PolicySpec:
     entrypoint: str | None = None  # OPA/Gatekeeper: the entrypoint to evaluate, by name (an extension)
     # An extension: instances of its own instead of sharing them with policies on the same module.
     own_instance: bool = False
-    # Written by the Kubewarden controller (1.32+); read and checked, not enforced (docs/compatibility.md).
-    host_capabilities: tuple[str, ...] = ()
+    # The host calls it may make (patterns, kwserver.capabilities.allow_list); None: the entry has no
+    # `hostCapabilities` key, so the server's --default-host-capabilities apply.
+    host_capabilities: tuple[str, ...] | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)  # unknown keys, ignored
 
 
@@ -556,11 +602,13 @@ def _own_instance(value: Any, where: str) -> bool:
     return value
 
 
-def _host_capabilities(value: Any, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
+def _host_capabilities(doc: dict[str, Any], where: str) -> tuple[str, ...] | None:
+    """The patterns as written (checked when the policy loads); None when the key is absent."""
+    if "hostCapabilities" not in doc:
+        return None
+    value = doc["hostCapabilities"]
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ConfigError(f"{where}: `hostCapabilities` must be a list of strings")
+        raise ConfigError(f"{where}: `hostCapabilities` must be a list of strings, found {value!r:.80}")
     return tuple(value)
 
 
@@ -588,7 +636,7 @@ def _parse_policy(name: str, doc: dict[str, Any]) -> PolicySpec:
         timeout_eval_seconds=_timeout(doc.get("timeoutEvalSeconds")),
         entrypoint=_entrypoint(doc.get("entrypoint"), f"policy '{name}'"),
         own_instance=_own_instance(doc.get("ownInstance", False), f"policy '{name}'"),
-        host_capabilities=_host_capabilities(doc.get("hostCapabilities"), f"policy '{name}'"),
+        host_capabilities=_host_capabilities(doc, f"policy '{name}'"),
         warnings=_unknown_keys(doc, _POLICY_KEYS, f"policy '{name}'"),
     )
 
@@ -623,8 +671,7 @@ def _parse_group(name: str, doc: dict[str, Any], tolerate_invalid_expression: bo
             entrypoint=_entrypoint(member_doc.get("entrypoint"), f"policy group '{name}' member '{member}'"),
             own_instance=_own_instance(member_doc.get("ownInstance", False),
                                        f"policy group '{name}' member '{member}'"),
-            host_capabilities=_host_capabilities(member_doc.get("hostCapabilities"),
-                                                 f"policy group '{name}' member '{member}'"),
+            host_capabilities=_host_capabilities(member_doc, f"policy group '{name}' member '{member}'"),
             warnings=_unknown_keys(member_doc, _MEMBER_KEYS, f"policy group '{name}' member '{member}'",
                                    _GROUP_LEVEL_KEYS),
         )

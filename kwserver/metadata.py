@@ -45,6 +45,8 @@ class PolicyMetadata:
     context_aware_resources: list[dict[str, str]] = field(default_factory=list)
     minimum_kubewarden_version: str | None = None
     entrypoint: str | None = None  # OPA/Gatekeeper: entrypoint name to evaluate (kwserver extension)
+    # The host calls the policy says it makes (informational, as in the reference; policies.yml grants them).
+    host_capabilities: list[str] | None = None
     # True when the module carried no metadata section and the mode was inferred from its exports.
     inferred: bool = False
 
@@ -64,6 +66,9 @@ class PolicyMetadata:
             raise MetadataError("invalid type for `mutating`, expected a boolean")
         if not isinstance(raw["rules"], list):
             raise MetadataError("invalid type for `rules`, expected a sequence")
+        declared = raw.get("hostCapabilities")
+        if declared is not None and (not isinstance(declared, list) or not all(isinstance(c, str) for c in declared)):
+            raise MetadataError("invalid type for `hostCapabilities`, expected a sequence of strings")
         return cls(
             rules=raw["rules"],
             mutating=raw["mutating"],
@@ -75,6 +80,7 @@ class PolicyMetadata:
             context_aware_resources=raw.get("contextAwareResources") or [],
             minimum_kubewarden_version=raw.get("minimumKubewardenVersion"),
             entrypoint=raw.get("entrypoint") if isinstance(raw.get("entrypoint"), str) else None,
+            host_capabilities=declared,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -89,6 +95,7 @@ class PolicyMetadata:
             "policyType": self.policy_type,
             "minimumKubewardenVersion": self.minimum_kubewarden_version,
             "entrypoint": self.entrypoint,
+            "hostCapabilities": self.host_capabilities,
         }
         return {k: v for k, v in doc.items() if v is not None}
 

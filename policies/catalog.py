@@ -52,6 +52,7 @@ def entry(name: str, policies_dir: Path, dist: Path) -> dict[str, Any]:
         "background_audit": meta.background_audit,
         "rules": meta.rules,
         "context_aware_resources": meta.context_aware_resources,
+        "host_capabilities": summary.get("host_capabilities") or [],
         "settings": summary.get("settings") or [],
         "invalid_settings": summary.get("invalid_settings") or [],
         "messages": summary.get("messages") or [],
@@ -101,6 +102,10 @@ def markdown(policies: list[dict[str, Any]]) -> str:
             granted = ", ".join(f"`{r['apiVersion']}/{r['kind']}`" for r in p["context_aware_resources"])
             lines += [f"Context-aware: reads {granted} from the cluster; grant it with `contextAwareResources` in "
                       "`policies.yml` (and RBAC get/list/watch for the server's service account).", ""]
+        for need in p.get("host_capabilities") or []:
+            when = f" {need['when']}" if need.get("when") else ""
+            lines += [f"Host capability `{need['capability']}`{when}: grant it with `hostCapabilities` in "
+                      "`policies.yml`.", ""]
         if p["settings"]:
             lines += ["| setting | type | default | meaning |", "|---|---|---|---|"]
             for s in p["settings"]:

@@ -7,19 +7,22 @@ import threading
 
 import pytest
 
-from kwserver.cluster.cache_proxy import CacheProxy, KeptLists
+from kwserver.cluster.cache_proxy import CacheProxy
 from kwserver.cluster.cache_server import CacheServer
+from kwserver.cluster.limits import CacheLimits
 
 KEY = ("v1", "Namespace", None, None, None)
 
 
 class VersionedLists:
-    """A cluster client whose list answers and versions the test sets."""
+    """A cluster client whose list answers and versions the test sets; it records the masks asked."""
 
     def __init__(self):
         self.version, self.body = "a:1", b'{"items":[1]}'
+        self.masks = []
 
-    def list_version(self, api_version, kind, namespace, label_selector, field_selector, timeout):
+    def list_version(self, api_version, kind, namespace, label_selector, field_selector, timeout, masks=None):
+        self.masks.append(masks)
         return self.version, self.body
 
 
@@ -51,24 +54,31 @@ def test_a_changed_list_is_sent_and_kept_in_its_place(cache):
     # A restarted cache starts its generations again, under another incarnation.
     lists.version, lists.body = "b:1", b'{"items":[]}'
     assert proxy.list(*KEY, timeout=5) == b'{"items":[]}'
-    assert proxy.kept.size == len(b'{"items":[]}')
+    assert proxy.kept.stats().entries == 1
 
 
-def test_a_list_dropped_from_the_kept_ones_is_asked_in_full(cache):
-    _, proxy = cache
+def test_a_list_dropped_from_the_kept_ones_is_asked_in_full(tmp_path):
+    lists = VersionedLists()
+    server = CacheServer(str(tmp_path / "cache.sock"), lists)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    # Room for one list: a second one pushes the first out, which then travels again in full.
+    proxy = CacheProxy(str(tmp_path / "cache.sock"), CacheLimits(max_reflectors=1))
+    try:
+        assert proxy.list(*KEY, timeout=5) == b'{"items":[1]}'
+        proxy.list("v1", "Service", None, None, None, timeout=5)
+        assert proxy.kept.get((*KEY, None)) is None
+        lists.body = b'{"items":[2]}'  # same version, another body: only a full answer carries it
+        assert proxy.list(*KEY, timeout=5) == b'{"items":[2]}'
+        assert proxy.kept.stats().evictions["full"] == 2
+    finally:
+        proxy.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_masks_are_part_of_what_a_list_is(cache):
+    lists, proxy = cache
+    proxy.list(*KEY, timeout=5, masks=["spec.b", "spec.a", "spec.a"])
     proxy.list(*KEY, timeout=5)
-    proxy.kept.put(KEY, "a:1", b"x" * (proxy.kept.limit + 1))  # too large to keep: the old copy is gone too
-    assert proxy.kept.version(KEY) is None
-    assert proxy.list(*KEY, timeout=5) == b'{"items":[1]}'
-
-
-def test_kept_lists_are_bounded_least_recently_used_first():
-    kept = KeptLists(limit=10)
-    kept.put(("a",) * 5, "1", b"aaaa")
-    kept.put(("b",) * 5, "1", b"bbbb")
-    assert kept.get(("a",) * 5, "1") == b"aaaa"  # a is now the most recently used
-    kept.put(("c",) * 5, "1", b"cccc")
-    assert kept.version(("b",) * 5) is None and kept.size == 8
-    assert kept.get(("a",) * 5, "2") is None  # another version is not this one
-    kept.put(("d",) * 5, "1", b"d" * 11)
-    assert kept.version(("d",) * 5) is None and kept.size == 8
+    assert lists.masks == [["spec.a", "spec.b"], None]
+    assert proxy.kept.stats().entries == 2

@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.kube_api import NAMESPACES, SERVICES, connected
 from tests.support.modules import answer, host_policy
+from tests.support.server import metrics_text, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,6 @@ def test_list_get_and_can_i_answer_from_the_cluster(run_server, kube_api, tmp_pa
                 "namespace": "team-a", "verb": "create", "resource": "pods"}}, "disable_cache": False}),
         "cannot": host_policy(tmp_path, "cannot", "can_i", {"subject_access_review": {
             "user": "bob", "resource_attributes": {"verb": "delete", "resource": "pods"}}, "disable_cache": True}),
-        "legacy": host_policy(tmp_path, "legacy", "list", {}, binding="kubernetes", namespace="services"),
     }
     server = connected(run_server, kube_api, tmp_path, policies)
 
@@ -52,11 +52,6 @@ def test_list_get_and_can_i_answer_from_the_cluster(run_server, kube_api, tmp_pa
 
     assert answer(server, "can-i") == ("ok", {"allowed": True, "reason": "granted by the test"})
     assert answer(server, "cannot")[1]["allowed"] is False
-
-    # The legacy binding lists every Service and is not checked against the allow-list (as the reference).
-    outcome, legacy = answer(server, "legacy")
-    assert outcome == "ok" and len(legacy["items"]) == 2
-    assert "deprecated `kubernetes` host binding" in server.log()
 
 
 def test_lists_follow_the_cluster_through_the_watch(run_server, kube_api, tmp_path):
@@ -154,3 +149,95 @@ def test_wrong_credentials_are_a_startup_failure(run_server, kube_api, tmp_path)
     server = run_server(policies, env={"KUBECONFIG": str(config)}, wait=False)
     assert server.process.wait(timeout=60) == 1
     assert "401" in server.log()
+
+
+def test_field_masks_prune_lists_and_gets(run_server, kube_api, tmp_path):
+    kube_api.put("v1", "Service", "wide", "team-a", spec={
+        "type": "ClusterIP", "clusterIP": "10.0.0.7", "ports": [{"port": 443, "protocol": "TCP", "name": "https"}]},
+        status={"loadBalancer": {}})
+    masked = ["spec.ports.port", "spec.type"]
+    policies = {
+        "list": host_policy(tmp_path, "list", "list_resources_by_namespace", {
+            "api_version": "v1", "kind": "Service", "namespace": "team-a", "field_masks": masked},
+            contextAwareResources=SERVICES),
+        "whole": host_policy(tmp_path, "whole", "list_resources_by_namespace", {
+            "api_version": "v1", "kind": "Service", "namespace": "team-a"}, contextAwareResources=SERVICES),
+        "get": host_policy(tmp_path, "get", "get_resource", {
+            "api_version": "v1", "kind": "Service", "name": "wide", "namespace": "team-a", "disable_cache": False,
+            "field_masks": masked}, contextAwareResources=SERVICES),
+        "absent": host_policy(tmp_path, "absent", "get_resource", {
+            "api_version": "v1", "kind": "Service", "name": "wide", "namespace": "team-a", "disable_cache": False,
+            "field_masks": ["spec.nothing", "nothing.either"]}, contextAwareResources=SERVICES),
+        "wrong": host_policy(tmp_path, "wrong", "get_resource", {
+            "api_version": "v1", "kind": "Service", "name": "wide", "namespace": "team-a", "disable_cache": False,
+            "field_masks": "spec"}, contextAwareResources=SERVICES),
+    }
+    server = connected(run_server, kube_api, tmp_path, policies)
+
+    outcome, services = answer(server, "list")
+    assert outcome == "ok"
+    wide = services["items"][1]
+    assert wide["spec"] == {"type": "ClusterIP", "ports": [{"port": 443}]} and "status" not in wide
+    assert wide["metadata"]["name"] == "wide" and wide["apiVersion"] == "v1" and wide["kind"] == "Service"
+    assert answer(server, "whole")[1]["items"][1]["spec"]["clusterIP"] == "10.0.0.7"  # a list of its own
+
+    outcome, service = answer(server, "get")
+    assert outcome == "ok" and service["spec"] == {"type": "ClusterIP", "ports": [{"port": 443}]}
+    outcome, service = answer(server, "absent")
+    assert outcome == "ok" and service["spec"] == {} and set(service) == {"apiVersion", "kind", "metadata", "spec"}
+    assert answer(server, "wrong") == ("error", 'invalid type: string "spec", expected a sequence')
+
+
+def test_the_cluster_cache_stores_objects_pruned(kube_api, tmp_path, monkeypatch):
+    from kwserver.cluster.client import ClusterClient
+    from kwserver.cluster.connection import load_config, open_http
+
+    kube_api.put("v1", "Service", "wide", "team-a", spec={"ports": [{"port": 443, "name": "https"}],
+                                                          "clusterIP": "10.0.0.7"})
+    monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig(tmp_path / "kubeconfig")))
+    client = ClusterClient(open_http(load_config()))
+    try:
+        client.list("v1", "Service", None, None, None, 10.0, masks=["spec.ports.port"])
+        client.list("v1", "Service", None, None, None, 10.0)
+        kept = {key[-1]: reflector.objects for key, reflector in client.reflectors.items()}
+        assert set(kept) == {("spec.ports.port",), None}
+        assert all(b'"ports":[{"port":' in obj for obj in kept[("spec.ports.port",)].values())
+        assert sum(map(len, kept[("spec.ports.port",)].values())) < sum(map(len, kept[None].values()))
+        pruned = client.get("v1", "Service", "web", "team-a", False, 10.0, masks=["metadata"])
+        assert b'"spec"' not in pruned and client.answers.stats().bytes < 1024
+        whole = client.get("v1", "Service", "web", "team-a", False, 10.0)
+        assert client.answers.stats().bytes - 1024 > len(whole) - len(pruned) > 0  # each kept as answered
+    finally:
+        client.close()
+
+
+def test_the_legacy_binding_is_an_unknown_binding(run_server, kube_api, tmp_path):
+    policies = {"legacy": host_policy(tmp_path, "legacy", "list", {}, binding="kubernetes", namespace="services",
+                                      hostCapabilities=["*"])}
+    server = connected(run_server, kube_api, tmp_path, policies)
+    assert answer(server, "legacy") == ("error", "unknown binding: kubernetes")
+    assert not [line for line in kube_api.requests if "/services" in line]
+
+
+def test_refused_calls_are_logged_and_counted_and_caches_are_measured(run_server, kube_api, tmp_path):
+    review = {"subject_access_review": {"user": "alice", "resource_attributes": {"verb": "get", "resource": "pods"}},
+              "disable_cache": False}
+    policies = {
+        "namespaced-team-a-p": host_policy(tmp_path, "p", "can_i", review, hostCapabilities=["oci/*"]),
+        "get": host_policy(tmp_path, "get", "get_resource", {
+            "api_version": "v1", "kind": "Namespace", "name": "team-a", "disable_cache": False},
+            contextAwareResources=NAMESPACES),
+    }
+    server = connected(run_server, kube_api, tmp_path, policies, env={"KUBEWARDEN_WORKERS": "1"})
+    assert answer(server, "namespaced-team-a-p") == ("error", "Policy has not been granted access to the "
+                                                     "'kubernetes/can_i' host capability. The violation has been "
+                                                     "reported.")
+    assert answer(server, "get")[0] == "ok"
+    assert not [line for line in kube_api.requests if "subjectaccessreviews" in line]
+    assert ("policy namespaced-team-a-p tried to use the host capability kubernetes/can_i it has not been "
+            "granted (allowed: [oci/*])") in server.log()
+    expected = ['kwserver_host_capability_denials_total{capability="kubernetes/can_i",'
+                'policy_name="namespaced-team-a-p"} 1.0', 'kwserver_host_cache_entries{cache="cluster_answers"} 1.0',
+                'kwserver_cluster_cache_lists 0.0']
+    # Workers publish every second, the cache process every 5.
+    wait_for(lambda: all(line in metrics_text(server) for line in expected), timeout=15, interval=0.5)

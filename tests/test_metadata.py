@@ -39,6 +39,14 @@ def test_annotate_roundtrip_replaces_previous_section():
     assert twice.count(b"io.kubewarden.metadata") == 1
 
 
+def test_declared_host_capabilities_are_kept():
+    declared = ["kubernetes/list_resources_all", "oci/*"]
+    assert parse_metadata(annotate(EMPTY_MODULE, {**METADATA, "hostCapabilities": declared})).host_capabilities \
+        == declared
+    with pytest.raises(MetadataError, match="`hostCapabilities`, expected a sequence of strings"):
+        PolicyMetadata.from_json({**METADATA, "hostCapabilities": "oci/*"})
+
+
 def test_annotated_module_still_compiles():
     import wasmtime
 

@@ -48,7 +48,7 @@ def server(tmp_path_factory, compile_cache):
         "opa-bad-entrypoint": {"module": opa, "entrypoint": "policy/nope"},
         "gatekeeper-happy": {"module": str(GATEKEEPER_HAPPY)},  # no metadata: mode inferred
         "gatekeeper-unhappy": {"module": str(GATEKEEPER_UNHAPPY)},
-        "wasi": {"module": testbed, "settings": {"deniedNames": ["nginx"]}},
+        "wasi": {"module": testbed, "settings": {"deniedNames": ["nginx"]}, "hostCapabilities": ["kubernetes/*"]},
         "wasi-raw": {"module": testbed, "settings": raw_settings, "allowedToMutate": True},
         "wasi-slow": {"module": testbed, "timeoutEvalSeconds": 1},
         "wasi-bad-settings": {"module": testbed, "settings": {"validUsers": []}},
@@ -208,12 +208,13 @@ def test_wasi_mutation(server):
 
 def test_wasi_host_calls(server):
     message = validate(server, "wasi", with_behaviour("host-call"))["status"]["message"]
-    # the policy has no contextAwareResources: the allow-list refuses the Kubernetes call
+    # granted kubernetes/*, but no contextAwareResources: that allow-list refuses the Kubernetes call
     assert message == ('log: 0 ""; list_resources_all: 1 Policy has not been granted access to Kubernetes '
                        'v1/Namespace resources. The violation has been reported.')
+    # no hostCapabilities at all: no call but logging goes through
     assert validate(server, "wasi-javy", POD)["status"]["message"] == \
-        ("javy host call returned 1: Policy has not been granted access to Kubernetes "
-        "v1/Namespace resources. The violation has been reported.")
+        ("javy host call returned 1: Policy has not been granted access to the 'kubernetes/list_resources_all' "
+         "host capability. The violation has been reported.")
 
 
 @pytest.mark.parametrize(("behaviour", "message"), [

@@ -131,7 +131,7 @@ def test_unknown_images_and_unreachable_registries_are_host_errors(run_server, r
         "nobody": oci(tmp_path, "nobody", "v1/oci_manifest", f"{nobody}/apps/web:1.0"),
         "invalid": oci(tmp_path, "invalid", "v1/manifest_digest", "Not/An/Image:"),
         "not-a-string": oci(tmp_path, "not-a-string", "v1/manifest_digest", {"image": "busybox"}),
-        "unknown": oci(tmp_path, "unknown", "v1/nothing", "busybox"),
+        "unknown": oci(tmp_path, "unknown", "v1/nothing", "busybox", hostCapabilities=["oci/*"]),
     }
     server = serve(run_server, tmp_path, policies, [registry.host, nobody])
     outcome, text = answer(server, "missing")

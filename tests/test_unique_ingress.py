@@ -18,6 +18,7 @@ pytestmark = pytest.mark.integration
 
 MODULE = str(REPO / "policies" / "dist" / "unique-ingress.wasm")
 INGRESSES = [{"apiVersion": "networking.k8s.io/v1", "kind": "Ingress"}]
+GRANTED = {"module": MODULE, "contextAwareResources": INGRESSES, "hostCapabilities": ["kubernetes/list_resources_all"]}
 UPSTREAM_REQUEST = FIXTURES / "kubewarden-policies" / "unique-ingress-policy" / "test_data" / "ingress.json"
 
 
@@ -50,8 +51,7 @@ def kube_api(tmp_path: Path):
 
 
 def test_a_host_used_by_another_ingress_is_rejected(run_server, kube_api, tmp_path):
-    server = connected(run_server, kube_api, tmp_path, {"unique": {"module": MODULE,
-                                                                   "contextAwareResources": INGRESSES}})
+    server = connected(run_server, kube_api, tmp_path, {"unique": GRANTED})
     assert verdict(server, request("new", "team-c", "new.example")) == (True, None)
     assert verdict(server, request("new", "team-c", "blog.example", "new.example")) == (
         False, "ingress host conflicts with an existing ingress <blog.example>")
@@ -67,8 +67,7 @@ def test_a_host_used_by_another_ingress_is_rejected(run_server, kube_api, tmp_pa
 
 
 def test_the_cluster_changes_are_seen_after_the_watch_event(run_server, kube_api, tmp_path):
-    server = connected(run_server, kube_api, tmp_path, {"unique": {"module": MODULE,
-                                                                   "contextAwareResources": INGRESSES}})
+    server = connected(run_server, kube_api, tmp_path, {"unique": GRANTED})
     blog = request("other-blog", "team-c", "blog.example")
     assert verdict(server, blog)[0] is False
     kube_api.delete("networking.k8s.io/v1", "Ingress", "blog", "team-b")
@@ -84,16 +83,21 @@ def test_the_cluster_changes_are_seen_after_the_watch_event(run_server, kube_api
 
 
 def test_without_the_grant_the_policy_fails_with_the_reference_message(run_server, kube_api, tmp_path):
-    server = connected(run_server, kube_api, tmp_path, {"unique": {"module": MODULE}})
+    server = connected(run_server, kube_api, tmp_path, {
+        "unique": {"module": MODULE, "hostCapabilities": ["kubernetes/list_resources_all"]},
+        "ungranted": {"module": MODULE, "contextAwareResources": INGRESSES}})
     allowed, message = verdict(server, request("new", "team-c", "blog.example"))
     assert allowed is False
     assert message.endswith("cannot list the Ingresses of the cluster: Policy has not been granted access to "
                             "Kubernetes networking.k8s.io/v1/Ingress resources. The violation has been reported.")
+    allowed, message = verdict(server, request("new", "team-c", "blog.example"), "ungranted")
+    assert allowed is False
+    assert message.endswith("cannot list the Ingresses of the cluster: Policy has not been granted access to the "
+                            "'kubernetes/list_resources_all' host capability. The violation has been reported.")
 
 
 def test_other_kinds_and_ingresses_without_hosts_are_accepted(run_server, kube_api, tmp_path):
-    server = connected(run_server, kube_api, tmp_path, {"unique": {"module": MODULE,
-                                                                   "contextAwareResources": INGRESSES}})
+    server = connected(run_server, kube_api, tmp_path, {"unique": GRANTED})
     assert verdict(server, request("new", "team-c"))[0] is True
     pod = request("p", "team-c", "blog.example")
     pod["kind"] = {"group": "", "version": "v1", "kind": "Pod"}

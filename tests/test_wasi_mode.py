@@ -8,6 +8,7 @@ import wasmtime
 from kwserver import admission
 from kwserver.admission import parse_raw_review
 from kwserver.capabilities import Capabilities
+from kwserver.capabilities.allow_list import ALLOW_ALL, parse
 from kwserver.evaluation import MODES
 from kwserver.runtime import InstanceLimits, InstantiationFailure
 from kwserver.runtime.wasi_command import WasiCommandFailure, WasiCommandModule, WasiCommandTimeout
@@ -23,7 +24,7 @@ def testbed(engine):
 
 def policy(module, timeout=1):
     return module.instantiate(InstanceLimits(memory_bytes=64 << 20, timeout_seconds=timeout),
-                              Capabilities("wasi-test"), "wasi-test")
+                              Capabilities("wasi-test", host_capabilities=ALLOW_ALL), "wasi-test")
 
 
 def validate(instance, request, settings=None):
@@ -104,6 +105,14 @@ def test_javy_host_call_import(engine):
     assert answer == {"valid": True, "accepted": False,
                       "message": "javy host call returned 1: Policy has not been granted access to Kubernetes "
                                  "v1/Namespace resources. The violation has been reported."}
+
+
+def test_host_calls_pass_the_policys_grant(testbed):
+    instance = testbed.instantiate(InstanceLimits(memory_bytes=64 << 20, timeout_seconds=1),
+                                   Capabilities("wasi-test", host_capabilities=parse(["oci/*"])), "wasi-test")
+    answer = validate(instance, {"behaviour": "host-call"})
+    assert answer["message"] == ('log: 0 ""; list_resources_all: 1 Policy has not been granted access to the '
+                                 "'kubernetes/list_resources_all' host capability. The violation has been reported.")
 
 
 def test_without_host_capabilities_host_calls_fail(testbed):

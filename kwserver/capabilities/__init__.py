@@ -1,10 +1,13 @@
 """Host capabilities: what a guest can ask the server for through `__host_call`.
 
-One dispatcher per policy, so every call knows which policy made it and what that policy may access. Each
-callback namespace has its module: `tracing` (policy logs), `net` (DNS), `kubernetes` (cluster reads, with
-the reference's allow-list and caches), `oci` (image manifests: `oci`; signatures: `sigstore`, both through
-the server's registry settings) and `crypto` (certificate chains). Other names get the reference's
-"unknown" errors.
+One dispatcher per policy, so every call knows which policy made it and what that policy may access. A call
+first passes the policy's `hostCapabilities` allow-list (kwserver.capabilities.allow_list: every namespace but
+`tracing` is gated, as in policy-server 1.35+); a refused one is logged, counted (`DENIALS`, published by the
+metrics) and fails with the reference's message. Then each callback namespace has its module: `tracing`
+(policy logs), `net` (DNS), `kubernetes` (cluster reads, with the reference's `contextAwareResources` check
+and caches), `oci` (image manifests: `oci`; signatures: `sigstore`, both through the server's registry
+settings) and `crypto` (certificate chains). Other names get the reference's "unknown" errors; the legacy
+`kubernetes` binding is gone, as from policy-server 1.33 (`unknown binding: kubernetes`).
 
 Kubernetes calls (and, when the dispatcher has a `HostHandler`, every call the reference hands to its
 asynchronous callback handler) are first decoded into a `HostRequest` — the reference's callback request,
@@ -16,13 +19,16 @@ by variant name and fields — and checked against the policy's Kubernetes allow
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kwserver.capabilities import kubernetes, net, tracing
+from kwserver.capabilities.allow_list import CAPABILITIES, DENY_ALL, UNGATED_NAMESPACE, AllowList, capability_path
 from kwserver.capabilities.callback_requests import (
     BOOL,
+    MASKS,
     OPTIONAL,
     REQUEST_FIELDS,
     STRING,
@@ -35,11 +41,19 @@ from kwserver.capabilities.kubernetes import NO_KUBERNETES_CLIENT, access_denied
 from kwserver.capabilities.registry_access import RegistryAccess
 from kwserver.config import ContextAwareResource
 
-__all__ = ["BOOL", "NO_KUBERNETES_CLIENT", "OPTIONAL", "REQUEST_FIELDS", "STRING", "VALUE", "Capabilities",
-           "DirectHandler", "HostCallError", "HostHandler", "HostRequest", "RegistryAccess", "access_denied_message",
-           "host_request"]
+__all__ = ["BOOL", "DENIALS", "MASKS", "NO_KUBERNETES_CLIENT", "OPTIONAL", "REQUEST_FIELDS", "STRING", "VALUE",
+           "AllowList", "Capabilities", "DirectHandler", "HostCallError", "HostHandler", "HostRequest",
+           "RegistryAccess", "access_denied_message", "capability_denied_message", "host_request"]
 
 log = logging.getLogger(__name__)
+
+# Refused calls of this process by (policy, capability); capabilities the host does not have count as
+# `unknown`, so a guest cannot make up label values.
+DENIALS: Counter[tuple[str, str]] = Counter()
+
+
+def capability_denied_message(path: str) -> str:
+    return f"Policy has not been granted access to the '{path}' host capability. The violation has been reported."
 
 
 class HostHandler(Protocol):
@@ -61,10 +75,6 @@ class DirectHandler:
         pass
 
 
-def _is_kubernetes(binding: str, namespace: str) -> bool:
-    return binding == "kubernetes" or (binding == "kubewarden" and namespace == "kubernetes")
-
-
 def _deadline() -> float | None:
     """When the running evaluation must end (monotonic), if the calling guest has a deadline."""
     from kwserver.runtime import current_guest
@@ -84,17 +94,37 @@ class Capabilities:
     handler: HostHandler | None = None
     # How registries are reached (sources.yml, docker config): the policy downloads' settings.
     registries: RegistryAccess = field(default_factory=RegistryAccess)
+    # The policy's `hostCapabilities` grant; nothing unless granted, as the reference.
+    host_capabilities: AllowList = DENY_ALL
+
+    @property
+    def reads_cluster(self) -> bool:
+        """A context-aware policy (it has contextAwareResources) granted some Kubernetes call: the server
+        connects to the cluster for such policies only (kwserver.cluster.connection.connect_at_startup)."""
+        return bool(self.allowed_resources) and any(
+            self.host_capabilities.allows(path) for path in CAPABILITIES if path.startswith("kubernetes/"))
 
     def __call__(self, binding: str, namespace: str, operation: str, payload: bytes) -> bytes:
+        if binding != "kubewarden":
+            raise HostCallError(f"unknown binding: {binding}")
+        if namespace != UNGATED_NAMESPACE:
+            path = capability_path(namespace, operation)
+            if not self.host_capabilities.allows(path):
+                self._deny(path)
         request = None
-        if self.handler is not None or _is_kubernetes(binding, namespace):
+        if self.handler is not None or namespace == "kubernetes":
             request = host_request(binding, namespace, operation, payload)
         if request is None:
-            return self._direct(binding, namespace, operation, payload, None)
-        if binding == "kubewarden":  # the legacy `kubernetes` binding is not checked (reference QUIRK)
-            kubernetes.check_access(self.policy_id, self.allowed_resources, request)
-        direct = lambda: self._direct(binding, namespace, operation, payload, request)  # noqa: E731
+            return self._direct(namespace, operation, payload, None)
+        kubernetes.check_access(self.policy_id, self.allowed_resources, request)
+        direct = lambda: self._direct(namespace, operation, payload, request)  # noqa: E731
         return direct() if self.handler is None else self.handler.answer(request, direct)
+
+    def _deny(self, path: str) -> None:
+        log.error("policy %s tried to use the host capability %s it has not been granted (allowed: %s)",
+                  self.policy_id, path, self.host_capabilities)
+        DENIALS[(self.policy_id, path if path in CAPABILITIES else "unknown")] += 1
+        raise HostCallError(capability_denied_message(path))
 
     def on_behalf(self, request: HostRequest, deadline: float | None) -> bytes:
         """A Kubernetes request the host makes for the policy (the inventory of a Rego policy), answered
@@ -102,30 +132,22 @@ class Capabilities:
         direct = lambda: kubernetes.answer(request, deadline)  # noqa: E731
         return direct() if self.handler is None else self.handler.answer(request, direct)
 
-    def _direct(self, binding: str, namespace: str, operation: str, payload: bytes,
-                request: HostRequest | None) -> bytes:
-        if binding == "kubewarden":
-            if namespace == "tracing":
-                return tracing.call(self.policy_id, operation, payload)
-            if namespace == "net":
-                return net.call(operation, payload)
-            if namespace == "kubernetes":
-                if request is None:
-                    raise HostCallError(f"unknown operation: {operation}")
-                return kubernetes.answer(request, _deadline())
-            if namespace in ("oci", "crypto"):
-                return self._registry_or_crypto(binding, namespace, operation, payload, request)
-            raise HostCallError(f"unknown namespace: {namespace}")
-        if binding == "kubernetes":
+    def _direct(self, namespace: str, operation: str, payload: bytes, request: HostRequest | None) -> bytes:
+        if namespace == "tracing":
+            return tracing.call(self.policy_id, operation, payload)
+        if namespace == "net":
+            return net.call(operation, payload)
+        if namespace == "kubernetes":
             if request is None:
-                raise HostCallError(f"unknown namespace: {namespace}")
-            log.warning("policy %s uses the deprecated `kubernetes` host binding", self.policy_id)
+                raise HostCallError(f"unknown operation: {operation}")
             return kubernetes.answer(request, _deadline())
-        raise HostCallError(f"unknown binding: {binding}")
+        if namespace in ("oci", "crypto"):
+            return self._registry_or_crypto(namespace, operation, payload, request)
+        raise HostCallError(f"unknown namespace: {namespace}")
 
-    def _registry_or_crypto(self, binding: str, namespace: str, operation: str, payload: bytes,
+    def _registry_or_crypto(self, namespace: str, operation: str, payload: bytes,
                             request: HostRequest | None) -> bytes:
-        request = request or host_request(binding, namespace, operation, payload)
+        request = request or host_request("kubewarden", namespace, operation, payload)
         if request is None:
             raise HostCallError(f"unknown operation: {operation}")
         # Imported on first use: they bring the registry client and cryptography (registry_access.py).

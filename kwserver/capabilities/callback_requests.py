@@ -17,8 +17,9 @@ class HostCallError(Exception):
     """A failed host call; its text is the error the guest reads."""
 
 
-# How a field of a request is read from the guest's JSON payload.
-STRING, BOOL, VALUE, OPTIONAL = "string", "bool", "value", "optional"
+# How a field of a request is read from the guest's JSON payload. MASKS: an optional set of strings
+# (`field_masks`), kept sorted and without repeats as the reference's BTreeSet.
+STRING, BOOL, VALUE, OPTIONAL, MASKS = "string", "bool", "value", "optional", "masks"
 
 # Every request variant with its fields in the reference's order (session files are written in it).
 REQUEST_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -34,11 +35,12 @@ REQUEST_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
                                   ("require_rekor_bundle", BOOL), ("annotations", OPTIONAL)),
     "DNSLookupHost": (("host", STRING),),
     "KubernetesListResourceNamespace": (("api_version", STRING), ("kind", STRING), ("namespace", STRING),
-                                        ("label_selector", OPTIONAL), ("field_selector", OPTIONAL)),
+                                        ("label_selector", OPTIONAL), ("field_selector", OPTIONAL),
+                                        ("field_masks", MASKS)),
     "KubernetesListResourceAll": (("api_version", STRING), ("kind", STRING), ("label_selector", OPTIONAL),
-                                  ("field_selector", OPTIONAL)),
+                                  ("field_selector", OPTIONAL), ("field_masks", MASKS)),
     "KubernetesGetResource": (("api_version", STRING), ("kind", STRING), ("name", STRING),
-                              ("namespace", OPTIONAL), ("disable_cache", BOOL)),
+                              ("namespace", OPTIONAL), ("disable_cache", BOOL), ("field_masks", MASKS)),
     "KubernetesCanI": (("request", VALUE), ("disable_cache", BOOL)),
     # Made by the host for the inventory of OPA policies, never by a guest.
     "KubernetesGetResourcePluralName": (("api_version", STRING), ("kind", STRING)),
@@ -54,9 +56,6 @@ _KUBERNETES_REQUESTS = {
     "list_resources_all": ("KubernetesListResourceAll", "ListAllResourcesRequest"),
     "get_resource": ("KubernetesGetResource", "GetResourceRequest"),
 }
-_ACCESS_CHECKED = {kind for kind, _ in _KUBERNETES_REQUESTS.values()}
-_LEGACY_KUBERNETES_LISTS = {"namespaces": ("v1", "Namespace"), "services": ("v1", "Service"),
-                            "ingresses": ("networking.k8s.io/v1", "Ingress")}
 
 
 @dataclass(frozen=True)
@@ -97,6 +96,9 @@ def _request(kind: str, doc: Any, struct: str | None = None) -> HostRequest:
         if rule == OPTIONAL:
             fields[name] = value
             continue
+        if rule == MASKS:
+            fields[name] = None if value is None else _string_set(value)
+            continue
         if value is None:
             raise HostCallError(f"missing field `{name}`")
         if rule == STRING and not isinstance(value, str):
@@ -105,6 +107,15 @@ def _request(kind: str, doc: Any, struct: str | None = None) -> HostRequest:
             raise HostCallError(f"invalid type: {_json_type(value)}, expected a boolean")
         fields[name] = value
     return HostRequest(kind, fields)
+
+
+def _string_set(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise HostCallError(f"invalid type: {_json_type(value)}, expected a sequence")
+    for item in value:
+        if not isinstance(item, str):
+            raise HostCallError(f"invalid type: {_json_type(item)}, expected a string")
+    return sorted(set(value))
 
 
 def _payload(payload: bytes) -> Any:
@@ -134,12 +145,6 @@ def _tagged_request(doc: Any, variants: tuple[str, ...], *, internally: bool) ->
 def host_request(binding: str, namespace: str, operation: str, payload: bytes) -> HostRequest | None:
     """The request the reference hands to its callback handler for this call; None for the calls it
     answers itself (logging) or refuses by name. Raises HostCallError for an undecodable payload."""
-    if binding == "kubernetes":
-        if namespace not in _LEGACY_KUBERNETES_LISTS:
-            return None
-        api_version, kind = _LEGACY_KUBERNETES_LISTS[namespace]
-        return HostRequest("KubernetesListResourceAll", {
-            "api_version": api_version, "kind": kind, "label_selector": None, "field_selector": None})
     if binding != "kubewarden":
         return None
     if namespace == "oci":

@@ -1,5 +1,5 @@
-"""`kubewarden/kubernetes/*` and the legacy `kubernetes` binding: reads of the cluster, behind the
-policy's `contextAwareResources` allow-list (kwserver.cluster does the reading)."""
+"""`kubewarden/kubernetes/*`: reads of the cluster, behind the policy's `contextAwareResources` allow-list
+(kwserver.cluster does the reading, and prunes objects to a call's `field_masks`)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from kwserver.config import ContextAwareResource
 log = logging.getLogger(__name__)
 
 NO_KUBERNETES_CLIENT = "kube::Client was not initialized properly"
-OPERATIONS = frozenset({"list_resources_by_namespace", "list_resources_all", "get_resource", "can_i"})
-LEGACY_NAMESPACES = frozenset({"namespaces", "services", "ingresses"})
 _ACCESS_CHECKED = frozenset({"KubernetesListResourceNamespace", "KubernetesListResourceAll", "KubernetesGetResource"})
 # A host call cannot be interrupted like wasm code: it gives up by itself, at the latest when the
 # evaluation's deadline passes.
@@ -54,13 +52,15 @@ def answer(request: HostRequest, deadline: float | None = None) -> bytes:
     try:
         if request.kind == "KubernetesListResourceNamespace":
             return client.list(fields["api_version"], fields["kind"], fields["namespace"],
-                               fields.get("label_selector"), fields.get("field_selector"), wait)
+                               fields.get("label_selector"), fields.get("field_selector"), wait,
+                               fields.get("field_masks"))
         if request.kind == "KubernetesListResourceAll":
             return client.list(fields["api_version"], fields["kind"], None,
-                               fields.get("label_selector"), fields.get("field_selector"), wait)
+                               fields.get("label_selector"), fields.get("field_selector"), wait,
+                               fields.get("field_masks"))
         if request.kind == "KubernetesGetResource":
             return client.get(fields["api_version"], fields["kind"], fields["name"], fields.get("namespace"),
-                              bool(fields.get("disable_cache")), wait)
+                              bool(fields.get("disable_cache")), wait, fields.get("field_masks"))
         if request.kind == "KubernetesCanI":
             return client.can_i(fields["request"], bool(fields.get("disable_cache")), wait)
         if request.kind == "KubernetesGetResourcePluralName":

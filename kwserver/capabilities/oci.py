@@ -2,8 +2,9 @@
 about an image, through the registry client of the policy sources (kwserver.sources.oci: sources.yml's
 insecure hosts and CAs, Docker's config.json credentials, timeouts and size limits).
 
-Answers are cached 60 s per operation and image string, as the reference's. Manifests are answered in the
-shape the reference's OCI client serialises them: its known fields, in its order, absent ones left out.
+Answers are cached 60 s per operation and image string, as the reference's (RegistryAccess.answers).
+Manifests are answered in the shape the reference's OCI client serialises them: its known fields, in its
+order, absent ones left out.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import orjson
 
 from kwserver.capabilities.callback_requests import HostCallError, HostRequest
 from kwserver.capabilities.registry_access import RegistryAccess
-from kwserver.capabilities.waiting import CALLBACK_FAILURE, TtlCache, until_deadline
+from kwserver.capabilities.waiting import CALLBACK_FAILURE, until_deadline
 from kwserver.sources.errors import SourceError
 from kwserver.sources.oci import DOCKER_LIST, OCI_INDEX, Manifest, OciClient
 from kwserver.sources.references import ImageReference, parse_image_reference
@@ -28,9 +29,6 @@ _PLATFORM_FIELDS = ("architecture", "os", "os.version", "os.features", "variant"
 # Go's names for the machine, as image indexes name platforms.
 _GO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm",
             "ppc64le": "ppc64le", "s390x": "s390x"}
-
-_cache = TtlCache()
-
 
 
 def image_reference(image: str) -> ImageReference:
@@ -50,7 +48,7 @@ def answer(request: HostRequest, access: RegistryAccess, deadline: float | None 
     def fetch() -> bytes:
         return until_deadline(deadline, lambda: compute(access.client(reference, deadline), reference),
                               f"{OPERATIONS[request.kind]} {image}")
-    return _cache.cached((request.kind, image), lambda: _host_errors(fetch))
+    return access.answers.cached((request.kind, image), lambda: _host_errors(fetch))
 
 
 def _host_errors(fetch: Any) -> bytes:

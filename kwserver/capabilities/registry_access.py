@@ -1,5 +1,6 @@
 """How host callbacks reach registries: the settings of policy downloads (sources.yml, docker config,
-timeouts), read on first use.
+timeouts), read on first use, and the answers of this process, kept 60 s as the reference keeps them
+(successes only; bounded, kwserver/bounded_cache.py).
 
 It is built in the master for every policy, but the registry client and its libraries (requests,
 cryptography) are only imported when a policy first calls a registry: a server whose policies never do
@@ -12,7 +13,17 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from kwserver.bounded_cache import BoundedCache
 from kwserver.capabilities.waiting import time_left
+
+ANSWER_TTL_SECONDS = 60.0
+DEFAULT_ANSWER_ENTRIES = 1_000
+DEFAULT_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+def answer_cache(max_entries: int = DEFAULT_ANSWER_ENTRIES, max_bytes: int = DEFAULT_ANSWER_BYTES) -> BoundedCache:
+    return BoundedCache("registry_answers", max_entries=max_entries, max_bytes=max_bytes, ttl=ANSWER_TTL_SECONDS)
+
 
 if TYPE_CHECKING:
     from kwserver.sources.oci import OciClient
@@ -27,6 +38,8 @@ class RegistryAccess:
     retries: int = 2
     max_bytes: int = 256 * 1024 * 1024
     sigstore_trust_config: str | None = None  # keyless checks: this trust root, else the shipped one
+    # Manifests, configs and verification results, by operation and parameters.
+    answers: BoundedCache = field(default_factory=answer_cache, compare=False, repr=False)
     _loaded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 

@@ -25,12 +25,11 @@ from kwserver.capabilities import crypto
 from kwserver.capabilities.callback_requests import HostCallError, HostRequest, _json_type
 from kwserver.capabilities.oci import image_reference
 from kwserver.capabilities.registry_access import RegistryAccess
-from kwserver.capabilities.waiting import CALLBACK_FAILURE, TtlCache, until_deadline
+from kwserver.capabilities.waiting import CALLBACK_FAILURE, until_deadline
 from kwserver.sources import keyless, verification
 from kwserver.sources.errors import SourceError
 from kwserver.sources.references import ImageReference
 
-_cache = TtlCache()
 Check = Callable[[ImageReference], bytes]  # verifies one image; its answer, or a SourceError
 
 
@@ -190,4 +189,4 @@ def answer(request: HostRequest, access: RegistryAccess, deadline: float | None 
             return until_deadline(deadline, lambda: check(reference), f"verify {image}")
         except SourceError as exc:
             raise _failure(str(exc)) from exc
-    return _cache.cached(_cache_key(request), verify)
+    return access.answers.cached(_cache_key(request), verify)

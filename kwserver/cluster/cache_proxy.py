@@ -5,9 +5,10 @@ One connection per thread, kept open and reused. The caller's timeout bounds eve
 (retried while the cache restarts), sending and reading the answer. A request is a read, so one that found
 its connection broken is sent again on a new one while time is left.
 
-Lists are kept by the worker with their version (bounded: KEPT_LIST_BYTES, least recently used first
-out). A list asked again names the version it holds, and the cache answers "unchanged" instead of
-sending the whole list again: a 10,000-object list is a few bytes on the socket until it changes.
+Lists are kept by the worker with their version (a BoundedCache: at most `CacheLimits.kept_list_bytes`, one
+entry per list the cache may hold, least recently used first out, dropped after KEPT_LIST_SECONDS unused).
+A list asked again names the version it holds, and the cache answers "unchanged" instead of sending the
+whole list again: a 10,000-object list is a few bytes on the socket until it changes.
 """
 
 from __future__ import annotations
@@ -15,83 +16,51 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections import OrderedDict
 from typing import Any
 
+from kwserver.bounded_cache import BoundedCache
 from kwserver.cluster import wire
-from kwserver.cluster.limits import ClusterError
+from kwserver.cluster.field_masks import normalized
+from kwserver.cluster.limits import CacheLimits, ClusterError
 
 # Of the caller's time, this much is kept to carry the answer back; the cache gets the rest.
 TRANSFER_MARGIN_SECONDS = 0.1
 CONNECT_RETRY_SECONDS = 0.05
-KEPT_LIST_BYTES = 32 * 1024 * 1024
+KEPT_LIST_SECONDS = 300.0
 
-ListKey = tuple[str, str, str | None, str | None, str | None]
+# (api_version, kind, namespace, label_selector, field_selector, field masks)
+ListKey = tuple[str, str, str | None, str | None, str | None, tuple[str, ...] | None]
 
 
-class KeptLists:
-    """The lists a worker holds, with their versions; at most `limit` bytes, least recently used out."""
-
-    def __init__(self, limit: int = KEPT_LIST_BYTES):
-        self.limit = limit
-        self.size = 0
-        self._lists: OrderedDict[ListKey, tuple[str, bytes]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def version(self, key: ListKey) -> str | None:
-        with self._lock:
-            kept = self._lists.get(key)
-            return kept[0] if kept else None
-
-    def get(self, key: ListKey, version: str) -> bytes | None:
-        with self._lock:
-            kept = self._lists.get(key)
-            if kept is None or kept[0] != version:
-                return None
-            self._lists.move_to_end(key)
-            return kept[1]
-
-    def put(self, key: ListKey, version: str, body: bytes) -> None:
-        with self._lock:
-            old = self._lists.pop(key, None)
-            if old is not None:
-                self.size -= len(old[1])
-            if len(body) > self.limit:
-                return
-            self._lists[key] = (version, body)
-            self.size += len(body)
-            while self.size > self.limit:
-                _, (_, evicted) = self._lists.popitem(last=False)
-                self.size -= len(evicted)
+def kept_lists(limits: CacheLimits) -> BoundedCache[tuple[str, bytes]]:
+    """A worker's lists, by key: (version, body)."""
+    return BoundedCache("kept_lists", max_entries=limits.max_reflectors, max_bytes=limits.kept_list_bytes,
+                        ttl=KEPT_LIST_SECONDS, size=lambda kept: len(kept[1]), renew_on_use=True)
 
 
 class CacheProxy:
-    def __init__(self, path: str, kept: KeptLists | None = None):
+    def __init__(self, path: str, limits: CacheLimits | None = None):
         self.path = path
         self.local = threading.local()
-        self.kept = kept or KeptLists()
+        self.kept = kept_lists(limits or CacheLimits())
 
     def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
-             field_selector: str | None, timeout: float) -> bytes:
-        key: ListKey = (api_version, kind, namespace, label_selector, field_selector)
-        known = self.kept.version(key)
-        answer = wire.read_versioned(self._ask(f"cannot list {api_version}/{kind}", "list_since",
-                                               [*key, known], timeout))
-        if answer is None:
-            body = self.kept.get(key, known) if known is not None else None
-            if body is not None:
-                return body
-            # Dropped from the kept lists meanwhile (another thread's list pushed it out): ask in full.
-            answer = wire.read_versioned(self._ask(f"cannot list {api_version}/{kind}", "list_since",
-                                                   [*key, None], timeout))
-        version, body = answer
-        self.kept.put(key, version, body)
-        return body
+             field_selector: str | None, timeout: float, masks: list[str] | None = None) -> bytes:
+        key: ListKey = (api_version, kind, namespace, label_selector, field_selector, normalized(masks))
+        what = f"cannot list {api_version}/{kind}"
+        kept = self.kept.get(key)
+        answer = wire.read_versioned(self._ask(what, "list_since", [*key, kept[0] if kept else None], timeout))
+        if answer is None:  # the version this worker holds
+            if kept is None:
+                raise ClusterError(f"{what}: the cluster cache answered 'unchanged' to a first request")
+            return kept[1]
+        self.kept.put(key, answer)
+        return answer[1]
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None, disable_cache: bool,
-            timeout: float) -> bytes:
+            timeout: float, masks: list[str] | None = None) -> bytes:
         return self._ask(f"cannot get {api_version}/{kind} {name}", "get",
-                         [api_version, kind, name, namespace, disable_cache], timeout)
+                         [api_version, kind, name, namespace, disable_cache, normalized(masks)], timeout)
 
     def can_i(self, review: dict[str, Any], disable_cache: bool, timeout: float) -> bytes:
         return self._ask("cannot create a SubjectAccessReview", "can_i", [review, disable_cache], timeout)

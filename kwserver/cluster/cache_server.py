@@ -33,14 +33,13 @@ def dispatch(client: ClusterClient, request: dict[str, Any]) -> bytes:
     """One request's answer frame."""
     op, args, timeout = request.get("op"), request.get("args") or [], float(request.get("timeout") or 1.0)
     try:
-        if op == "list":
-            return wire.answer_frame(True, client.list(*args, timeout=timeout))
         if op == "list_since":
-            *list_args, known = args
-            version, answer = client.list_version(*list_args, timeout=timeout)
+            *list_args, masks, known = args
+            version, answer = client.list_version(*list_args, timeout=timeout, masks=masks)
             return wire.answer_frame(True, wire.versioned(version, None if version == known else answer))
         if op == "get":
-            return wire.answer_frame(True, client.get(*args, timeout=timeout))
+            *get_args, masks = args
+            return wire.answer_frame(True, client.get(*get_args, timeout=timeout, masks=masks))
         if op == "can_i":
             return wire.answer_frame(True, client.can_i(*args, timeout=timeout))
         if op == "plural":
@@ -84,11 +83,20 @@ def _leave_with_parent(server: CacheServer) -> None:
 
 
 def _retitle(server: CacheServer) -> None:
+    """The process title, and (under `kwserver serve`, which gives a metrics directory) the metrics."""
     import setproctitle
 
+    metrics = None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from kwserver.observability.cache_metrics import CacheMetrics
+
+        metrics = CacheMetrics()
     while True:
         lists, objects = server.client.sizes()
         setproctitle.setproctitle(f"{PROCESS_TITLE} [{lists} lists, {objects} objects]")
+        if metrics is not None:
+            metrics.reflectors(lists, objects)
+            metrics.publish()
         threading.Event().wait(TITLE_EVERY_SECONDS)
 
 
@@ -119,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--max-reflectors", type=int, required=True)
     parser.add_argument("--max-objects", type=int, required=True)
+    parser.add_argument("--max-answers", type=int, required=True)
+    parser.add_argument("--max-answer-bytes", type=int, required=True)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-fmt", default="text")
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_fmt)
     try:
-        serve(args.socket, CacheLimits(args.max_reflectors, args.max_objects))
+        serve(args.socket, CacheLimits(args.max_reflectors, args.max_objects, args.max_answers,
+                                       args.max_answer_bytes))
     except Exception as exc:
         log.error("the cluster cache cannot run: %s", exc)
         return 1

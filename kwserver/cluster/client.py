@@ -5,13 +5,15 @@ certificates) come from lightkube; requests are plain JSON over its authenticate
 policy reads is what the API server sent, not a model's round trip.
 
 Caches, as the reference keeps them: discovery (plural name, scope) forever; lists from one reflector per
-(api_version, kind, namespace, selectors), a list+watch kept fresh in a thread and never evicted;
-`get_resource` and `can_i` answers for 5 s. Under `kwserver serve` one client lives in the cluster cache
-process (kwserver/cluster/cache_server.py) and the workers ask it; tools use one in their own process.
+(api_version, kind, namespace, selectors, field masks), a list+watch kept fresh in a thread and never
+evicted, its objects pruned to the masks as they arrive (kwserver/cluster/field_masks.py); `get_resource`
+and `can_i` answers for 5 s. Under `kwserver serve` one client lives in the cluster cache process
+(kwserver/cluster/cache_server.py) and the workers ask it; tools use one in their own process.
 
 Bounded: at most `CacheLimits.max_reflectors` lists and `CacheLimits.max_objects` objects over all of them;
 objects are kept as their JSON bytes (a parsed object costs several times its JSON), and each list's answer
-is serialized once per change, not once per call.
+is serialized once per change, not once per call. The answers are a BoundedCache (entries, bytes, 5 s):
+a policy asking a new name on every request cannot grow it.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx2 as httpx
 import orjson
 
+from kwserver.bounded_cache import BoundedCache
+from kwserver.cluster.field_masks import Mask, mask_tree, masked, normalized
 from kwserver.cluster.limits import DEFAULT_MAX_OBJECTS, CacheLimits, ClusterError, NotFound, describe
 
 log = logging.getLogger(__name__)
@@ -108,8 +111,9 @@ class Reflector:
     their JSON; the list answer is built once per change."""
 
     def __init__(self, http: httpx.Client, resource: ApiResource, namespace: str | None,
-                 selectors: dict[str, str], budget: ObjectBudget | None = None):
+                 selectors: dict[str, str], budget: ObjectBudget | None = None, mask: Mask | None = None):
         self.http, self.resource, self.namespace, self.selectors = http, resource, namespace, selectors
+        self.mask = mask
         self.budget = budget or ObjectBudget(DEFAULT_MAX_OBJECTS)
         self.objects: dict[tuple[str, str], bytes] = {}
         self.lock = threading.Lock()
@@ -150,7 +154,7 @@ class Reflector:
 
     def _run(self) -> None:
         failures = 0
-        while True:
+        while not self.http.is_closed:  # the client's owner closed it: its reflectors end
             try:
                 version = self._list()
                 failures = 0
@@ -159,6 +163,9 @@ class Reflector:
                 continue
             except _OverBudget:
                 time.sleep(_REFUSED_RETRY_SECONDS)
+            except RuntimeError:
+                if not self.http.is_closed:
+                    raise
             except (httpx.HTTPError, ClusterError, ValueError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.warning("watch of %s failed, retrying: %s", self.what, self.last_error)
@@ -169,8 +176,7 @@ class Reflector:
         # List items usually come without their type; watch events carry it. Give every item both.
         obj.setdefault("apiVersion", self.resource.api_version)
         obj.setdefault("kind", self.resource.kind)
-        # A copy: orjson's bytes keep the over-allocated buffer they were written in (4 KiB for a small object).
-        return memoryview(orjson.dumps(stripped(obj))).tobytes()
+        return _compact(orjson.dumps(masked(stripped(obj), self.mask)))
 
     def _refuse(self, total: int) -> None:
         self.budget.claim(self, 0)
@@ -269,25 +275,6 @@ def request_json(http: httpx.Client, method: str, path: str, *, timeout: float |
     return doc
 
 
-class _TtlCache:
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic):
-        self.ttl, self.clock = ttl, clock
-        self.entries: dict[Any, tuple[float, bytes]] = {}
-        self.lock = threading.Lock()
-
-    def get(self, key: Any) -> bytes | None:
-        with self.lock:
-            entry = self.entries.get(key)
-            if entry is None or entry[0] < self.clock():
-                self.entries.pop(key, None)
-                return None
-            return entry[1]
-
-    def put(self, key: Any, value: bytes) -> None:
-        with self.lock:
-            self.entries[key] = (self.clock() + self.ttl, value)
-
-
 class ClusterClient:
     """The callbacks' view of one cluster. `wait_seconds` bounds every request (the policy's own
     deadline is usually shorter and is passed per call)."""
@@ -298,7 +285,9 @@ class ClusterClient:
         self.budget = ObjectBudget(limits.max_objects)
         self.resources: dict[tuple[str, str], ApiResource] = {}
         self.reflectors: dict[tuple[Any, ...], Reflector] = {}
-        self.answers = _TtlCache(ANSWER_TTL_SECONDS)
+        self.answers: BoundedCache[bytes] = BoundedCache(
+            "cluster_answers", max_entries=limits.max_answers, max_bytes=limits.max_answer_bytes,
+            ttl=ANSWER_TTL_SECONDS)
         self.lock = threading.Lock()
         # Generations start again in a restarted cache process: versions carry which process made them.
         self.incarnation = os.urandom(6).hex()
@@ -327,25 +316,27 @@ class ClusterClient:
         raise ClusterError(f"Cannot find resource {api_version}/{kind}")
 
     def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
-             field_selector: str | None, timeout: float) -> bytes:
-        return self.reflector(api_version, kind, namespace, label_selector, field_selector, timeout).answer(timeout)
+             field_selector: str | None, timeout: float, masks: list[str] | None = None) -> bytes:
+        return self.reflector(api_version, kind, namespace, label_selector, field_selector, timeout,
+                              masks).answer(timeout)
 
     def list_version(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
-                     field_selector: str | None, timeout: float) -> tuple[str, bytes]:
+                     field_selector: str | None, timeout: float, masks: list[str] | None = None) -> tuple[str, bytes]:
         """The list and a version of it that differs whenever the answer does, in this process or another."""
-        reflector = self.reflector(api_version, kind, namespace, label_selector, field_selector, timeout)
+        reflector = self.reflector(api_version, kind, namespace, label_selector, field_selector, timeout, masks)
         generation, answer = reflector.versioned_answer(timeout)
         return f"{self.incarnation}:{generation}", answer
 
     def reflector(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
-                  field_selector: str | None, timeout: float) -> Reflector:
+                  field_selector: str | None, timeout: float, masks: list[str] | None = None) -> Reflector:
         resource = self.resource(api_version, kind, timeout)
         if namespace is not None and not resource.namespaced:
             raise ClusterError(f"resource {api_version}/{kind} is cluster wide. "
                                "Cannot search for it inside of a namespace")
         selectors = {name: value for name, value in (("labelSelector", label_selector),
                                                      ("fieldSelector", field_selector)) if value}
-        key = (api_version, kind, namespace, label_selector, field_selector)
+        mask = normalized(masks)
+        key = (api_version, kind, namespace, label_selector, field_selector, mask)
         with self.lock:
             reflector = self.reflectors.get(key)
             if reflector is None:
@@ -353,7 +344,7 @@ class ClusterClient:
                     raise ClusterError(f"cannot list {api_version}/{kind}: the cluster cache keeps at most "
                                        f"{self.limits.max_reflectors} lists (--cluster-max-reflectors) "
                                        "and all are in use")
-                reflector = Reflector(self.http, resource, namespace, selectors, self.budget)
+                reflector = Reflector(self.http, resource, namespace, selectors, self.budget, mask_tree(mask))
                 self.reflectors[key] = reflector
         return reflector
 
@@ -362,8 +353,10 @@ class ClusterClient:
         return len(self.reflectors), self.budget.total()
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None, disable_cache: bool,
-            timeout: float) -> bytes:
-        key = ("get", api_version, kind, name, namespace)
+            timeout: float, masks: list[str] | None = None) -> bytes:
+        """The object, pruned to `masks`; kept pruned (the cache key has the masks)."""
+        mask = normalized(masks)
+        key = ("get", api_version, kind, name, namespace, mask)
         cached = None if disable_cache else self.answers.get(key)
         if cached is not None:
             return cached
@@ -379,7 +372,7 @@ class ClusterClient:
                                f"'{shown}'") from exc
         except (httpx.HTTPError, ValueError) as exc:
             raise ClusterError(f"cannot get {api_version}/{kind} {name}: {describe(exc)}") from exc
-        answer = orjson.dumps(doc)
+        answer = _compact(orjson.dumps(masked(doc, mask_tree(mask))))
         self.answers.put(key, answer)
         return answer
 
@@ -402,9 +395,15 @@ class ClusterClient:
             raise ClusterError(f"cannot create a SubjectAccessReview: {describe(exc)}") from exc
         if not isinstance(doc.get("status"), dict):
             raise ClusterError("SubjectAccessReview did not return a response")
-        answer = orjson.dumps(doc["status"])
+        answer = _compact(orjson.dumps(doc["status"]))
         self.answers.put(key, answer)
         return answer
+
+
+def _compact(data: bytes) -> bytes:
+    """A copy of what is kept: orjson's bytes keep the over-allocated buffer they were written in (4 KiB for a
+    small object)."""
+    return memoryview(data).tobytes()
 
 
 def _without_nulls(value: Any) -> Any:

@@ -15,7 +15,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kwserver.cluster.cache_proxy import CacheProxy
-from kwserver.cluster.limits import ClusterError, describe
+from kwserver.cluster.limits import CacheLimits, ClusterError, describe
 
 # lightkube and httpx are imported where a client is made: the master imports them only to check the
 # cluster at startup when some policy reads it, the workers never (they ask the cache process).
@@ -79,10 +79,10 @@ def check_connection(timeout: float = STARTUP_TIMEOUT_SECONDS) -> str:
 
 class Cluster(Protocol):
     def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None,
-             field_selector: str | None, timeout: float) -> bytes: ...
+             field_selector: str | None, timeout: float, masks: list[str] | None = None) -> bytes: ...
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None, disable_cache: bool,
-            timeout: float) -> bytes: ...
+            timeout: float, masks: list[str] | None = None) -> bytes: ...
 
     def can_i(self, review: dict[str, Any], disable_cache: bool, timeout: float) -> bytes: ...
 
@@ -127,9 +127,9 @@ def enabled() -> bool:
     return _process.enabled
 
 
-def use_cache(path: str) -> None:
+def use_cache(path: str, limits: CacheLimits) -> None:
     """Ask the cluster cache process listening on `path` instead of a client of this process."""
-    _process.cache = CacheProxy(path)
+    _process.cache = CacheProxy(path, limits)
 
 
 def disable() -> None:

@@ -9,12 +9,19 @@ from dataclasses import dataclass
 
 DEFAULT_MAX_REFLECTORS = 100
 DEFAULT_MAX_OBJECTS = 100_000
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class CacheLimits:
+    """Lists and objects of the cache process; the get_resource / can_i answers it keeps; and, in each
+    worker, the bytes of the lists kept to skip unchanged transfers (kwserver/cluster/cache_proxy.py)."""
+
     max_reflectors: int = DEFAULT_MAX_REFLECTORS
     max_objects: int = DEFAULT_MAX_OBJECTS
+    max_answers: int = 10_000
+    max_answer_bytes: int = 64 * MIB
+    kept_list_bytes: int = 32 * MIB
 
 
 class ClusterError(Exception):

@@ -26,6 +26,14 @@ _RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0)
 _STABLE_SECONDS = 30.0  # a cache that ran this long before dying restarts without delay
 
 
+def _forget_metrics(pid: int) -> None:
+    """A dead cache process's gauges must not count any more (its counters still do)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client.multiprocess import mark_process_dead
+
+        mark_process_dead(pid)
+
+
 class CacheSupervisor:
     def __init__(self, limits: CacheLimits, log_level: str = "info", log_fmt: str = "text"):
         self.limits, self.log_level, self.log_fmt = limits, log_level, log_fmt
@@ -68,6 +76,8 @@ class CacheSupervisor:
         command = [sys.executable, "-m", "kwserver.cluster.cache_server", "--socket", self.path,
                    "--max-reflectors", str(self.limits.max_reflectors),
                    "--max-objects", str(self.limits.max_objects),
+                   "--max-answers", str(self.limits.max_answers),
+                   "--max-answer-bytes", str(self.limits.max_answer_bytes),
                    "--log-level", self.log_level, "--log-fmt", self.log_fmt]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, close_fds=True)
         self.started = time.monotonic()
@@ -83,6 +93,7 @@ class CacheSupervisor:
             delay = _RESTART_BACKOFF[min(failures, len(_RESTART_BACKOFF) - 1)]
             log.error("the cluster cache (pid %d) exited with %s; starting it again in %.1fs",
                       self.process.pid, code, delay)
+            _forget_metrics(self.process.pid)
             if self.stopping.wait(delay):
                 return
             self._spawn()

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from kwserver.capabilities import OPTIONAL, REQUEST_FIELDS, HostCallError, HostRequest
+from kwserver.capabilities import MASKS, OPTIONAL, REQUEST_FIELDS, HostCallError, HostRequest
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,13 @@ def _debug(value: Any) -> str:
 
 
 def debug_text(request: HostRequest) -> str:
-    optional = {name for name, rule in REQUEST_FIELDS.get(request.kind, ()) if rule == OPTIONAL}
+    rules = dict(REQUEST_FIELDS.get(request.kind, ()))
     parts = []
     for name, value in request.fields.items():
         shown = _debug(value)
-        if name in optional and value is not None:
+        if rules.get(name) == MASKS and value is not None:
+            shown = "{" + shown[1:-1] + "}"  # a BTreeSet
+        if rules.get(name) in (OPTIONAL, MASKS) and value is not None:
             shown = f"Some({shown})"
         parts.append(f"{name}: {shown}")
     return f"{request.kind} {{ {', '.join(parts)} }}"

@@ -75,6 +75,10 @@ def add_parser(commands: Any) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--allow-context-aware", action="store_true",
                      help="Grant the Kubernetes resources listed in the policy's contextAwareResources metadata")
+    run.add_argument("--allowed-host-capabilities", metavar="PATTERN", nargs="*", action="extend",
+                     help="Host capabilities the policy (every policy of a YAML file) may use; repeatable. "
+                          "Examples: 'oci/*', 'net/v1/dns_lookup_host'; none given: none but logging "
+                          "[default: *]")
     run.add_argument("--cert-email", metavar="VALUE", help="Expected email in Fulcio certificate")
     run.add_argument("--cert-oidc-issuer", metavar="VALUE",
                      help="Expected OIDC issuer in Fulcio certificates")
@@ -432,8 +436,18 @@ def host_handler(args: argparse.Namespace, replayed: list[Any] | None) -> Any:
     return DirectHandler()
 
 
+def allowed_host_capabilities(args: argparse.Namespace) -> Any:
+    """kwctl's grant for every policy of a run: `--allowed-host-capabilities`, everything when not given."""
+    from kwserver.capabilities.allow_list import PatternError, parse
+
+    try:
+        return parse(["*"] if args.allowed_host_capabilities is None else args.allowed_host_capabilities)
+    except PatternError as exc:
+        raise RunError(f"Invalid host capabilities pattern: {exc}") from exc
+
+
 def bind_host_handler(registry: Any, name: str, handler: Any, args: argparse.Namespace) -> None:
-    """Give the policy (or every member of the group) `name` its allow-list and this run's host handler."""
+    """Give the policy (or every member of the group) `name` its allow-lists and this run's host handler."""
     from kwserver.capabilities import Capabilities
 
     members = [name] if name in registry.policies else [f"{name}/{m}" for m in registry.groups[name].members]
@@ -447,7 +461,8 @@ def bind_host_handler(registry: Any, name: str, handler: Any, args: argparse.Nam
                            "--replay-host-capabilities-interactions FILE")
         registry.policies[member] = replace(
             policy, spec=replace(policy.spec, context_aware_resources=granted),
-            capabilities=Capabilities(member, granted, handler, policy.capabilities.registries))
+            capabilities=Capabilities(member, granted, handler, policy.capabilities.registries,
+                                      allowed_host_capabilities(args)))
 
 
 def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
@@ -459,6 +474,7 @@ def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     from kwserver.server.service import VALIDATE, VALIDATE_RAW, AdmissionService
 
     verification = flags_verification(args)
+    allowed_host_capabilities(args)  # a bad pattern is refused before anything is read or fetched
     request_doc = read_request(args.request_path)
     replayed = None
     if args.replay_host_capabilities_interactions:

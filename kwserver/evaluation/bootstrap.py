@@ -17,8 +17,18 @@ from typing import TYPE_CHECKING
 import orjson
 import wasmtime
 
-from kwserver.capabilities import Capabilities, RegistryAccess
-from kwserver.config import PolicyGroupSpec, PolicySpec, ServerSettings, entry_warnings, load_policies
+from kwserver.capabilities import AllowList, Capabilities, RegistryAccess
+from kwserver.capabilities.allow_list import PatternError, parse
+from kwserver.capabilities.registry_access import answer_cache
+from kwserver.config import (
+    MIB,
+    PolicyGroupSpec,
+    PolicySpec,
+    ServerSettings,
+    entry_warnings,
+    load_policies,
+    split_patterns,
+)
 from kwserver.evaluation import GROUP_EXPRESSION_ERROR, InstancePool, LoadedPolicy, PolicyRegistry
 from kwserver.evaluation.settings_location import settings_path
 from kwserver.metadata import (
@@ -80,6 +90,7 @@ class BootReport:
         group, member_sep, member = name.partition("/")
         owner = f"policy group '{group}' member '{member}'" if member_sep else f"policy '{name}'"
         return f"{error} (in policies.yml: {owner}, {location})"
+    default_host_capabilities: int = 0  # policies without a `hostCapabilities` key (given the server's default)
 
 
 def engine_options_for(settings: ServerSettings, specs: list[PolicySpec]) -> EngineOptions:
@@ -93,6 +104,27 @@ def _all_specs(entries: dict[str, PolicySpec | PolicyGroupSpec]) -> list[PolicyS
     for entry in entries.values():
         specs.extend(entry.members.values() if isinstance(entry, PolicyGroupSpec) else [entry])
     return specs
+
+
+def host_capabilities(specs: list[PolicySpec], settings: ServerSettings,
+                      report: BootReport) -> dict[str, AllowList | str]:
+    """Each policy's grant, or why its patterns are invalid (the reference's message). Entries without the
+    key get `--default-host-capabilities` (older controllers write no key): counted and logged."""
+    grants: dict[str, AllowList | str] = {}
+    default = parse(split_patterns(settings.default_host_capabilities))  # checked with the settings
+    for spec in specs:
+        if spec.host_capabilities is None:
+            report.default_host_capabilities += 1
+            grants[spec.name] = default
+            continue
+        try:
+            grants[spec.name] = parse(spec.host_capabilities)
+        except PatternError as exc:
+            grants[spec.name] = f"invalid hostCapabilities pattern for policy {spec.name}: {exc}"
+    if report.default_host_capabilities:
+        log.info("%d of %d policies have no hostCapabilities key and get the default host capabilities %s "
+                 "(--default-host-capabilities)", report.default_host_capabilities, len(specs), default)
+    return grants
 
 
 def _download_name(spec: PolicySpec) -> str:
@@ -209,9 +241,14 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     registries = RegistryAccess(  # for the OCI callbacks
         sources_path=settings.sources_path, docker_config_json_path=settings.docker_config_json_path,
         timeout_seconds=settings.download_timeout_seconds, retries=settings.download_retries,
-        max_bytes=settings.max_module_size_mib * 1024 * 1024, sigstore_trust_config=settings.sigstore_trust_config)
+        max_bytes=settings.max_module_size_mib * 1024 * 1024, sigstore_trust_config=settings.sigstore_trust_config,
+        answers=answer_cache(settings.registry_answer_cache_entries, settings.registry_answer_cache_mib * MIB))
+    grants = host_capabilities(specs, settings, report)
     for spec in specs:
-        loaded = by_reference[spec.module]
+        loaded, granted = by_reference[spec.module], grants[spec.name]
+        if isinstance(granted, str):
+            registry.init_errors[spec.name] = f"bootstrap failure: {granted}"
+            continue
         if isinstance(loaded, Exception):
             message = str(loaded)
             if isinstance(loaded, VerificationError):
@@ -226,8 +263,16 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
         registry.policies[spec.name] = LoadedPolicy(
             spec=spec, module=loaded, settings_json=orjson.dumps(spec.settings),
             limits=InstanceLimits(memory_bytes=memory_limit, timeout_seconds=timeout),
-            capabilities=Capabilities(spec.name, spec.context_aware_resources, registries=registries),
+            capabilities=Capabilities(spec.name, spec.context_aware_resources, registries=registries,
+                                      host_capabilities=granted),
         )
+        if spec.host_capabilities is None and spec.context_aware_resources \
+                and not registry.policies[spec.name].reads_cluster:
+            warning = (f"policy {spec.name} has contextAwareResources but no hostCapabilities key, and the default "
+                       f"host capabilities {granted} grant no Kubernetes call: its cluster reads are refused "
+                       "(set hostCapabilities, or --default-host-capabilities under a controller before 1.35)")
+            log.warning("%s", warning)
+            report.warnings.append(warning)
 
     _check_all_policies(registry, options, report)
     for name, group in registry.groups.items():

@@ -44,6 +44,8 @@ class ExecutionMode:
 
     name: str
     runtime: type
+    # The host lists a context-aware policy's `contextAwareResources` into its documents (Rego inventory).
+    lists_inventory = False
 
     def link(self, engine: wasmtime.Engine, module: wasmtime.Module, *, epoch_interruption: bool) -> LinkedModule:
         return self.runtime(engine, module, epoch_interruption=epoch_interruption)
@@ -131,6 +133,7 @@ class OpaMode(ExecutionMode):
 
     name = metadata.OPA
     runtime = OpaModule
+    lists_inventory = True
 
     def boot_warning(self, linked: OpaModule, policy: LoadedPolicy) -> str | None:
         return rego_entrypoint_warning(linked, self.name, policy.entrypoint)

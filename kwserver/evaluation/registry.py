@@ -45,6 +45,12 @@ class LoadedPolicy:
         return f"policy:{self.name}" if self.spec.own_instance else f"module:{self.module.digest}"
 
     @property
+    def reads_cluster(self) -> bool:
+        """Serving this policy needs the cluster: its host calls may reach it, or the host lists its inventory."""
+        return self.capabilities.reads_cluster or (self.mode.lists_inventory
+                                                   and bool(self.spec.context_aware_resources))
+
+    @property
     def entrypoint(self) -> str | None:
         """OPA/Gatekeeper: the entrypoint chosen by name (policies.yml, then metadata); None: id 0."""
         return self.spec.entrypoint or self.module.metadata.entrypoint

@@ -34,7 +34,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from kwserver.capabilities import DENIALS
 from kwserver.evaluation import PoolObserver
+from kwserver.observability.cache_metrics import CacheMetrics
 from kwserver.server.service import EvaluationRecord
 
 LATENCY_BUCKETS_MS = (0, 5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000)
@@ -88,6 +90,10 @@ class WorkerMetrics(PoolObserver):
         self.instance_memory = Gauge(
             "kwserver_policy_instance_memory_bytes", "Linear memory of idle policy instances",
             ["instance"], multiprocess_mode="livesum", registry=None)
+        # `capability`: the path refused (`kubernetes/can_i`), `unknown` for one the host does not have.
+        self.denials = Counter("kwserver_host_capability_denials", "Host calls refused by a policy's hostCapabilities",
+                               ["policy_name", "capability"], registry=None)
+        self.caches = CacheMetrics()
         self._pending = PendingCounts()
 
     def observe(self, record: EvaluationRecord) -> None:
@@ -142,6 +148,9 @@ class WorkerMetrics(PoolObserver):
         for label, (count, memory_bytes) in pending.idle.items():
             self.instances.labels(label).set(count)
             self.instance_memory.labels(label).set(memory_bytes)
+        for key in list(DENIALS):  # counted on this thread by the policies' host calls
+            self.denials.labels(*key).inc(DENIALS.pop(key))
+        self.caches.publish()
 
 
 class PendingCounts:

@@ -29,7 +29,6 @@ from gunicorn.app.base import Application
 
 from kwserver import __version__
 from kwserver.cluster import connection
-from kwserver.cluster.limits import CacheLimits
 from kwserver.cluster.supervisor import CacheSupervisor
 from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
@@ -157,7 +156,7 @@ class Daemon:
             self._check_telemetry()
             registry, report = build_registry(self.settings)
             connection.connect_at_startup(
-                required=any(p.spec.context_aware_resources for p in registry.policies.values()),
+                required=any(p.reads_cluster for p in registry.policies.values()),
                 ignore_failure=self.settings.ignore_kubernetes_connection_failure)
         except (BootError, ConfigError, connection.ConnectionFailure) as exc:
             log.error("%s", exc)
@@ -191,11 +190,9 @@ class Daemon:
         if not connection.enabled():
             return
         settings = self.settings
-        self.cluster_cache = CacheSupervisor(
-            CacheLimits(settings.cluster_max_reflectors, settings.cluster_max_objects),
-            settings.log_level, settings.log_fmt)
+        self.cluster_cache = CacheSupervisor(settings.cluster_cache_limits, settings.log_level, settings.log_fmt)
         self.cluster_cache.start()
-        connection.use_cache(self.cluster_cache.path)
+        connection.use_cache(self.cluster_cache.path, settings.cluster_cache_limits)
 
     def _install(self, registry: PolicyRegistry, report: BootReport) -> Evaluator:
         settings = self.settings

@@ -306,8 +306,14 @@ def host_call_wat(binding: str, namespace: str, operation: str, payload: bytes) 
 
 def host_policy(directory: Path, name: str, operation: str, payload: dict[str, Any] | str, *,
                 binding: str = "kubewarden", namespace: str = "kubernetes", **policy: Any) -> dict[str, Any]:
+    """The policies.yml entry of a policy making one host call; it is granted that call's host capability
+    unless `hostCapabilities` is given."""
+    from kwserver.capabilities.allow_list import CAPABILITIES
+
     wasm = wasmtime.wat2wasm(host_call_wat(binding, namespace, operation, json.dumps(payload).encode()))
     module = annotated(directory, name, wasm, "kubewarden-wapc", policyType="raw", protocolVersion="v1")
+    if f"{namespace}/{operation}" in CAPABILITIES:
+        policy.setdefault("hostCapabilities", [f"{namespace}/{operation}"])
     return {"module": module, **policy}
 
 
