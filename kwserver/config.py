@@ -21,6 +21,7 @@ import yaml
 from kwserver.expressions import ExpressionError, Node, compile_expression
 from kwserver.logs import LEVELS
 from kwserver.server.autoscaler import GROW_ABOVE, SHRINK_BELOW
+from kwserver.server.sizing import available_cpus, count_text
 
 
 class ConfigError(ValueError):
@@ -116,8 +117,10 @@ class ServerSettings:
     readiness_probe_port: int = setting(8081, "KUBEWARDEN_READINESS_PROBE_PORT",
                                         "Port of the readiness probe (always plain HTTP)",
                                         parse=int, check=port_number)
-    workers: int | None = setting(None, "KUBEWARDEN_WORKERS", "Worker processes (default: number of CPUs)",
-                                  parse=int, check=at_least(1))
+    workers: int | None = setting(
+        None, "KUBEWARDEN_WORKERS",
+        "Worker processes (default: the CPUs this process may use: cgroup CPU quota rounded up, CPU affinity)",
+        parse=int, check=at_least(1))
     policies: str = setting("policies.yml", "KUBEWARDEN_POLICIES", "YAML file holding the policies")
     policies_download_dir: str = setting(".", "KUBEWARDEN_POLICIES_DOWNLOAD_DIR",
                                          "Download directory for remote policy modules")
@@ -193,11 +196,11 @@ class ServerSettings:
                                 "Port of the Prometheus /metrics and JSON /status endpoints (0: disabled)",
                                 parse=int, check=port_number)
     min_workers: int | None = setting(None, "KWSERVER_MIN_WORKERS",
-                                      "Fewest workers when the pool shrinks (default: --workers)",
+                                      "Fewest workers when the pool shrinks (default: --workers or its default)",
                                       parse=int, check=at_least(1))
     max_workers: int | None = setting(
         None, "KWSERVER_MAX_WORKERS",
-        "Most workers when the pool grows (default: --workers); above min, the pool follows the load",
+        "Most workers when the pool grows (default: --workers or its default); above min, the pool follows the load",
         parse=int, check=at_least(1))
     scale_up_after_seconds: int = setting(
         3, "KWSERVER_SCALE_UP_AFTER_SECONDS",
@@ -264,7 +267,15 @@ class ServerSettings:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return self.workers or available_cpus().count
+
+    def describe_workers(self) -> str:
+        """How many workers start, and why (`2 workers: cgroup CPU quota 1.5 CPUs`)."""
+        count = self.initial_workers
+        if self.workers is not None:
+            return f"{count_text(count)}: --workers"
+        cpus = available_cpus()
+        return f"{count_text(count)}: {cpus.reason}" + ("" if count == cpus.count else " (--min-workers/--max-workers)")
 
     def ignored(self) -> list[str]:
         """Reference-server settings that are set but have no effect here, for a startup warning each."""

@@ -34,13 +34,14 @@ from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
 from kwserver.evaluation.bootstrap import BootError, BootReport, build_registry
 from kwserver.logs import configure_logging
-from kwserver.observability import metrics, otlp
+from kwserver.observability import memory, metrics, otlp
 from kwserver.observability.endpoints import EndpointServer, Readiness
 from kwserver.observability.status import LoadedFacts, StatusView
 from kwserver.runtime.engine import EpochTicker
 from kwserver.server.api import create_app
 from kwserver.server.autoscaler import PoolController, ScalingPolicy
 from kwserver.server.service import AdmissionService
+from kwserver.server.sizing import WORKER_ESTIMATE_BYTES, count_text, describe_room, memory_limit, workers_that_fit
 from kwserver.server.tls import TlsContextCache
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,7 @@ class Daemon:
     def on_ready(self, arbiter: Any) -> None:
         self.arbiter = arbiter
         settings = self.settings
+        self._fit_workers_in_memory()
         routes = {settings.readiness_probe_port: ({"/readiness": self.readiness.route}, "readiness")}
         if settings.metrics_port:
             status = StatusView(self.metrics_dir, self._loaded_facts)
@@ -264,7 +266,7 @@ class Daemon:
             policy=scaling, max_uss_bytes=settings.worker_max_uss_mib * MIB,
             busy_seconds=lambda: metrics.metric_total(self.metrics_dir, "kwserver_worker_busy_seconds"),
             workers=lambda: {pid: worker.age for pid, worker in list(self.arbiter.WORKERS.items())},
-            uss=_uss, resize=self._resize_pool,
+            uss=_uss, resize=self._resize_pool, no_room=self._no_room_for_a_worker,
         )
         self.controller.start()
 
@@ -283,6 +285,42 @@ class Daemon:
 
         self.metrics_push = MetricsPush.from_env(self.metrics_dir)
         self.metrics_push.start()
+
+    def _memory_in_use(self) -> tuple[int, int]:
+        """The server's footprint (the PSS of its processes) and what one worker holds of its own (the
+        largest USS of the running workers; an estimate before the first one runs)."""
+        processes = memory.server_processes(os.getpid())
+        worker_uss = [p["uss"] for p in processes if p["role"] == "worker"]
+        return sum(p["pss"] for p in processes), max(worker_uss, default=WORKER_ESTIMATE_BYTES)
+
+    def _no_room_for_a_worker(self) -> str | None:
+        limit = memory_limit()
+        if limit is None:
+            return None
+        used, per_worker = self._memory_in_use()
+        if workers_that_fit(limit, used, per_worker):
+            return None
+        return f"it would not fit in the memory limit ({describe_room(limit, used, per_worker)})"
+
+    def _fit_workers_in_memory(self) -> None:
+        """Before the first fork: no more workers than the pod's memory limit holds (when their number is
+        kwserver's choice; a number the operator set is kept, with a warning)."""
+        limit, wanted = memory_limit(), self.arbiter.num_workers
+        if limit is None:
+            return
+        used, per_worker = self._memory_in_use()
+        fit = workers_that_fit(limit, used, per_worker)
+        if fit >= wanted:
+            return
+        room = describe_room(limit, used, per_worker)
+        if self.settings.workers is not None or self.settings.min_workers is not None:
+            log.warning("%s may not fit in the memory limit (%s)", count_text(wanted), room)
+        elif fit == 0:
+            log.warning("the memory limit is below what one worker needs (%s): starting 1 worker", room)
+            self.arbiter.num_workers = 1
+        else:
+            log.warning("starting %s instead of %d: the memory limit holds no more (%s)", count_text(fit), wanted, room)
+            self.arbiter.num_workers = fit
 
     def _resize_pool(self, workers: int) -> None:
         # What gunicorn's TTIN/TTOU handlers do, for any step at once (signals sent in a row coalesce).
@@ -398,7 +436,7 @@ class KwserverApplication(Application):
 
 def serve(settings: ServerSettings, gunicorn_config: str | None = None) -> None:
     configure_logging(settings.log_level, settings.log_fmt)
-    log.info("kwserver %s starting with %d worker(s)", __version__, settings.initial_workers)
+    log.info("kwserver %s starting: %s", __version__, settings.describe_workers())
     for ignored in settings.ignored():
         log.warning("ignoring --%s", ignored)
     os.environ.update(settings.to_env())  # so a gunicorn config file sees the same settings
