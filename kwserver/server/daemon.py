@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import orjson
 import psutil
 from gunicorn.app.base import Application
+from gunicorn.errors import HaltServer
 
 from kwserver import __version__
 from kwserver.cluster import connection
@@ -34,7 +35,7 @@ from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
 from kwserver.evaluation.bootstrap import BootError, BootReport, build_registry
 from kwserver.logs import configure_logging
-from kwserver.observability import memory, metrics, otlp
+from kwserver.observability import discovery, memory, metrics, otlp
 from kwserver.observability.endpoints import EndpointServer, Readiness
 from kwserver.observability.status import LoadedFacts, StatusView
 from kwserver.runtime.engine import EpochTicker
@@ -42,7 +43,8 @@ from kwserver.server.api import create_app
 from kwserver.server.autoscaler import PoolController, ScalingPolicy
 from kwserver.server.service import AdmissionService
 from kwserver.server.sizing import WORKER_ESTIMATE_BYTES, count_text, describe_room, memory_limit, workers_that_fit
-from kwserver.server.tls import TlsContextCache
+from kwserver.server.tls import TlsContextCache, TlsError
+from kwserver.server.worker import EventLoopWorker
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ class Daemon:
         self.pool: InstancePool | None = None
         self.metrics_dir: str | None = None  # made when the server loads (metrics.prepare_directory)
         self.metrics: metrics.WorkerMetrics | None = None
-        self.readiness = Readiness(lambda: bool(self.arbiter and self.arbiter.WORKERS))
+        self.readiness = Readiness(self._has_serving_worker)
         self.endpoints: list[EndpointServer] = []
         self.controller: PoolController | None = None
         self.arbiter: Any = None
@@ -130,11 +132,13 @@ class Daemon:
         self.metrics = metrics.WorkerMetrics()
         try:
             self._check_telemetry()
+            if self.settings.tls:  # a pair that cannot serve fails the start, naming the file
+                self.make_ssl_context()
             registry, report = build_registry(self.settings)
             connection.connect_at_startup(
                 required=any(p.spec.context_aware_resources for p in registry.policies.values()),
                 ignore_failure=self.settings.ignore_kubernetes_connection_failure)
-        except (BootError, ConfigError, connection.ConnectionFailure) as exc:
+        except (BootError, ConfigError, connection.ConnectionFailure, TlsError) as exc:
             log.error("%s", exc)
             sys.exit(1)
         self._start_cluster_cache()
@@ -242,6 +246,16 @@ class Daemon:
         self._start_span_export()
         log.info("ready: API on %s, readiness on port %d, metrics on port %s", ", ".join(self.bind),
                  settings.readiness_probe_port, settings.metrics_port or "(disabled)")
+
+    def _has_serving_worker(self) -> bool:
+        """Readiness needs a worker that serves: one that set itself up (TLS included) and joined the
+        connection table, not one merely forked (or dying at its start)."""
+        if self.arbiter is None:
+            return False
+        live, table = set(self.arbiter.WORKERS), EventLoopWorker.table
+        if table is None or self.arbiter.cfg.worker_class is not EventLoopWorker:
+            return bool(live)  # another worker class (a --gunicorn-config): its start is not visible
+        return bool(live & table.serving())
 
     def _unready_on_term(self) -> None:
         """On SIGTERM, readiness turns unready before gunicorn drains the workers."""
@@ -440,4 +454,13 @@ def serve(settings: ServerSettings, gunicorn_config: str | None = None) -> None:
     for ignored in settings.ignored():
         log.warning("ignoring --%s", ignored)
     os.environ.update(settings.to_env())  # so a gunicorn config file sees the same settings
-    KwserverApplication(Daemon(settings), gunicorn_config).run()
+    daemon = Daemon(settings)
+    try:
+        KwserverApplication(daemon, gunicorn_config).run()
+    except HaltServer as exc:
+        # gunicorn halting while it halts: a second worker that failed to boot (each said why) is reaped
+        # during the stop of the first one, and gunicorn's own exit hooks are skipped.
+        log.error("stopped: %s", exc.reason)
+        daemon.on_exit()
+        discovery.withdraw()
+        sys.exit(exc.exit_status)
