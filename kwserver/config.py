@@ -129,7 +129,8 @@ class ServerSettings:
                                   parse=int, check=at_least(1))
     disable_timeout_protection: bool = setting(
         False, "KUBEWARDEN_DISABLE_TIMEOUT_PROTECTION",
-        "Disable the global evaluation timeout (per-policy timeoutEvalSeconds still apply)", parse=parse_bool)
+        "Disable policy timeout protection: no evaluation is interrupted, per-policy timeoutEvalSeconds included",
+        parse=parse_bool)
     always_accept_admission_reviews_on_namespace: str | None = setting(
         None, "KUBEWARDEN_ALWAYS_ACCEPT_ADMISSION_REVIEWS_ON_NAMESPACE",
         "Accept every AdmissionReview for this namespace without evaluating it")
@@ -192,9 +193,12 @@ class ServerSettings:
         1024, "KWSERVER_MAX_CONNECTIONS_PER_WORKER",
         "Open connections one worker keeps; beyond, new connections get 503 and are closed",
         parse=int, check=at_least(1))
-    metrics_port: int = setting(9090, "KWSERVER_METRICS_PORT",
-                                "Port of the Prometheus /metrics and JSON /status endpoints (0: disabled)",
-                                parse=int, check=port_number)
+    # The reference binds only the webhook and readiness ports; under hostNetwork a third one would be a
+    # port of the node. So metrics go on the readiness listener unless a port of their own is asked for.
+    metrics_port: int = setting(
+        0, "KWSERVER_METRICS_PORT",
+        "Port of a listener of their own for Prometheus /metrics and JSON /status (0: on the readiness listener)",
+        parse=int, check=port_number)
     min_workers: int | None = setting(None, "KWSERVER_MIN_WORKERS",
                                       "Fewest workers when the pool shrinks (default: --workers or its default)",
                                       parse=int, check=at_least(1))
@@ -242,7 +246,7 @@ class ServerSettings:
         "Sigstore trust root (keyless signatures); unused: keyless verification is refused")
     enable_metrics: bool = setting(
         False, "KUBEWARDEN_ENABLE_METRICS",
-        "Also push the metrics over OTLP (OTEL_* variables); Prometheus still serves them on --metrics-port",
+        "Also push the metrics over OTLP (OTEL_* variables); Prometheus /metrics serves them as well",
         parse=parse_bool)
     enable_pprof: bool = setting(False, "KUBEWARDEN_ENABLE_PPROF", "Go-style profiling endpoints; not available",
                                  parse=parse_bool)
@@ -301,6 +305,11 @@ class ServerSettings:
     @property
     def autoscaling(self) -> bool:
         return self.pool_max > self.pool_min
+
+    @property
+    def metrics_listener_port(self) -> int:
+        """Where /metrics and /status are served: their own port, or the readiness listener's."""
+        return self.metrics_port or self.readiness_probe_port
 
     @property
     def global_timeout(self) -> int | None:

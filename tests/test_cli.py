@@ -30,7 +30,8 @@ def test_kubernetes_manifest_runs_kwserver_with_valid_flags():
     container = documents["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     settings = settings_from_args(build_parser().parse_args(["serve", *container["args"]]), environ={})
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert (ports["https"], ports["readiness"], ports["metrics"]) == (
-        settings.port, settings.readiness_probe_port, settings.metrics_port)
+    assert ports == {"https": settings.port, "readiness": settings.readiness_probe_port}  # metrics on readiness
+    annotations = documents["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.metrics_listener_port)
     assert settings.tls and settings.autoscaling
     assert yaml.safe_load(documents["ConfigMap"]["data"]["policies.yml"])

@@ -224,13 +224,12 @@ class Daemon:
         settings = self.settings
         self._fit_workers_in_memory()
         routes = {settings.readiness_probe_port: ({"/readiness": self.readiness.route}, "readiness")}
-        if settings.metrics_port:
-            status = StatusView(self.metrics_dir, self._loaded_facts)
-            registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(status.snapshot)])
-            routes[settings.metrics_port] = ({
-                "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics.render(registry)),
-                "/status": lambda: (200, "application/json", orjson.dumps(status.snapshot())),
-            }, "metrics")
+        status = StatusView(self.metrics_dir, self._loaded_facts)
+        registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(status.snapshot)])
+        routes.setdefault(settings.metrics_listener_port, ({}, "metrics"))[0].update({
+            "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics.render(registry)),
+            "/status": lambda: (200, "application/json", orjson.dumps(status.snapshot())),
+        })
         for port, (paths, name) in routes.items():
             try:
                 self.endpoints.append(EndpointServer(settings.addr, port, paths, name))
@@ -244,8 +243,8 @@ class Daemon:
         self._start_controller()
         self._start_metrics_push()
         self._start_span_export()
-        log.info("ready: API on %s, readiness on port %d, metrics on port %s", ", ".join(self.bind),
-                 settings.readiness_probe_port, settings.metrics_port or "(disabled)")
+        log.info("ready: API on %s, readiness on port %d, metrics on port %d", ", ".join(self.bind),
+                 settings.readiness_probe_port, settings.metrics_listener_port)
 
     def _has_serving_worker(self) -> bool:
         """Readiness needs a worker that serves: one that set itself up (TLS included) and joined the
