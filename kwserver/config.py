@@ -100,11 +100,6 @@ def one_of(*choices: str) -> Callable[[str], str | None]:
     return lambda value: None if value in choices else f"invalid value {value!r}, expected one of {', '.join(choices)}"
 
 
-def refused(reason: str) -> Callable[[Any], str | None]:
-    """For reference settings this build cannot honour: starting without them would be wrong."""
-    return lambda value: reason if value else None
-
-
 MIB = 1024 * 1024
 LOG_LEVELS = tuple(LEVELS)
 
@@ -252,10 +247,16 @@ class ServerSettings:
                                  parse=parse_bool)
     log_no_color: bool = setting(False, "NO_COLOR", "No colours in text logs (kwserver never colours them)",
                                  parse=parse_present)
-    daemon: bool = setting(
-        False, "KUBEWARDEN_DAEMON",
-        "Detach from the terminal; not supported: run in the foreground (container, systemd)", parse=parse_bool,
-        check=refused("--daemon is not supported: run kwserver in the foreground (container, systemd)"))
+    # The reference's daemon mode (kwserver/server/detach.py).
+    daemon: bool = setting(False, "KUBEWARDEN_DAEMON",
+                           "Detach from the terminal and run in the background (see --daemon-pid-file)",
+                           parse=parse_bool)
+    daemon_pid_file: str = setting("policy-server.pid", "KUBEWARDEN_DAEMON_PID_FILE",
+                                   "PID file of the detached master, used only with --daemon")
+    daemon_stdout_file: str | None = setting(None, "KUBEWARDEN_DAEMON_STDOUT_FILE",
+                                             "File the detached server's stdout goes to (default: /dev/null)")
+    daemon_stderr_file: str | None = setting(None, "KUBEWARDEN_DAEMON_STDERR_FILE",
+                                             "File the detached server's stderr (its log) goes to (default: /dev/null)")
 
     def __post_init__(self) -> None:
         for item in SETTINGS:

@@ -41,6 +41,7 @@ from kwserver.observability.status import LoadedFacts, StatusView
 from kwserver.runtime.engine import EpochTicker
 from kwserver.server.api import create_app
 from kwserver.server.autoscaler import PoolController, ScalingPolicy
+from kwserver.server.detach import DetachError, detach
 from kwserver.server.service import AdmissionService
 from kwserver.server.sizing import WORKER_ESTIMATE_BYTES, count_text, describe_room, memory_limit, workers_that_fit
 from kwserver.server.tls import TlsContextCache, TlsError
@@ -449,6 +450,12 @@ class KwserverApplication(Application):
 
 def serve(settings: ServerSettings, gunicorn_config: str | None = None) -> None:
     configure_logging(settings.log_level, settings.log_fmt)
+    if settings.daemon:
+        try:
+            detach(settings.daemon_pid_file, settings.daemon_stdout_file, settings.daemon_stderr_file)
+        except DetachError as exc:
+            log.error("%s", exc)
+            sys.exit(1)
     log.info("kwserver %s starting: %s", __version__, settings.describe_workers())
     for ignored in settings.ignored():
         log.warning("ignoring --%s", ignored)
