@@ -5,7 +5,7 @@ import time
 import pytest
 import requests
 
-from tests.support.certs import make_ca, make_cert, pem_block
+from tests.support.certs import as_controller_v132_wrote_it, make_ca, make_cert
 from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
 
 pytestmark = pytest.mark.integration
@@ -105,14 +105,10 @@ def test_detect_certificate_rotation(run_server, tmp_path):
 
 def _v132_pair(tmp_path):
     """A server certificate and its key as controllers up to v1.32 wrote it: SEC1 DER labelled RSA."""
-    from cryptography.hazmat.primitives import serialization
-
     ca = make_ca(tmp_path, "ca")
     pair = make_cert(tmp_path, "server", ca)
-    key = serialization.load_pem_private_key(pair.key.read_bytes(), None)
     mislabelled = tmp_path / "v1.32.key"
-    mislabelled.write_bytes(pem_block("RSA PRIVATE KEY", key.private_bytes(
-        serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())))
+    mislabelled.write_bytes(as_controller_v132_wrote_it(pair.key.read_bytes()))
     return ca, pair.cert, mislabelled
 
 

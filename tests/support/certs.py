@@ -45,6 +45,17 @@ def pem_block(label: str, der: bytes) -> bytes:
     return f"-----BEGIN {label}-----\n{lines}\n-----END {label}-----\n".encode()
 
 
+def as_controller_v132_wrote_it(key_pem: bytes) -> bytes:
+    """An EC key as the Kubewarden controller wrote it up to v1.32: SEC1 DER under `RSA PRIVATE KEY`
+    (internal/certs/certs.go before commit 4e58aa50)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(key_pem, None)
+    return pem_block("RSA PRIVATE KEY", key.private_bytes(serialization.Encoding.DER,
+                                                          serialization.PrivateFormat.TraditionalOpenSSL,
+                                                          serialization.NoEncryption()))
+
+
 _KEYS: dict[str, Any] = {}
 
 
