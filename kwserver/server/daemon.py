@@ -253,7 +253,7 @@ class Daemon:
         if self.arbiter is None:
             return False
         live, table = set(self.arbiter.WORKERS), EventLoopWorker.table
-        if table is None or self.arbiter.cfg.worker_class is not EventLoopWorker:
+        if table is None or self.arbiter.worker_class is not EventLoopWorker:
             return bool(live)  # another worker class (a --gunicorn-config): its start is not visible
         return bool(live & table.serving())
 
