@@ -90,6 +90,16 @@ def test_the_start_log_names_the_count_and_why():
     assert count_cpus({}, 1).describe().startswith("1 worker: ")
 
 
+def test_the_pool_bounds_default_to_the_same_figure():
+    from kwserver.config import ServerSettings
+    from kwserver.server.sizing import available_cpus
+
+    cpus = available_cpus().count
+    assert ServerSettings().initial_workers == ServerSettings().pool_max == cpus
+    assert ServerSettings(min_workers=1).pool_max == cpus  # --max-workers' default follows the CPUs
+    assert ServerSettings(workers=3).pool_max == 3
+
+
 def _fake_tree(tmp_path, cpu_max):
     proc = tmp_path / "proc"
     proc.mkdir()
