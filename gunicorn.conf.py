@@ -5,10 +5,10 @@ The values come from kwserver's own settings, the KUBEWARDEN_* / KWSERVER_* envi
 setting kwserver uses is declared once with the reason for its value:
 
 - bind: KUBEWARDEN_BIND_ADDRESS and KUBEWARDEN_PORT (the admission API). Readiness
-  (KUBEWARDEN_READINESS_PROBE_PORT) and metrics (KWSERVER_METRICS_PORT) are served by the master.
-- workers: KUBEWARDEN_WORKERS (default: CPUs); KWSERVER_MIN_WORKERS / KWSERVER_MAX_WORKERS let the
-  pool follow the load. Compiled policies are shared, so an extra worker costs little memory
-  (bench/results/workers); more workers than CPUs costs CPU per request.
+  (KUBEWARDEN_READINESS_PROBE_PORT) and metrics (there too, or KWSERVER_METRICS_PORT) are served by the master.
+- workers: KUBEWARDEN_WORKERS (default: the CPUs the process may use: cgroup quota, affinity);
+  KWSERVER_MIN_WORKERS / KWSERVER_MAX_WORKERS let the pool follow the load. Compiled policies are shared,
+  so an extra worker costs little memory (bench/results/workers); more workers than CPUs costs CPU per request.
 - worker_class: kwserver's event-loop worker (kwserver/server/worker.py, uvloop + httptools): each request
   is read whole before it is evaluated, so stalled clients never hold an evaluation. Its limits:
   KWSERVER_HEADER_TIMEOUT_SECONDS (10), KWSERVER_BODY_TIMEOUT_SECONDS (30),

@@ -229,7 +229,7 @@ else environment+=(KUBEWARDEN_POLICIES=/config/policies.yml); fi
 container=$("${buildah[@]}" from --quiet scratch)
 "${buildah[@]}" add --quiet "$container" "$work/rootfs.tar" /
 config=(--entrypoint '["/usr/bin/kwserver"]' --cmd serve --user 65532:65532 --workingdir /home/kwserver
-        --port 3000/tcp --port 8081/tcp --port 9090/tcp --os linux --arch amd64
+        --port 3000/tcp --port 8081/tcp --os linux --arch amd64
         --label org.opencontainers.image.title=kwserver
         --label "org.opencontainers.image.description=Kubewarden-compatible admission policy server"
         --label org.opencontainers.image.licenses=Apache-2.0

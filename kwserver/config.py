@@ -23,6 +23,7 @@ from kwserver.cluster.limits import CacheLimits
 from kwserver.expressions import ExpressionError, Node, compile_expression
 from kwserver.logs import LEVELS
 from kwserver.server.autoscaler import GROW_ABOVE, SHRINK_BELOW
+from kwserver.server.sizing import available_cpus, count_text
 
 
 class ConfigError(ValueError):
@@ -131,11 +132,6 @@ def _host_capability_problem(patterns: list[str]) -> str | None:
     return None
 
 
-def refused(reason: str) -> Callable[[Any], str | None]:
-    """For reference settings this build cannot honour: starting without them would be wrong."""
-    return lambda value: reason if value else None
-
-
 MIB = 1024 * 1024
 LOG_LEVELS = tuple(LEVELS)
 
@@ -150,8 +146,10 @@ class ServerSettings:
     readiness_probe_port: int = setting(8081, "KUBEWARDEN_READINESS_PROBE_PORT",
                                         "Port of the readiness probe (always plain HTTP)",
                                         parse=int, check=port_number, group="listeners")
-    workers: int | None = setting(None, "KUBEWARDEN_WORKERS", "Worker processes (default: number of CPUs)",
-                                  parse=int, check=at_least(1), group="workers")
+    workers: int | None = setting(
+        None, "KUBEWARDEN_WORKERS",
+        "Worker processes (default: the CPUs this process may use: cgroup CPU quota rounded up, CPU affinity)",
+        parse=int, check=at_least(1), group="workers")
     policies: str = setting("policies.yml", "KUBEWARDEN_POLICIES", "YAML file holding the policies", group="policies")
     policies_download_dir: str = setting(".", "KUBEWARDEN_POLICIES_DOWNLOAD_DIR",
                                          "Download directory for remote policy modules", group="policies")
@@ -160,8 +158,8 @@ class ServerSettings:
                                   parse=int, check=at_least(1), group="evaluation")
     disable_timeout_protection: bool = setting(
         False, "KUBEWARDEN_DISABLE_TIMEOUT_PROTECTION",
-        "Disable the global evaluation timeout (per-policy timeoutEvalSeconds still apply)", parse=parse_bool,
-        group="evaluation")
+        "Disable policy timeout protection: no evaluation is interrupted, per-policy timeoutEvalSeconds included",
+        parse=parse_bool, group="evaluation")
     always_accept_admission_reviews_on_namespace: str | None = setting(
         None, "KUBEWARDEN_ALWAYS_ACCEPT_ADMISSION_REVIEWS_ON_NAMESPACE",
         "Accept every AdmissionReview for this namespace without evaluating it", group="policies")
@@ -252,15 +250,18 @@ class ServerSettings:
         1024, "KWSERVER_MAX_CONNECTIONS_PER_WORKER",
         "Open connections one worker keeps; beyond, new connections get 503 and are closed",
         parse=int, check=at_least(1), group="connections")
-    metrics_port: int = setting(9090, "KWSERVER_METRICS_PORT",
-                                "Port of the Prometheus /metrics and JSON /status endpoints (0: disabled)",
-                                parse=int, check=port_number, group="listeners")
+    # The reference binds only the webhook and readiness ports; under hostNetwork a third one would be a
+    # port of the node. So metrics go on the readiness listener unless a port of their own is asked for.
+    metrics_port: int = setting(
+        0, "KWSERVER_METRICS_PORT",
+        "Port of a listener of their own for Prometheus /metrics and JSON /status (0: on the readiness listener)",
+        parse=int, check=port_number, group="listeners")
     min_workers: int | None = setting(None, "KWSERVER_MIN_WORKERS",
-                                      "Fewest workers when the pool shrinks (default: --workers)",
+                                      "Fewest workers when the pool shrinks (default: --workers or its default)",
                                       parse=int, check=at_least(1), group="workers")
     max_workers: int | None = setting(
         None, "KWSERVER_MAX_WORKERS",
-        "Most workers when the pool grows (default: --workers); above min, the pool follows the load",
+        "Most workers when the pool grows (default: --workers or its default); above min, the pool follows the load",
         parse=int, check=at_least(1), group="workers")
     scale_up_after_seconds: int = setting(
         3, "KWSERVER_SCALE_UP_AFTER_SECONDS",
@@ -310,17 +311,25 @@ class ServerSettings:
         "root shipped with kwserver)", group="sources")
     enable_metrics: bool = setting(
         False, "KUBEWARDEN_ENABLE_METRICS",
-        "Also push the metrics over OTLP (OTEL_* variables); Prometheus still serves them on --metrics-port",
+        "Also push the metrics over OTLP (OTEL_* variables); Prometheus /metrics serves them as well",
         parse=parse_bool, group="telemetry")
     enable_pprof: bool = setting(False, "KUBEWARDEN_ENABLE_PPROF", "Go-style profiling endpoints; not available",
                                  parse=parse_bool, group="telemetry")
     log_no_color: bool = setting(False, "NO_COLOR", "No colours in text logs (kwserver never colours them)",
                                  parse=parse_present, group="telemetry")
-    daemon: bool = setting(
-        False, "KUBEWARDEN_DAEMON",
-        "Detach from the terminal; not supported: run in the foreground (container, systemd)", parse=parse_bool,
-        check=refused("--daemon is not supported: run kwserver in the foreground (container, systemd)"),
-        group="process")
+    # The reference's daemon mode (kwserver/server/detach.py).
+    daemon: bool = setting(False, "KUBEWARDEN_DAEMON",
+                           "Detach from the terminal and run in the background (see --daemon-pid-file)",
+                           parse=parse_bool, group="process")
+    daemon_pid_file: str = setting("policy-server.pid", "KUBEWARDEN_DAEMON_PID_FILE",
+                                   "PID file of the detached master, used only with --daemon",
+                                   group="process")
+    daemon_stdout_file: str | None = setting(None, "KUBEWARDEN_DAEMON_STDOUT_FILE",
+                                             "File the detached server's stdout goes to (default: /dev/null)",
+                                             group="process")
+    daemon_stderr_file: str | None = setting(None, "KUBEWARDEN_DAEMON_STDERR_FILE",
+                                             "File the detached server's stderr (its log) goes to (default: /dev/null)",
+                                             group="process")
 
     def __post_init__(self) -> None:
         for item in SETTINGS:
@@ -336,7 +345,15 @@ class ServerSettings:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return self.workers or available_cpus().count
+
+    def describe_workers(self) -> str:
+        """How many workers start, and why (`2 workers: cgroup CPU quota 1.5 CPUs`)."""
+        count = self.initial_workers
+        if self.workers is not None:
+            return f"{count_text(count)}: --workers"
+        cpus = available_cpus()
+        return f"{count_text(count)}: {cpus.reason}" + ("" if count == cpus.count else " (--min-workers/--max-workers)")
 
     def ignored(self) -> list[str]:
         """Reference-server settings that are set but have no effect here, for a startup warning each."""
@@ -367,6 +384,11 @@ class ServerSettings:
     def cluster_cache_limits(self) -> CacheLimits:
         return CacheLimits(self.cluster_max_reflectors, self.cluster_max_objects, self.cluster_answer_cache_entries,
                            self.cluster_answer_cache_mib * MIB, self.kept_lists_mib * MIB)
+
+    @property
+    def metrics_listener_port(self) -> int:
+        """Where /metrics and /status are served: their own port, or the readiness listener's."""
+        return self.metrics_port or self.readiness_probe_port
 
     @property
     def global_timeout(self) -> int | None:

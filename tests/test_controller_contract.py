@@ -1,14 +1,23 @@
 """kwserver under the Kubewarden controller's contract: the policy-server Deployment it builds.
 
-The pod is laid out in a directory as the controller mounts it (internal/controller/
-policyserver_controller_deployment.go): certificates in /pki, policies.yml in /config, the policy
-store emptyDir in /tmp, sources.yml in /sources, verification.yml in /verification, Docker's
-config.json in /home/kubewarden/.docker, the sigstore trust root in /sigstore-trust and the mTLS CAs
-in /ca and /client-ca. Everything but the emptyDir is read-only (readOnlyRootFilesystem): chmod makes
-it so for an unprivileged user, and when the tests run as root (which chmod does not stop) the server
-runs in a mount namespace of its own where those directories are read-only bind mounts.
-The server gets exactly the controller's variables, with the paths rebased into that directory,
-and pulls its modules from a real TLS registry with basic auth, checking cosign signatures.
+Checked against the controller at kubewarden/kubewarden-controller HEAD 3460bb71 (1.36.0-beta.1):
+internal/controller/policyserver_controller_deployment.go, ..._service.go, ..._configmap.go,
+internal/certs/certs.go, api/policies/v1/policyserver_types.go, internal/constants/constants.go.
+
+The pod is laid out in a directory as the controller mounts it: certificates in /pki (the key as
+controllers up to v1.32 wrote it: an EC key, SEC1 DER, under `RSA PRIVATE KEY`), policies.yml in
+/config, the policy store emptyDir in /tmp, sources.yml in /sources, verification.yml in
+/verification, Docker's config.json in /home/kubewarden/.docker, the sigstore trust root in
+/sigstore-trust and the mTLS CAs in /ca and /client-ca. Everything but the emptyDir is read-only
+(readOnlyRootFilesystem): chmod makes it so for an unprivileged user, and when the tests run as root
+(which chmod does not stop) the server runs in a mount namespace of its own where those directories
+are read-only bind mounts, and as the image's non-root user with every capability dropped and no
+privilege escalation (the controller's default securityContext), through setpriv. Where the tests
+can make a cgroup, the pod's `spec.limits` (1 CPU, 512 MiB) are a real cgroup around it.
+The server gets exactly the controller's variables, with the paths rebased into that directory and
+custom ports (spec.webhookPort, spec.readinessProbePort), and pulls its modules from a real TLS
+registry with basic auth, checking cosign signatures. The container declares no ports and the
+controller knows two: with its hostNetwork option every port the server binds is a port of the node.
 """
 
 from __future__ import annotations
@@ -24,12 +33,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kwserver.sources.sigstore_trust import SHIPPED_TRUSTED_ROOT
-from tests.support.certs import make_ca, make_cert
+from tests.support.certs import as_controller_v132_wrote_it, make_ca, make_cert
+from tests.support.cgroups import Cgroup
 from tests.support.paths import FIXTURES, SERVER_FIXTURES, TEST_POLICIES, as_review, load_json
 from tests.support.pod import DEPLOYMENTS_NAMESPACE, Pod, privileged_review, read_only
 from tests.support.registries import cosign_sign, docker_config, public_pem, start_registry
@@ -41,7 +52,10 @@ SIGNER = ec.generate_private_key(ec.SECP256R1())
 READ_ONLY_MOUNTS = ("pki", "config", "sources", "verification", "home", "sigstore-trust", "ca", "client-ca")
 # What a PolicyServer's spec.env adds (the controller appends it to its own variables) and what the
 # controller sets with tracing and metrics on and the OTel sidecar injected.
-SPEC_ENV = {"KUBEWARDEN_LOG_LEVEL": "info", "KUBEWARDEN_WORKERS": "2"}
+SPEC_ENV = {"KUBEWARDEN_LOG_LEVEL": "info"}
+# spec.limits, as a cgroup where the tests can make one; else spec.env sets the workers.
+LIMITS = {"cpu_quota_us": 100_000, "memory": 512 * 1024 * 1024}
+IMAGE_USER = 65532
 TELEMETRY_ENV = {"KUBEWARDEN_ENABLE_METRICS": "true", "KUBEWARDEN_LOG_FMT": "otlp",
                  "OTEL_EXPORTER_OTLP_ENDPOINT": "http://localhost:4317"}
 
@@ -64,6 +78,22 @@ def _mount_namespaces() -> bool:
     return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
 
 
+def _security_context() -> tuple[list[str], bool]:
+    """The controller's securityContext as a command prefix: no privilege escalation, every capability
+    dropped, and for tests run as root the image's user (runAsNonRoot) when that user can run this
+    Python (it re-executes itself for downloads); and whether the server then runs as non-root."""
+    if not shutil.which("setpriv"):
+        return [], os.getuid() != 0
+    if os.getuid() != 0:
+        return ["setpriv", "--no-new-privs"], True
+    drop = ["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"]
+    as_user = [*drop, f"--reuid={IMAGE_USER}", f"--regid={IMAGE_USER}", "--clear-groups"]
+    nested = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import kwserver'], check=True)"
+    if subprocess.run([*as_user, sys.executable, "-c", nested], capture_output=True).returncode == 0:
+        return as_user, True
+    return drop, False
+
+
 def _with_read_only_mounts(command: list[str], mounts: list[Path]) -> list[str]:
     """Run `command` with `mounts` read-only even for root: bind mounts in a private mount namespace."""
     if os.getuid() != 0:
@@ -84,6 +114,7 @@ def pod() -> Iterator[Pod]:
     work.mkdir()
     registry = start_registry(work / "registry", tls=True, users={"puller": "s3cret"})
     process = None
+    cgroup = Cgroup.make()
     try:
         # The controller's sources ConfigMap holds sources.yml as JSON, CAs inline (type Data).
         sources_doc = {"insecure_sources": [], "source_authorities": {
@@ -131,7 +162,7 @@ def pod() -> Iterator[Pod]:
         kubewarden_ca = make_ca(work, "kubewarden-ca")
         server = make_cert(work, "policy-server", kubewarden_ca)
         shutil.copy(server.cert, root / "pki" / "tls.crt")
-        shutil.copy(server.key, root / "pki" / "tls.key")
+        (root / "pki" / "tls.key").write_bytes(as_controller_v132_wrote_it(server.key.read_bytes()))
         client_ca = make_ca(work, "client-ca")
         client = make_cert(work, "api-server", client_ca)
         (root / "ca").mkdir()
@@ -165,9 +196,10 @@ def pod() -> Iterator[Pod]:
             "KUBEWARDEN_ALWAYS_ACCEPT_ADMISSION_REVIEWS_ON_NAMESPACE": DEPLOYMENTS_NAMESPACE,
             **TELEMETRY_ENV,
             **SPEC_ENV,
-            # Not the controller's: a shared test host needs loopback and free ports.
+            **({} if cgroup else {"KUBEWARDEN_WORKERS": "2"}),
+            # Not the controller's: a shared test host needs loopback (the controller's 0.0.0.0 is the
+            # pod's or, with hostNetwork, the node's addresses).
             "KUBEWARDEN_BIND_ADDRESS": "127.0.0.1",
-            "KWSERVER_METRICS_PORT": str(free_port()),
             # The image's environment: a home directory on the read-only root filesystem; /tmp is the
             # emptyDir, which TMPDIR stands for here.
             "HOME": str(root / "home"),
@@ -176,15 +208,24 @@ def pod() -> Iterator[Pod]:
         }
         log = work / "server.log"
         with open(log, "wb") as out:
-            command = _with_read_only_mounts([sys.executable, "-m", "kwserver", "serve"],
+            # The image's entrypoint and command: the controller gives neither args nor command.
+            security, non_root = _security_context()
+            command = _with_read_only_mounts([*security, sys.executable, "-m", "kwserver", "serve"],
                                              [root / mount for mount in READ_ONLY_MOUNTS])
+            if cgroup:
+                cgroup.set_cpu(LIMITS["cpu_quota_us"])
+                cgroup.set_memory(LIMITS["memory"])
+                command = cgroup.wrap(command)
             process = subprocess.Popen(command, env=env, cwd=root / "config", stdout=out, stderr=subprocess.STDOUT)
         pod = Pod(root, process, port, readiness, (str(client.cert), str(client.key)), str(kubewarden_ca.cert), log)
         pod.wait_ready()
         pod.before = before
+        pod.limited, pod.non_root = cgroup is not None, non_root
         yield pod
     finally:
         stop_process(process)
+        if cgroup:
+            cgroup.remove()
         registry.stop()
         for path in [root, *root.rglob("*")]:
             if path.is_dir() and not path.is_symlink():
@@ -256,3 +297,35 @@ def test_deployment_fixture_in_another_namespace_is_evaluated(pod):
     review = as_review(load_json(FIXTURES / "kubewarden-policy-server" / "deployment_admission_review.json"))
     response = pod.post("/validate/clusterwide-pod-privileged", review)
     assert response.status_code == 200 and response.json()["response"]["allowed"] is True
+
+
+def _listening_ports(pod) -> set[int]:
+    master = psutil.Process(pod.process.pid)
+    processes = [master, *master.children(recursive=True)]
+    return {c.laddr.port for p in processes for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+
+
+def test_only_the_controllers_two_ports_are_bound_and_metrics_are_on_the_readiness_one(pod):
+    # With hostNetwork, each of these is a port of the node: a third one would collide with whatever
+    # else runs there (node agents, another pod's sidecar on the metrics Service's 8080).
+    assert _listening_ports(pod) == {pod.port, pod.readiness}
+    metrics = requests.get(f"http://127.0.0.1:{pod.readiness}/metrics", timeout=5)
+    assert metrics.status_code == 200 and "kubewarden_policy_evaluations_total" in metrics.text
+    status = requests.get(f"http://127.0.0.1:{pod.readiness}/status", timeout=5).json()
+    assert status["workers"] >= 1 and status["policies"] == 3
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux)")
+def test_the_server_runs_as_the_controllers_security_context_asks(pod):
+    master = psutil.Process(pod.process.pid)
+    for process in [master, *master.children(recursive=True)]:
+        assert process.uids().effective != 0 or not pod.non_root  # runAsNonRoot, where this machine allows it
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        assert int(fields["CapEff"], 16) == 0 and fields["NoNewPrivs"].strip() == "1"
+
+
+def test_workers_are_sized_to_the_pods_cpu_limit(pod):
+    if not pod.limited:
+        pytest.skip("no cgroup for the pod's limits on this machine")
+    assert "starting: 1 worker: cgroup CPU quota 1 CPUs" in pod.log()

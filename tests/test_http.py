@@ -320,11 +320,13 @@ def test_policy_specific_timeout_overrides_global(run_server):
     assert response_of(server.post("/validate/sleep-1s-timeout", SLEEP_4S))["status"] == INTERRUPTED
 
 
-def test_policy_timeout_with_global_protection_disabled(run_server):
-    # The reference never interrupts here (QUIRK: no ticker without a global timeout); kwserver does.
+def test_disabled_timeout_protection_ignores_per_policy_timeouts_with_a_warning(run_server):
+    # As the reference since its PR #1982: --disable-timeout-protection is absolute.
     server = run_server({"sleep-1s-timeout": POLICIES["sleep-1s-timeout"], "sleep": POLICIES["sleep"]},
                         args=["--disable-timeout-protection"], env={"KUBEWARDEN_WORKERS": "1"})
-    assert response_of(server.post("/validate/sleep-1s-timeout", SLEEP_4S))["status"] == INTERRUPTED
+    assert ("timeout protection is disabled (--disable-timeout-protection): the timeoutEvalSeconds of "
+            "sleep-1s-timeout are ignored") in server.log()
+    assert response_of(server.post("/validate/sleep-1s-timeout", SLEEP_4S))["allowed"] is True
     assert response_of(server.post("/validate/sleep", SLEEP_100MS))["allowed"] is True
 
 

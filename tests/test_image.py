@@ -186,7 +186,6 @@ def _controller_env(port: int, readiness: int) -> dict[str, str]:
         # A PolicyServer's spec.env, and what a shared test host needs: loopback, free ports.
         "KUBEWARDEN_WORKERS": "2",
         "KUBEWARDEN_BIND_ADDRESS": "127.0.0.1",
-        "KWSERVER_METRICS_PORT": str(free_port()),
     }
 
 
@@ -272,7 +271,7 @@ def test_the_image_config_is_the_controllers_policy_server_shape(image):
     assert config["os"] == "linux" and config["architecture"] == "amd64"
     assert config["config"]["User"] == "65532:65532"
     assert config["config"]["Entrypoint"] == ["/usr/bin/kwserver"] and config["config"]["Cmd"] == ["serve"]
-    assert set(config["config"]["ExposedPorts"]) == {"3000/tcp", "8081/tcp", "9090/tcp"}
+    assert set(config["config"]["ExposedPorts"]) == {"3000/tcp", "8081/tcp"}
     env = dict(item.split("=", 1) for item in config["config"]["Env"])
     assert env["KUBEWARDEN_POLICIES_DOWNLOAD_DIR"] == "/tmp"
     assert config["config"]["Labels"]["org.opencontainers.image.version"]

@@ -95,6 +95,9 @@ def test_the_pod_runs_as_the_controller_runs_a_policy_server():
     assert served["clusterwide-no-privileged-pod"]["module"] == "/opt/kwserver/policies/dist/pod-privileged.wasm"
     policy = objects["NetworkPolicy"]["spec"]["ingress"][0]
     assert {p["port"] for p in policy["ports"]} == {8443, 8081}
+    # The reference's two ports only; Prometheus scrapes /metrics on the readiness port.
+    assert [p["containerPort"] for p in container["ports"]] == [8443, 8081] and "KWSERVER_METRICS_PORT" not in env
+    assert objects["Service"]["spec"]["ports"][1]["targetPort"] == "readiness"
     assert objects["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
 

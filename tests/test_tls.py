@@ -1,9 +1,11 @@
 """TLS and mutual TLS on the API port; readiness stays plain HTTP (spec §7.1, reference test_tls)."""
 
+import time
+
 import pytest
 import requests
 
-from tests.support.certs import make_ca, make_cert
+from tests.support.certs import as_controller_v132_wrote_it, make_ca, make_cert
 from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
 
 pytestmark = pytest.mark.integration
@@ -99,3 +101,54 @@ def test_detect_certificate_rotation(run_server, tmp_path):
     with pytest.raises(requests.exceptions.RequestException):
         requests.post(server.url + "/validate/pod-privileged", json=UNPRIVILEGED, verify=str(ca.cert),
                       cert=(str(client.cert), str(client.key)), timeout=5)
+
+
+def _v132_pair(tmp_path):
+    """A server certificate and its key as controllers up to v1.32 wrote it: SEC1 DER labelled RSA."""
+    ca = make_ca(tmp_path, "ca")
+    pair = make_cert(tmp_path, "server", ca)
+    mislabelled = tmp_path / "v1.32.key"
+    mislabelled.write_bytes(as_controller_v132_wrote_it(pair.key.read_bytes()))
+    return ca, pair.cert, mislabelled
+
+
+def test_the_v132_controllers_mislabelled_key_serves(run_server, tmp_path):
+    ca, cert, key = _v132_pair(tmp_path)
+    server = run_server(POLICIES, args=["--cert-file", str(cert), "--key-file", str(key)], scheme="https")
+    reply = server.post("/validate/pod-privileged", UNPRIVILEGED, verify=str(ca.cert))
+    assert reply.status_code == 200 and reply.json()["response"]["allowed"] is True
+
+
+def _never_ready(server, timeout: float = 60) -> int:
+    """Until the server exits: its exit code; the readiness probe must never have answered 200."""
+    deadline = time.monotonic() + timeout
+    while server.process.poll() is None and time.monotonic() < deadline:
+        try:
+            status = requests.get(f"http://127.0.0.1:{server.readiness_port}/readiness", timeout=2).status_code
+            assert status != 200, server.log()
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    return server.process.wait(timeout=5)
+
+
+def test_a_key_that_cannot_be_read_fails_the_start_naming_the_file(run_server, tmp_path):
+    ca = make_ca(tmp_path, "ca")
+    cert = make_cert(tmp_path, "server", ca)
+    garbage = tmp_path / "garbage.key"
+    garbage.write_bytes(b"-----BEGIN RSA PRIVATE KEY-----\nbm90IGEga2V5\n-----END RSA PRIVATE KEY-----\n")
+    server = run_server(POLICIES, args=["--cert-file", str(cert.cert), "--key-file", str(garbage)], wait=False)
+    assert _never_ready(server) == 1
+    assert f"cannot read the private key in {garbage}: not a PKCS#8, PKCS#1 (RSA) or SEC1 (EC)" in server.log()
+
+
+def test_a_worker_that_cannot_serve_tls_never_leaves_readiness_at_200(run_server, tmp_path):
+    # The master's pair is fine; the workers' TLS context (a gunicorn config's hook here) is not.
+    ca = make_ca(tmp_path, "ca")
+    cert = make_cert(tmp_path, "server", ca)
+    config = tmp_path / "broken_tls.py"
+    config.write_text("def ssl_context(config, factory):\n    raise OSError('the HSM is unreachable')\n")
+    server = run_server(POLICIES, args=["--cert-file", str(cert.cert), "--key-file", str(cert.key),
+                                        "--gunicorn-config", str(config)], wait=False)
+    assert _never_ready(server) != 0
+    assert "cannot serve TLS: the HSM is unreachable" in server.log()

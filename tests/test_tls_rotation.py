@@ -7,8 +7,8 @@ import ssl
 
 import pytest
 
-from kwserver.server.tls import TlsContextCache
-from tests.support.certs import make_ca, make_cert, openssl
+from kwserver.server.tls import TlsContextCache, TlsError
+from tests.support.certs import make_ca, make_cert, openssl, pem_block, reencoded_key
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_client_cas_rotate_on_any_change_and_unusable_ones_are_skipped(pki, capl
 def test_no_usable_client_ca_at_start_is_an_error(pki):
     bad = pki["dir"] / "bad-ca.pem"
     bad.write_bytes(b"garbage")
-    with pytest.raises(ssl.SSLError, match="no usable client CA certificate"):
+    with pytest.raises(TlsError, match=f"no usable client CA certificate in {bad}, "):
         TlsContextCache(str(pki["cert"]), str(pki["key"]), [str(bad), str(pki["dir"] / "missing.pem")]).context()
 
 
@@ -165,3 +165,79 @@ def test_a_client_ca_rotation_keeps_a_half_rotated_pair_out(pki):
     rotated = cache.context()
     assert client_ca_names(rotated) == ["client-ca-1"] and cache.reloads == 1
     assert served_name(rotated, pki["ca"].cert) == "server-1"  # the loaded pair, not the files' new certificate
+
+
+# --- key files: every key the reference reads ----------------------------------------------------------
+
+def _pair_for_key(pki, name: str, key_pem: bytes):
+    """A certificate of the test CA for a key given as PEM (written where openssl can read it)."""
+    directory, ca = pki["dir"], pki["ca"]
+    key_file = directory / f"{name}.key"
+    key_file.write_bytes(key_pem)
+    (directory / f"{name}.ext").write_text("subjectAltName=DNS:localhost\n")
+    openssl("req", "-new", "-key", str(key_file), "-subj", f"/CN={name}", "-out", f"{name}.csr", cwd=directory)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca.cert), "-CAkey", str(ca.key), "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=directory)
+    return directory / f"{name}.pem"
+
+
+KEY_FILES = {
+    # label on the file, how the DER inside is encoded
+    "pkcs8-ec": ("PRIVATE KEY", "ec", "pkcs8"),
+    "sec1-ec": ("EC PRIVATE KEY", "ec", "traditional"),
+    "controller-v1.32": ("RSA PRIVATE KEY", "ec", "traditional"),  # SEC1 DER under the RSA label
+    "pkcs1-rsa": ("RSA PRIVATE KEY", "rsa", "traditional"),
+    "pkcs8-rsa": ("PRIVATE KEY", "rsa", "pkcs8"),
+    "pkcs1-rsa-as-ec": ("EC PRIVATE KEY", "rsa", "traditional"),
+    "pkcs8-under-rsa-label": ("RSA PRIVATE KEY", "ec", "pkcs8"),
+    "pkcs8-ed25519": ("PRIVATE KEY", "ed25519", "pkcs8"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEY_FILES))
+def test_every_key_the_reference_reads_serves(pki, name):
+    label, kind, encoding = KEY_FILES[name]
+    key_file = pki["dir"] / f"live-{name}.key"
+    key_file.write_bytes(reencoded_key(kind, encoding, label))
+    cert = _pair_for_key(pki, name, reencoded_key(kind, "pkcs8", "PRIVATE KEY"))
+    assert served_name(TlsContextCache(str(cert), str(key_file), []).context(), pki["ca"].cert) == name
+
+
+def test_other_blocks_around_the_key_are_skipped(pki):
+    key = reencoded_key("ec", "traditional", "RSA PRIVATE KEY")
+    cert = _pair_for_key(pki, "bundled", reencoded_key("ec", "pkcs8", "PRIVATE KEY"))
+    key_file = pki["dir"] / "bundled-live.key"
+    key_file.write_bytes(pem_block("EC PARAMETERS", bytes.fromhex("06082a8648ce3d030107")) + key + cert.read_bytes())
+    assert served_name(TlsContextCache(str(cert), str(key_file), []).context(), pki["ca"].cert) == "bundled"
+
+
+def test_a_rotation_to_a_mislabelled_key_is_picked_up(pki):
+    cache = TlsContextCache(str(pki["cert"]), str(pki["key"]), [])
+    cache.context()
+    cert = _pair_for_key(pki, "rotated-v1.32", reencoded_key("ec", "pkcs8", "PRIVATE KEY"))
+    pki["cert"].write_bytes(cert.read_bytes())
+    pki["key"].write_bytes(reencoded_key("ec", "traditional", "RSA PRIVATE KEY"))
+    assert served_name(cache.context(), pki["ca"].cert) == "rotated-v1.32" and cache.reloads == 1
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "no private key in {key} (expected a PEM block labelled PRIVATE KEY or RSA PRIVATE KEY or EC PRIVATE KEY)"),
+    (pem_block("ENCRYPTED PRIVATE KEY", b"0000"), "no private key in {key}: encrypted keys are not supported"),
+    (pem_block("PRIVATE KEY", b"\x30\x03\x02\x01\x00") * 2, "2 private keys in {key}, expected one"),
+    (b"-----BEGIN PRIVATE KEY-----\n!!!\n-----END PRIVATE KEY-----\n", "cannot read the private key in {key}: "),
+    (pem_block("RSA PRIVATE KEY", b"not der"), "cannot read the private key in {key}: not a PKCS#8, PKCS#1"),
+    (pem_block("PRIVATE KEY", b"\x30\x06\x02\x01\x00\x30\x01\x00"),
+     "cannot use the certificate in {cert} with the key in {key}: "),  # a PKCS#8 shape, no key inside
+])
+def test_a_key_that_cannot_be_read_names_the_file(pki, content, message):
+    pki["key"].write_bytes(content)
+    with pytest.raises(TlsError) as error:
+        TlsContextCache(str(pki["cert"]), str(pki["key"]), []).context()
+    assert str(error.value).startswith(message.format(key=pki["key"], cert=pki["cert"]))
+
+
+def test_a_key_of_another_certificate_names_both_files(pki):
+    pki["key"].write_bytes(pki["pairs"][1].key.read_bytes())
+    with pytest.raises(TlsError, match=f"the private key in {pki['key']} does not belong to the certificate in "
+                                       f"{pki['cert']}"):
+        TlsContextCache(str(pki["cert"]), str(pki["key"]), []).context()

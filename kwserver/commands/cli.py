@@ -216,6 +216,18 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    """The command-line reference as markdown (the reference's `policy-server docs -o FILE`)."""
+    from kwserver.commands.cli_docs import markdown
+
+    try:
+        Path(args.output).write_text(markdown(build_parser()))
+    except OSError as exc:
+        print(f"error: cannot create file {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kwserver", description="Kubewarden-compatible admission policy server",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     offline.add_parser(commands)
     manifests.add_parser(commands)
+
+    docs = commands.add_parser("docs", help="write the command-line reference of every command as markdown")
+    docs.add_argument("--output", "-o", required=True, metavar="FILE", help="where the markdown is written")
+    docs.set_defaults(func=cmd_docs)
     return parser
 
 

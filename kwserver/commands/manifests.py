@@ -160,7 +160,6 @@ def deployment(args: argparse.Namespace, settings: ServerSettings, config_data: 
         {"name": "KUBEWARDEN_PORT", "value": str(settings.port)},
         {"name": "KUBEWARDEN_READINESS_PROBE_PORT", "value": str(settings.readiness_probe_port)},
         {"name": "KUBEWARDEN_POLICIES_DOWNLOAD_DIR", "value": STORE_DIR},
-        {"name": "KWSERVER_METRICS_PORT", "value": str(settings.metrics_port)},
         {"name": "KUBEWARDEN_LOG_FMT", "value": settings.log_fmt},
         {"name": "KUBEWARDEN_LOG_LEVEL", "value": settings.log_level},
     ]
@@ -173,6 +172,11 @@ def deployment(args: argparse.Namespace, settings: ServerSettings, config_data: 
                     "value": f"{CONFIG_DIR}/sigstore-trust-config.json"})
     if settings.workers:
         env.append({"name": "KUBEWARDEN_WORKERS", "value": str(settings.workers)})
+    ports = [{"name": "https", "containerPort": settings.port},
+             {"name": "readiness", "containerPort": settings.readiness_probe_port}]
+    if settings.metrics_port:  # else /metrics is on the readiness port
+        env.append({"name": "KWSERVER_METRICS_PORT", "value": str(settings.metrics_port)})
+        ports.append({"name": "metrics", "containerPort": settings.metrics_port})
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
               {"name": "certs", "mountPath": PKI_DIR, "readOnly": True},
               {"name": "store", "mountPath": STORE_DIR}]
@@ -189,9 +193,7 @@ def deployment(args: argparse.Namespace, settings: ServerSettings, config_data: 
         "name": "kwserver",
         "image": args.image,
         "env": env,
-        "ports": [{"name": "https", "containerPort": settings.port},
-                  {"name": "readiness", "containerPort": settings.readiness_probe_port},
-                  {"name": "metrics", "containerPort": settings.metrics_port}],
+        "ports": ports,
         "readinessProbe": probe,
         "livenessProbe": {**probe, "failureThreshold": 6, "periodSeconds": 10},
         "resources": {"requests": {"cpu": args.cpu_request, "memory": args.memory_request},
@@ -211,7 +213,7 @@ def deployment(args: argparse.Namespace, settings: ServerSettings, config_data: 
             "template": {
                 "metadata": {"labels": labels(args), "annotations": {
                     "kwserver.io/config-checksum": checksum,
-                    "prometheus.io/scrape": "true", "prometheus.io/port": str(settings.metrics_port)}},
+                    "prometheus.io/scrape": "true", "prometheus.io/port": str(settings.metrics_listener_port)}},
                 "spec": {
                     "serviceAccountName": args.name,
                     # The service account's token is how context-aware policies read the cluster.
@@ -227,11 +229,13 @@ def deployment(args: argparse.Namespace, settings: ServerSettings, config_data: 
     }
 
 
-def service(args: argparse.Namespace) -> dict[str, Any]:
+def service(args: argparse.Namespace, settings: ServerSettings) -> dict[str, Any]:
+    metrics_target = "metrics" if settings.metrics_port else "readiness"
     return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(args),
             "spec": {"selector": labels(args), "ports": [
                 {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"},
-                {"name": "metrics", "port": args.service_metrics_port, "targetPort": "metrics", "protocol": "TCP"}]}}
+                {"name": "metrics", "port": args.service_metrics_port, "targetPort": metrics_target,
+                 "protocol": "TCP"}]}}
 
 
 def pod_disruption_budget(args: argparse.Namespace) -> dict[str, Any]:
@@ -249,15 +253,17 @@ def horizontal_pod_autoscaler(args: argparse.Namespace) -> dict[str, Any]:
 
 def network_policy(args: argparse.Namespace, settings: ServerSettings) -> dict[str, Any]:
     """The webhook port only from the API server's addresses (ipBlocks; pods are not in them on CNIs
-    that give pods identities, and `--api-server-cidr` narrows it further); metrics from anywhere
-    in the cluster; readiness from the kubelet (node addresses, as the API server's)."""
+    that give pods identities, and `--api-server-cidr` narrows it further); metrics (on the readiness
+    port unless they have their own) from anywhere in the cluster; readiness from the kubelet (node
+    addresses, as the API server's)."""
     api_server = [{"ipBlock": {"cidr": cidr, **({"except": args.pod_cidr} if args.pod_cidr else {})}}
                   for cidr in args.api_server_cidr]
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(args),
             "spec": {"podSelector": {"matchLabels": labels(args)}, "policyTypes": ["Ingress"], "ingress": [
                 {"from": api_server, "ports": [{"protocol": "TCP", "port": settings.port},
                                                {"protocol": "TCP", "port": settings.readiness_probe_port}]},
-                {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": settings.metrics_port}]},
+                {"from": [{"namespaceSelector": {}}],
+                 "ports": [{"protocol": "TCP", "port": settings.metrics_listener_port}]},
             ]}}
 
 
@@ -302,7 +308,7 @@ def build(args: argparse.Namespace) -> list[dict[str, Any]]:
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(args), "data": config_data},
         *rbac(args, entries),
         deployment(args, settings, config_data, reads_cluster=_reads_cluster(entries)),
-        service(args),
+        service(args, settings),
         pod_disruption_budget(args),
         horizontal_pod_autoscaler(args),
         network_policy(args, settings),

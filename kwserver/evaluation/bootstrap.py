@@ -80,6 +80,7 @@ class BootReport:
     invalid_settings: dict[str, str] = field(default_factory=dict)  # policy -> what its validation said
     # policy -> the setting its validation error points at (`settings.<path>`), when it names a place
     settings_locations: dict[str, str] = field(default_factory=dict)
+    default_host_capabilities: int = 0  # policies without a `hostCapabilities` key (given the server's default)
 
     def describe(self, name: str, error: str) -> str:
         """An initialisation error as the operator reads it: with the policies.yml key it is about.
@@ -90,13 +91,29 @@ class BootReport:
         group, member_sep, member = name.partition("/")
         owner = f"policy group '{group}' member '{member}'" if member_sep else f"policy '{name}'"
         return f"{error} (in policies.yml: {owner}, {location})"
-    default_host_capabilities: int = 0  # policies without a `hostCapabilities` key (given the server's default)
 
 
-def engine_options_for(settings: ServerSettings, specs: list[PolicySpec]) -> EngineOptions:
-    """Epoch interruption costs a little on every call, so it is on only when some timeout exists."""
-    any_timeout = settings.global_timeout is not None or any(s.timeout_eval_seconds for s in specs)
-    return EngineOptions(epoch_interruption=any_timeout)
+def engine_options_for(settings: ServerSettings) -> EngineOptions:
+    """Epoch interruption costs a little on every call, so it is on only when timeouts are: never with
+    `--disable-timeout-protection`, which turns off the per-policy ones too (as the reference does
+    since its PR #1982)."""
+    return EngineOptions(epoch_interruption=settings.global_timeout is not None)
+
+
+def policy_timeout(settings: ServerSettings, spec: PolicySpec) -> int | None:
+    """A policy's `timeoutEvalSeconds` overrides the global limit; without timeout protection, neither applies."""
+    if settings.global_timeout is None:
+        return None
+    return spec.timeout_eval_seconds if spec.timeout_eval_seconds is not None else settings.global_timeout
+
+
+def _ignored_timeouts(settings: ServerSettings, specs: list[PolicySpec], report: BootReport) -> None:
+    ignored = [spec.name for spec in specs if spec.timeout_eval_seconds is not None]
+    if settings.global_timeout is None and ignored:
+        warning = (f"timeout protection is disabled (--disable-timeout-protection): the timeoutEvalSeconds of "
+                   f"{', '.join(ignored)} are ignored")
+        log.warning("%s", warning)
+        report.warnings.append(warning)
 
 
 def _all_specs(entries: dict[str, PolicySpec | PolicyGroupSpec]) -> list[PolicySpec]:
@@ -187,7 +204,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     """Load `entries` (relative module paths are resolved against `base_dir`); see `build_registry`."""
     started = time.monotonic()
     specs = _all_specs(entries)
-    options = engine_options_for(settings, specs)
+    options = engine_options_for(settings)
     reuse = previous is not None and previous.engine_options == options
     engine = previous.engine if reuse else make_engine(options)
     known_modules = previous.modules if reuse else {}
@@ -197,6 +214,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     for warning in entry_warnings(entries):
         log.warning("%s", warning)
         report.warnings.append(warning)
+    _ignored_timeouts(settings, specs, report)
     registry.groups = {n: e for n, e in entries.items() if isinstance(e, PolicyGroupSpec)}
     registry.specs = {n: e for n, e in entries.items() if isinstance(e, PolicySpec)}
 
@@ -259,7 +277,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
                 message = f"Error while downloading policy '{_download_name(spec)}' from {spec.module}: {message}"
             registry.init_errors[spec.name] = f"bootstrap failure: {spec.name}: {message}"
             continue
-        timeout = spec.timeout_eval_seconds if spec.timeout_eval_seconds is not None else settings.global_timeout
+        timeout = policy_timeout(settings, spec)
         registry.policies[spec.name] = LoadedPolicy(
             spec=spec, module=loaded, settings_json=orjson.dumps(spec.settings),
             limits=InstanceLimits(memory_bytes=memory_limit, timeout_seconds=timeout),

@@ -111,7 +111,7 @@ def announce(settings: ServerSettings) -> None:
     pid = os.getpid()
     state = MasterState(
         pid=pid, started=psutil.Process(pid).create_time(), addr=settings.addr, port=settings.port,
-        readiness_port=settings.readiness_probe_port, metrics_port=settings.metrics_port,
+        readiness_port=settings.readiness_probe_port, metrics_port=settings.metrics_listener_port,
         policies=str(Path(settings.policies).resolve()),
     )
     try:

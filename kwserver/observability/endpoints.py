@@ -1,4 +1,5 @@
-"""The master's small plain-HTTP endpoints: readiness on its own port; metrics and status on another.
+"""The master's small plain-HTTP endpoints: readiness, metrics and status (on the readiness port unless
+metrics have a port of their own).
 
 They run in threads of the master (workers are busy with admission requests and may be recycled at
 any time; the master is always there).

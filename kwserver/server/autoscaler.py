@@ -29,6 +29,7 @@ SHRINK_BELOW = 0.25
 TARGET_UTILISATION = 0.5  # what shrinking aims at, between the two thresholds
 COOLDOWN_SECONDS = 5.0
 SAMPLE_SECONDS = 1.0
+BLOCKED_LOG_SECONDS = 60.0  # a scale-up the memory limit keeps refusing is logged at most this often
 
 
 @dataclass
@@ -75,11 +76,14 @@ def _since(start: float | None, now: float) -> float:
 class PoolController:
     def __init__(self, *, policy: ScalingPolicy | None, max_uss_bytes: int, busy_seconds: Callable[[], float],
                  workers: Callable[[], dict[int, int]], uss: Callable[[int], int | None],
-                 resize: Callable[[int], None]):
+                 resize: Callable[[int], None], no_room: Callable[[], str | None] = lambda: None):
         """`workers()` maps live worker pids to their age; `busy_seconds()` is the pool's running total;
-        `resize(n)` sets the pool's size."""
+        `resize(n)` sets the pool's size; `no_room()` says why one more worker would not fit in memory
+        (None: it fits)."""
         self.policy = policy
         self.resize = resize
+        self.no_room = no_room
+        self._blocked_logged = float("-inf")
         self.max_uss_bytes = max_uss_bytes
         self.busy_seconds = busy_seconds
         self.workers = workers
@@ -110,6 +114,14 @@ class PoolController:
                 log.exception("worker pool controller error")
 
     def _apply(self, step: int, utilisation: float, workers: int) -> None:
+        if step > 0 and (reason := self.no_room()):
+            # Growing past the pod's memory limit would get a process OOM-killed: the pool stays.
+            now = time.monotonic()
+            if now - self._blocked_logged >= BLOCKED_LOG_SECONDS:
+                log.warning("worker utilisation %.0f%%: not adding a worker to the %d running: %s",
+                            utilisation * 100, workers, reason)
+                self._blocked_logged = now
+            return
         if step:
             log.info("worker utilisation %.0f%%: %s the pool from %d to %d workers", utilisation * 100,
                      "growing" if step > 0 else "shrinking", workers, workers + step)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import orjson
 import psutil
 from gunicorn.app.base import Application
+from gunicorn.errors import HaltServer
 
 from kwserver import __version__
 from kwserver.cluster import connection
@@ -34,14 +35,17 @@ from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
 from kwserver.evaluation.bootstrap import BootError, BootReport, build_registry
 from kwserver.logs import configure_logging
-from kwserver.observability import metrics, otlp
+from kwserver.observability import discovery, memory, metrics, otlp
 from kwserver.observability.endpoints import EndpointServer, Readiness
 from kwserver.observability.status import LoadedFacts, StatusView
 from kwserver.runtime.engine import EpochTicker
 from kwserver.server.api import create_app
 from kwserver.server.autoscaler import PoolController, ScalingPolicy
+from kwserver.server.detach import DetachError, detach
 from kwserver.server.service import AdmissionService
-from kwserver.server.tls import TlsContextCache
+from kwserver.server.sizing import WORKER_ESTIMATE_BYTES, count_text, describe_room, memory_limit, workers_that_fit
+from kwserver.server.tls import TlsContextCache, TlsError
+from kwserver.server.worker import EventLoopWorker
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +112,7 @@ class Daemon:
         self.pool: InstancePool | None = None
         self.metrics_dir: str | None = None  # made when the server loads (metrics.prepare_directory)
         self.metrics: metrics.WorkerMetrics | None = None
-        self.readiness = Readiness(lambda: bool(self.arbiter and self.arbiter.WORKERS))
+        self.readiness = Readiness(self._has_serving_worker)
         self.endpoints: list[EndpointServer] = []
         self.controller: PoolController | None = None
         self.arbiter: Any = None
@@ -154,11 +158,13 @@ class Daemon:
         self.metrics = metrics.WorkerMetrics()
         try:
             self._check_telemetry()
+            if self.settings.tls:  # a pair that cannot serve fails the start, naming the file
+                self.make_ssl_context()
             registry, report = build_registry(self.settings)
             connection.connect_at_startup(
                 required=any(p.reads_cluster for p in registry.policies.values()),
                 ignore_failure=self.settings.ignore_kubernetes_connection_failure)
-        except (BootError, ConfigError, connection.ConnectionFailure) as exc:
+        except (BootError, ConfigError, connection.ConnectionFailure, TlsError) as exc:
             log.error("%s", exc)
             sys.exit(1)
         self._start_cluster_cache()
@@ -239,14 +245,14 @@ class Daemon:
     def on_ready(self, arbiter: Any) -> None:
         self.arbiter = arbiter
         settings = self.settings
+        self._fit_workers_in_memory()
         routes = {settings.readiness_probe_port: ({"/readiness": self.readiness.route}, "readiness")}
-        if settings.metrics_port:
-            status = StatusView(self.metrics_dir, self._loaded_facts)
-            registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(status.snapshot)])
-            routes[settings.metrics_port] = ({
-                "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics.render(registry)),
-                "/status": lambda: (200, "application/json", orjson.dumps(status.snapshot())),
-            }, "metrics")
+        status = StatusView(self.metrics_dir, self._loaded_facts)
+        registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(status.snapshot)])
+        routes.setdefault(settings.metrics_listener_port, ({}, "metrics"))[0].update({
+            "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics.render(registry)),
+            "/status": lambda: (200, "application/json", orjson.dumps(status.snapshot())),
+        })
         for port, (paths, name) in routes.items():
             try:
                 self.endpoints.append(EndpointServer(settings.addr, port, paths, name))
@@ -260,8 +266,18 @@ class Daemon:
         self._start_controller()
         self._start_metrics_push()
         self._start_span_export()
-        log.info("ready: API on %s, readiness on port %d, metrics on port %s", ", ".join(self.bind),
-                 settings.readiness_probe_port, settings.metrics_port or "(disabled)")
+        log.info("ready: API on %s, readiness on port %d, metrics on port %d", ", ".join(self.bind),
+                 settings.readiness_probe_port, settings.metrics_listener_port)
+
+    def _has_serving_worker(self) -> bool:
+        """Readiness needs a worker that serves: one that set itself up (TLS included) and joined the
+        connection table, not one merely forked (or dying at its start)."""
+        if self.arbiter is None:
+            return False
+        live, table = set(self.arbiter.WORKERS), EventLoopWorker.table
+        if table is None or self.arbiter.worker_class is not EventLoopWorker:
+            return bool(live)  # another worker class (a --gunicorn-config): its start is not visible
+        return bool(live & table.serving())
 
     def _unready_on_term(self) -> None:
         """On SIGTERM, readiness turns unready before gunicorn drains the workers."""
@@ -286,7 +302,7 @@ class Daemon:
             policy=scaling, max_uss_bytes=settings.worker_max_uss_mib * MIB,
             busy_seconds=lambda: metrics.metric_total(self.metrics_dir, "kwserver_worker_busy_seconds"),
             workers=lambda: {pid: worker.age for pid, worker in list(self.arbiter.WORKERS.items())},
-            uss=_uss, resize=self._resize_pool,
+            uss=_uss, resize=self._resize_pool, no_room=self._no_room_for_a_worker,
         )
         self.controller.start()
 
@@ -305,6 +321,42 @@ class Daemon:
 
         self.metrics_push = MetricsPush.from_env(self.metrics_dir)
         self.metrics_push.start()
+
+    def _memory_in_use(self) -> tuple[int, int]:
+        """The server's footprint (the PSS of its processes) and what one worker holds of its own (the
+        largest USS of the running workers; an estimate before the first one runs)."""
+        processes = memory.server_processes(os.getpid())
+        worker_uss = [p["uss"] for p in processes if p["role"] == "worker"]
+        return sum(p["pss"] for p in processes), max(worker_uss, default=WORKER_ESTIMATE_BYTES)
+
+    def _no_room_for_a_worker(self) -> str | None:
+        limit = memory_limit()
+        if limit is None:
+            return None
+        used, per_worker = self._memory_in_use()
+        if workers_that_fit(limit, used, per_worker):
+            return None
+        return f"it would not fit in the memory limit ({describe_room(limit, used, per_worker)})"
+
+    def _fit_workers_in_memory(self) -> None:
+        """Before the first fork: no more workers than the pod's memory limit holds (when their number is
+        kwserver's choice; a number the operator set is kept, with a warning)."""
+        limit, wanted = memory_limit(), self.arbiter.num_workers
+        if limit is None:
+            return
+        used, per_worker = self._memory_in_use()
+        fit = workers_that_fit(limit, used, per_worker)
+        if fit >= wanted:
+            return
+        room = describe_room(limit, used, per_worker)
+        if self.settings.workers is not None or self.settings.min_workers is not None:
+            log.warning("%s may not fit in the memory limit (%s)", count_text(wanted), room)
+        elif fit == 0:
+            log.warning("the memory limit is below what one worker needs (%s): starting 1 worker", room)
+            self.arbiter.num_workers = 1
+        else:
+            log.warning("starting %s instead of %d: the memory limit holds no more (%s)", count_text(fit), wanted, room)
+            self.arbiter.num_workers = fit
 
     def _resize_pool(self, workers: int) -> None:
         # What gunicorn's TTIN/TTOU handlers do, for any step at once (signals sent in a row coalesce).
@@ -428,8 +480,23 @@ class KwserverApplication(Application):
 
 def serve(settings: ServerSettings, gunicorn_config: str | None = None) -> None:
     configure_logging(settings.log_level, settings.log_fmt)
-    log.info("kwserver %s starting with %d worker(s)", __version__, settings.initial_workers)
+    if settings.daemon:
+        try:
+            detach(settings.daemon_pid_file, settings.daemon_stdout_file, settings.daemon_stderr_file)
+        except DetachError as exc:
+            log.error("%s", exc)
+            sys.exit(1)
+    log.info("kwserver %s starting: %s", __version__, settings.describe_workers())
     for ignored in settings.ignored():
         log.warning("ignoring --%s", ignored)
     os.environ.update(settings.to_env())  # so a gunicorn config file sees the same settings
-    KwserverApplication(Daemon(settings), gunicorn_config).run()
+    daemon = Daemon(settings)
+    try:
+        KwserverApplication(daemon, gunicorn_config).run()
+    except HaltServer as exc:
+        # gunicorn halting while it halts: a second worker that failed to boot (each said why) is reaped
+        # during the stop of the first one, and gunicorn's own exit hooks are skipped.
+        log.error("stopped: %s", exc.reason)
+        daemon.on_exit()
+        discovery.withdraw()
+        sys.exit(exc.exit_status)

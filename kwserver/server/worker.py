@@ -36,6 +36,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 import uvloop
+from gunicorn.arbiter import Arbiter
 from gunicorn.sock import ssl_context as gunicorn_ssl_context
 from gunicorn.workers.base import Worker
 
@@ -94,6 +95,10 @@ class ConnectionTable:
 
     def leave(self, slot: int) -> None:
         self.pids[slot] = 0
+
+    def serving(self) -> set[int]:
+        """The pids of the workers that joined (they serve) and have not left."""
+        return {pid for pid in self.pids if pid}
 
     def should_wait(self, slot: int, mine: int) -> bool:
         """More connections here than in the least loaded other live worker, plus one."""
@@ -504,6 +509,7 @@ class EventLoopWorker(Worker):
             signal.signal(sig, signal.SIG_DFL)
 
     def run(self) -> None:
+        self._check_tls()
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
@@ -541,6 +547,17 @@ class EventLoopWorker(Worker):
         for connection in list(self.server.connections):
             if connection.transport is not None:
                 connection.transport.close()
+
+    def _check_tls(self) -> None:
+        """A worker that cannot make its TLS context would reset every connection it accepts: it says why
+        and exits as a worker that failed to boot, which stops the server (gunicorn halts on it)."""
+        if not self.cfg.is_ssl:
+            return
+        try:
+            self._ssl_context()
+        except Exception as exc:
+            self.log.error("worker %s cannot serve TLS: %s", self.pid, exc)
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
     def _ssl_context(self) -> ssl.SSLContext:
         # gunicorn's `ssl_context` hook with gunicorn's own default (certfile, keyfile, ca_certs, ...), as

@@ -11,7 +11,7 @@ from kwserver.sources.trust import Sources
 
 
 def download(reference: UrlReference, sources: Sources, options: FetchOptions) -> bytes:
-    session = make_session(options)
+    session = make_session(options, sources.proxies)
 
     def get(attempt: Attempt) -> bytes:
         url = urlunsplit(urlsplit(reference.url)._replace(scheme=attempt.scheme))

@@ -132,7 +132,7 @@ class OciClient:
 
     def run(self, operation: Any) -> Any:
         def attempt_with_session(attempt: Attempt) -> Any:
-            with make_session(self.options) as session:
+            with make_session(self.options, self.sources.proxies) as session:
                 return operation(session, attempt)
         return with_fallback(self.registry, self.sources, attempt_with_session)
 

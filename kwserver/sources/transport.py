@@ -1,7 +1,7 @@
 """HTTP for every source: TLS per sources.yml, timeouts, bounded retries, size limits, proxies.
 
-One `Transport` per host. Requests go through `requests` (HTTPS_PROXY, NO_PROXY and friends are
-honoured as usual) with urllib3's retry policy for transient failures (connection errors, 429 and
+One `Transport` per host. Requests go through `requests` (sources.yml's `proxies`, else HTTPS_PROXY,
+NO_PROXY and friends as usual) with urllib3's retry policy for transient failures (connection errors, 429 and
 5xx), a connect/read timeout on every request, and a cap on the bytes a download may bring.
 
 `attempts()` is the reference's order for a host: HTTPS checked against the host's CAs (or the
@@ -23,7 +23,7 @@ from urllib3.util.retry import Retry
 
 from kwserver import __version__
 from kwserver.sources.errors import SourceError, TransportError
-from kwserver.sources.trust import Sources
+from kwserver.sources.trust import Proxies, Sources
 
 log = logging.getLogger(__name__)
 # urllib3 logs each retry as a warning; the outcome is reported once, by the caller.
@@ -86,8 +86,26 @@ class _TransientRetry(Retry):
         return super().increment(method, url, *args, error=error, **kwargs)
 
 
-def make_session(options: FetchOptions) -> requests.Session:
-    session = requests.Session()
+class _ConfiguredProxies(requests.Session):
+    """A session whose every request and redirect goes through sources.yml's proxies, never the
+    environment's (which would otherwise fill in a scheme the configuration leaves direct)."""
+
+    def __init__(self, proxies: Proxies):
+        super().__init__()
+        self.configured = proxies
+
+    def merge_environment_settings(self, url: str, *args: object, **kwargs: object) -> dict:
+        settings = super().merge_environment_settings(url, *args, **kwargs)
+        settings["proxies"] = self.configured.for_url(url)
+        return settings
+
+    def rebuild_proxies(self, prepared_request: requests.PreparedRequest, proxies: object) -> dict:
+        return super().rebuild_proxies(prepared_request, self.configured.for_url(prepared_request.url))
+
+
+def make_session(options: FetchOptions, proxies: Proxies | None = None) -> requests.Session:
+    """`proxies`: sources.yml's; None leaves them to the environment."""
+    session = requests.Session() if proxies is None else _ConfiguredProxies(proxies)
     tries = options.retries
     retry = _TransientRetry(total=tries, connect=tries, read=tries, status=tries, backoff_factor=0.2,
                             status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,

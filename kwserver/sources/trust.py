@@ -1,4 +1,5 @@
-"""sources.yml (`--sources-path`): which hosts are insecure, which CAs a host is checked against.
+"""sources.yml (`--sources-path`): which hosts are insecure, which CAs a host is checked against, which
+proxies requests go through.
 
 ```yaml
 insecure_sources: ["registry.dev.example.com", "localhost:5000"]       # host[:port]
@@ -6,10 +7,16 @@ source_authorities:
   "registry.pre.example.com":
     - {type: Path, path: /path/to/ca.pem}          # PEM or DER
     - {type: Data, data: "-----BEGIN CERTIFICATE-----..."}
+proxies:                                           # policy-fetcher 1.33
+  http_proxy: http://proxy.corp:3128
+  https_proxy: http://proxy.corp:3128
+  no_proxy: localhost,127.0.0.1,.corp
 ```
 
 The CAs of a host replace the system store for that host. An insecure source is tried with TLS,
-then with TLS without verification, then over plain HTTP, as the reference does.
+then with TLS without verification, then over plain HTTP, as the reference does. A `proxies` block is
+the whole proxy configuration, as policy-fetcher takes it (a field it leaves out: no proxy for that
+scheme); without one, the HTTP(S)_PROXY and NO_PROXY variables apply.
 """
 
 from __future__ import annotations
@@ -18,15 +25,53 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from requests.utils import should_bypass_proxies
 
 from kwserver.config import ConfigError
 
-_KEYS = {"insecure_sources", "source_authorities"}
+_KEYS = {"insecure_sources", "source_authorities", "proxies"}
+_PROXY_KEYS = ("http_proxy", "https_proxy", "no_proxy")
 NOT_A_CERTIFICATE = "Raw certificate is not in PEM nor in DER encoding"
+
+
+@dataclass(frozen=True)
+class Proxies:
+    """sources.yml's `proxies`: the proxy of each scheme (None: direct) and the hosts that bypass them."""
+
+    http_proxy: str | None = None
+    https_proxy: str | None = None
+    no_proxy: str | None = None  # comma-separated hosts, domains (`.corp`), IPs or CIDRs; `*`: every host
+
+    def for_url(self, url: str) -> dict[str, str | None]:
+        """requests' `proxies` for `url`: always its scheme's entry, so the environment never adds one."""
+        scheme = urlsplit(url).scheme
+        proxy = self.https_proxy if scheme == "https" else self.http_proxy
+        if proxy and self.no_proxy and should_bypass_proxies(url, no_proxy=self.no_proxy):
+            proxy = None
+        return {scheme: proxy}
+
+
+def parse_proxies(doc: Any) -> Proxies | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"proxies must be a map with {', '.join(_PROXY_KEYS)}, found {type(doc).__name__}")
+    unknown = sorted(str(key) for key in set(doc) - set(_PROXY_KEYS))
+    if unknown:
+        raise ConfigError(f"proxies: unknown field(s) {unknown}, expected {', '.join(_PROXY_KEYS)}")
+    for key, value in doc.items():
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"proxies.{key} must be a string, found {type(value).__name__}")
+    for key in ("http_proxy", "https_proxy"):
+        url = doc.get(key)
+        if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise ConfigError(f"proxies.{key}: {url!r} is not a proxy URL (http://host:port or https://host:port)")
+    return Proxies(**{key: doc.get(key) or None for key in _PROXY_KEYS})
 
 
 @dataclass(frozen=True)
@@ -34,6 +79,7 @@ class Sources:
     insecure_sources: frozenset[str] = frozenset()
     # host[:port] -> path of a PEM bundle holding that host's CAs (and nothing else)
     ca_bundles: dict[str, str] = field(default_factory=dict)
+    proxies: Proxies | None = None  # None: the environment's (HTTP_PROXY, HTTPS_PROXY, NO_PROXY)
 
     def is_insecure(self, host: str) -> bool:
         return host in self.insecure_sources
@@ -84,7 +130,8 @@ def parse_sources(doc: Any, base_dir: Path, bundle_dir: Path | None = None) -> S
         raise ConfigError("the top level must be a map with `insecure_sources` and/or `source_authorities`")
     unknown = sorted(set(doc) - _KEYS)
     if unknown:
-        raise ConfigError(f"unknown field(s) {unknown}, expected `insecure_sources` or `source_authorities`")
+        raise ConfigError(f"unknown field(s) {unknown}, expected `insecure_sources`, `source_authorities` or "
+                          "`proxies`")
     insecure = doc.get("insecure_sources") or []
     if not isinstance(insecure, list) or not all(isinstance(h, str) for h in insecure):
         raise ConfigError("insecure_sources must be a list of host[:port] strings")
@@ -105,7 +152,7 @@ def parse_sources(doc: Any, base_dir: Path, bundle_dir: Path | None = None) -> S
         bundle = directory / f"{len(bundles)}.pem"
         bundle.write_text("".join(pems))
         bundles[str(host)] = str(bundle)
-    return Sources(frozenset(insecure), bundles)
+    return Sources(frozenset(insecure), bundles, parse_proxies(doc.get("proxies")))
 
 
 def load_sources(path: str | None) -> Sources:

@@ -34,6 +34,8 @@ class Pod:
         self.session = requests.Session()
         self.log_path = log
         self.before: Any = None  # what the read-only mounts held before the server started
+        self.limited = False  # inside a cgroup with the pod's CPU and memory limits
+        self.non_root = False  # as the image's user (runAsNonRoot), not the tests' root
 
     def post(self, path: str, body: object) -> requests.Response:
         # Per request: a session's verify loses to REQUESTS_CA_BUNDLE from the environment.

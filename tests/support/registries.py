@@ -12,6 +12,7 @@ import base64
 import http.server
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -309,12 +310,14 @@ def public_pem(key: Any) -> str:
 
 
 class ForwardProxy:
-    """A plain-HTTP forward proxy (absolute-URI requests; CONNECT refused) that records what it forwards."""
+    """A forward proxy that records what it forwards: absolute-URI requests, and CONNECT tunnels when
+    `tunnel` (else CONNECT is refused)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tunnel: bool = False) -> None:
         import http.client
 
         self.port = free_port()
+        self.tunnel = tunnel
         self.forwarded: list[str] = []
         outer = self
 
@@ -344,7 +347,20 @@ class ForwardProxy:
 
             def do_CONNECT(self) -> None:
                 outer.forwarded.append(f"CONNECT {self.path}")
-                self.send_error(405, "this test proxy does not tunnel")
+                if not outer.tunnel:
+                    self.send_error(405, "this test proxy does not tunnel")
+                    return
+                host, _, port = self.path.rpartition(":")
+                try:
+                    upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=10)
+                except (OSError, ValueError):
+                    self.send_error(502, "cannot reach the target")
+                    return
+                self.send_response(200, "Connection established")
+                self.end_headers()
+                self.close_connection = True
+                with upstream:
+                    _relay(self.connection, upstream)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -360,6 +376,24 @@ class ForwardProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _relay(client: socket.socket, upstream: socket.socket, idle_seconds: float = 30.0) -> None:
+    """Bytes both ways until either side closes (or nothing moves for `idle_seconds`)."""
+    import selectors
+
+    with selectors.DefaultSelector() as selector:
+        selector.register(client, selectors.EVENT_READ, upstream)
+        selector.register(upstream, selectors.EVENT_READ, client)
+        while events := selector.select(idle_seconds):
+            for key, _ in events:
+                try:
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    key.data.sendall(data)
+                except OSError:
+                    return
 
 
 def sources_file(directory: Path, doc: dict) -> Path:
