@@ -18,7 +18,7 @@ import requests
 import wasmtime
 import yaml
 
-from kwserver.metadata import annotate
+from kwserver.evaluation.modes import annotate
 from kwserver.observability.endpoints import Readiness
 from tests.support.paths import SERVER_FIXTURES, TEST_POLICIES, load_json, policy_path
 from tests.support.server import metrics_text, published_metrics, sample, wait_for

@@ -13,7 +13,8 @@ import yaml
 from kwserver import KUBEWARDEN_COMPAT_VERSION, __version__
 from kwserver.commands import manifests, offline
 from kwserver.config import ConfigError, ServerSettings, add_setting_arguments, settings_from_args
-from kwserver.metadata import MetadataError, WasmFormatError, annotate, parse_metadata
+from kwserver.evaluation.modes import annotate, read_metadata
+from kwserver.metadata import MetadataError, WasmFormatError
 
 
 def _version_text() -> str:
@@ -73,7 +74,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     try:
-        metadata = parse_metadata(Path(args.module).read_bytes())
+        metadata = read_metadata(Path(args.module).read_bytes())
     except (OSError, MetadataError, WasmFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

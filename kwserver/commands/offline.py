@@ -23,15 +23,13 @@ import orjson
 import yaml
 
 from kwserver.config import ConfigError, ContextAwareResource, PolicyEntry, PolicySpec, ServerSettings, parse_policies
+from kwserver.evaluation.modes import CLI_NAMES
 
 log = logging.getLogger(__name__)
 
 POLICY_FROM_CLI = "policy-from-cli"  # kwctl's id for the policy named on the command line
 CRD_API_VERSION = "policies.kubewarden.io/v1"
 CRD_KINDS = ("AdmissionPolicy", "ClusterAdmissionPolicy", "AdmissionPolicyGroup", "ClusterAdmissionPolicyGroup")
-# kwctl's names; `kubewarden` is what its --help offers for waPC.
-EXECUTION_MODES = {"kubewarden": "kubewarden-wapc", "kubewarden-wapc": "kubewarden-wapc", "opa": "opa",
-                   "gatekeeper": "gatekeeper", "wasi": "wasi"}
 _HAS_SCHEME = re.compile(r"^\w+://")
 _VERIFICATION_FLAGS = ("verification_key", "verification_annotation", "cert_email", "cert_oidc_issuer",
                        "github_owner", "github_repo")
@@ -68,8 +66,8 @@ def add_parser(commands: Any) -> None:
                      help="Compile the module afresh instead of using the compiled-module cache")
     run.add_argument("--docker-config-json-path", metavar="DOCKER_CONFIG",
                      help="Directory of a Docker config.json with registry credentials")
-    run.add_argument("-e", "--execution-mode", metavar="MODE", choices=sorted(EXECUTION_MODES),
-                     help="The runtime of a module without metadata: opa, gatekeeper, kubewarden, wasi "
+    run.add_argument("-e", "--execution-mode", metavar="MODE", choices=sorted(CLI_NAMES),
+                     help=f"The runtime of a module without metadata: {', '.join(CLI_NAMES)} "
                           "(must agree with the metadata when there is some)")
     run.add_argument("--github-owner", metavar="VALUE",
                      help="GitHub owner expected in the certificates (not supported)")
@@ -397,11 +395,11 @@ def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         except SessionError as exc:
             raise RunError(str(exc)) from exc
     entries = policy_entries(args)
+    execution_mode = CLI_NAMES[args.execution_mode].name if args.execution_mode else None
     with tempfile.TemporaryDirectory(prefix="kwserver-run-") as scratch:
         settings = run_settings(args, scratch if args.disable_wasmtime_cache else None)
         try:
-            registry, _ = assemble_registry(entries, Path.cwd(), settings,
-                                            execution_mode=EXECUTION_MODES.get(args.execution_mode or ""))
+            registry, _ = assemble_registry(entries, Path.cwd(), settings, execution_mode=execution_mode)
         except BootError as exc:
             raise RunError(boot_error_text(exc.errors, exc.report.invalid_settings)) from exc
         except ConfigError as exc:

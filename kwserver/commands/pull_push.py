@@ -6,7 +6,8 @@ import hashlib
 from pathlib import Path
 
 from kwserver.config import ServerSettings
-from kwserver.metadata import MetadataError, WasmFormatError, parse_metadata
+from kwserver.evaluation.modes import read_metadata
+from kwserver.metadata import MetadataError, WasmFormatError
 from kwserver.sources.credentials import load_credentials
 from kwserver.sources.errors import SourceError
 from kwserver.sources.file import FetchedModule, check_wasm
@@ -32,7 +33,7 @@ def pull(settings: ServerSettings, reference: str) -> FetchedModule:
 def push_annotations(wasm: bytes) -> dict[str, str]:
     """The module's metadata annotations that fit an OCI manifest (single-line strings), as kwctl pushes."""
     try:
-        metadata = parse_metadata(wasm)
+        metadata = read_metadata(wasm)
     except (MetadataError, WasmFormatError) as exc:
         raise SourceError(f"cannot read the module's metadata: {exc}") from exc
     if metadata is None:

@@ -20,14 +20,8 @@ import wasmtime
 from kwserver.capabilities import Capabilities, RegistryAccess
 from kwserver.config import PolicyGroupSpec, PolicySpec, ServerSettings, load_policies
 from kwserver.evaluation import GROUP_EXPRESSION_ERROR, InstancePool, LoadedPolicy, PolicyRegistry
-from kwserver.metadata import (
-    MetadataError,
-    check_metadata,
-    infer_metadata,
-    is_rego_module,
-    metadata_for_mode,
-    parse_metadata,
-)
+from kwserver.evaluation.modes import check_metadata, infer_metadata, metadata_for_mode, mode_named, read_metadata
+from kwserver.metadata import MetadataError
 from kwserver.runtime import InstanceLimits, RuntimeFailure
 from kwserver.runtime.engine import (
     CompileCache,
@@ -91,12 +85,13 @@ def _download_name(spec: PolicySpec) -> str:
 def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, digest: str,
                    source: str, report: BootReport, execution_mode: str | None = None) -> CompiledModule:
     """`execution_mode`: the mode the caller requires (kwctl's `--execution-mode`); None: the metadata's."""
-    metadata = parse_metadata(wasm)
+    metadata = read_metadata(wasm)
     module, compiled_size = cache.load(engine, wasm, digest)
+    exports = {e.name for e in module.exports}
     if execution_mode is not None:
-        metadata = metadata_for_mode(metadata, execution_mode, is_rego_module({e.name for e in module.exports}))
+        metadata = metadata_for_mode(metadata, execution_mode, exports)
     elif metadata is None:
-        metadata = infer_metadata({e.name for e in module.exports}, {i.module for i in module.imports})
+        metadata = infer_metadata(exports, {i.module for i in module.imports})
         warning = (f"module {source} has no io.kubewarden.metadata section; assuming execution mode "
                    f"`{metadata.execution_mode}` (embed metadata with `kwserver annotate`)")
         log.warning("%s", warning)
@@ -180,10 +175,8 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
         registry.modules[fetched.digest] = compiled
         by_reference[reference] = compiled
     report.unique_modules = len(registry.modules)
-    if any(m.metadata.execution_mode in ("opa", "gatekeeper") for m in registry.modules.values()):
-        from kwserver.runtime.opa_builtins import text
-
-        text.preload()
+    for mode in dict.fromkeys(mode_named(m.execution_mode) for m in registry.modules.values()):
+        mode.preload()
     report.downloaded_modules = fetched_modules.downloaded
     report.cache_hits, report.cache_misses = cache.hits, cache.misses
     malloc_trim()
@@ -236,9 +229,10 @@ def _check_all_policies(registry: PolicyRegistry, options: EngineOptions, report
     try:
         for name, policy in list(registry.policies.items()):
             try:
-                warning = policy.mode.boot_warning(pool.linked(policy.module), policy)
+                mode = mode_named(policy.module.execution_mode)
+                warning = mode.boot_warning(pool.linked(policy.module), policy)
                 with pool.instance(policy) as instance:
-                    error = policy.mode.settings_error(instance, policy.settings_json)
+                    error = mode.settings_error(instance, policy.settings_json)
             except RuntimeFailure as exc:
                 registry.init_errors[name] = f"bootstrap failure: {name}: {exc}"
                 del registry.policies[name]

@@ -8,7 +8,6 @@ import wasmtime
 
 from kwserver.capabilities import Capabilities
 from kwserver.config import PolicyGroupSpec, PolicySpec
-from kwserver.evaluation.modes import ExecutionMode, mode_named
 from kwserver.runtime import InstanceLimits
 from kwserver.runtime.engine import CompiledModule, EngineOptions
 
@@ -33,10 +32,6 @@ class LoadedPolicy:
     @property
     def name(self) -> str:
         return self.spec.name
-
-    @property
-    def mode(self) -> ExecutionMode:
-        return mode_named(self.module.execution_mode)
 
     @property
     def instance_key(self) -> str:

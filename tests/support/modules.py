@@ -15,7 +15,7 @@ from typing import Any
 
 import wasmtime
 
-from kwserver.metadata import annotate
+from kwserver.evaluation.modes import annotate
 from tests.support.paths import CONFORMANCE, REPO
 
 WASI_TESTBED = REPO / "tests" / "policies" / "wasi-testbed.wasm"
