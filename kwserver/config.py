@@ -27,6 +27,11 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message is meant for the operator."""
 
 
+# The Kubernetes API server sends at most 3 MiB: a larger body is no admission request. Not a setting:
+# the worker stops reading such a body and the API answers 413 (kwserver/server/worker.py, api.py).
+MAX_REQUEST_BODY_BYTES = 3 * 1024 * 1024
+
+
 # --- server settings -----------------------------------------------------------------------------
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}

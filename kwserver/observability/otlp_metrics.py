@@ -151,6 +151,9 @@ class MetricsPush:
     def start(self) -> None:
         self._thread.start()
 
+    def in_worker(self) -> None:
+        """Nothing to drop in a forked worker: the export thread and its connection are the master's."""
+
     def export_once(self, timeout_millis: int | None = None) -> None:
         with ARCHIVE_LOCK:
             families = list(EvaluationCollector(self.directory).collect())

@@ -160,6 +160,10 @@ class SpanExport:
     def start(self) -> None:
         self._thread.start()
 
+    def in_worker(self) -> None:
+        """In a forked worker: keep only the relay's sending end."""
+        self.relay.in_worker()
+
     def span(self, record: bytes) -> Any:
         """The SDK span of one relayed record; its ids are drawn here (no trace context comes in)."""
         name, start, end, attributes, error = orjson.loads(record)

@@ -94,6 +94,9 @@ class PoolController:
     def stop(self) -> None:
         self._stop.set()
 
+    def in_worker(self) -> None:
+        """Nothing to drop in a forked worker: the sampling thread is the master's alone."""
+
     def _run(self) -> None:
         last_busy, last_time = self.busy_seconds(), time.monotonic()
         while not self._stop.wait(SAMPLE_SECONDS):
