@@ -1,5 +1,5 @@
 """How host callbacks reach registries: the settings of policy downloads (sources.yml, docker config,
-timeouts), read on first use.
+fetch options), the files read on first use.
 
 It is built in the master for every policy, but the registry client and its libraries (requests,
 cryptography) are only imported when a policy first calls a registry: a server whose policies never do
@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from kwserver.capabilities.waiting import time_left
+from kwserver.config import ServerSettings
+from kwserver.sources.options import FetchOptions
 
 if TYPE_CHECKING:
     from kwserver.sources.oci import OciClient
@@ -23,9 +25,7 @@ if TYPE_CHECKING:
 class RegistryAccess:
     sources_path: str | None = None
     docker_config_json_path: str | None = None
-    timeout_seconds: float = 30.0
-    retries: int = 2
-    max_bytes: int = 256 * 1024 * 1024
+    options: FetchOptions = field(default_factory=FetchOptions.defaults)
     _loaded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -33,15 +33,15 @@ class RegistryAccess:
         with self._lock:
             if not self._loaded:
                 from kwserver.sources.credentials import load_credentials
-                from kwserver.sources.transport import FetchOptions
                 from kwserver.sources.trust import load_sources
 
-                self._loaded.update(
-                    sources=load_sources(self.sources_path),
-                    credentials=load_credentials(self.docker_config_json_path),
-                    options=FetchOptions(timeout_seconds=self.timeout_seconds, retries=self.retries,
-                                         max_bytes=self.max_bytes))
-            return self._loaded["sources"], self._loaded["credentials"], self._loaded["options"]
+                self._loaded.update(sources=load_sources(self.sources_path),
+                                    credentials=load_credentials(self.docker_config_json_path))
+            return self._loaded["sources"], self._loaded["credentials"], self.options
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> RegistryAccess:
+        return cls(settings.sources_path, settings.docker_config_json_path, FetchOptions.from_settings(settings))
 
     def client(self, reference: ImageReference, deadline: float | None) -> OciClient:
         """A client whose every request gives up when the evaluation's deadline passes."""

@@ -112,15 +112,15 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from kwserver.evaluation.bootstrap import make_fetcher
     from kwserver.sources import SourceError
+    from kwserver.sources.fetcher import ModuleFetcher
     from kwserver.sources.references import parse_reference
 
     settings = settings_from_args(args)
     if not settings.verification_path:
         print("error: kwserver verify needs --verification-path", file=sys.stderr)
         return 2
-    fetcher = make_fetcher(settings, Path.cwd())
+    fetcher = ModuleFetcher.from_settings(settings, Path.cwd())
     try:
         digest = fetcher.verify(parse_reference(args.reference, Path.cwd()))
     except SourceError as exc:

@@ -61,9 +61,9 @@ def webhook_name(policy: str, domain: str) -> str:
 
 
 def _metadata(spec: PolicySpec, base_dir: Path, settings: ServerSettings) -> PolicyMetadata:
-    from kwserver.evaluation.bootstrap import make_fetcher
+    from kwserver.sources.fetcher import ModuleFetcher
 
-    fetched = make_fetcher(settings, base_dir).fetch(spec.module)
+    fetched = ModuleFetcher.from_settings(settings, base_dir).fetch(spec.module)
     metadata = read_metadata(fetched.wasm)
     if metadata is None or not metadata.rules:
         raise MetadataError(f"{spec.module} has no metadata rules: annotate it (`kwserver annotate`)")

@@ -15,14 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kwserver.config import ServerSettings
 from kwserver.sources import https, oci, verification
-from kwserver.sources.credentials import Credentials
+from kwserver.sources.credentials import Credentials, load_credentials
 from kwserver.sources.errors import SourceError
 from kwserver.sources.file import FetchedModule, check_wasm, read_module
+from kwserver.sources.options import FetchOptions
 from kwserver.sources.references import ImageReference, LocalReference, UrlReference, parse_reference
 from kwserver.sources.store import DownloadStore
-from kwserver.sources.transport import FetchOptions
-from kwserver.sources.trust import Sources
+from kwserver.sources.trust import Sources, load_sources
 
 log = logging.getLogger(__name__)
 MAX_PARALLEL_DOWNLOADS = 16
@@ -34,10 +35,20 @@ class ModuleFetcher:
     download_dir: Path
     sources: Sources = field(default_factory=Sources)
     credentials: Credentials = field(default_factory=Credentials)
-    options: FetchOptions = field(default_factory=FetchOptions)
+    options: FetchOptions = field(default_factory=FetchOptions.defaults)
     verification: verification.VerificationConfig | None = None  # verify registry modules before use
     downloaded: int = 0  # modules that came over the network (not from the download directory)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings, base_dir: Path) -> ModuleFetcher:
+        """The fetcher `settings` describe; raises ConfigError for a bad sources.yml, docker config or
+        verification.yml."""
+        return cls(base_dir=base_dir, download_dir=Path(settings.policies_download_dir),
+                   sources=load_sources(settings.sources_path),
+                   credentials=load_credentials(settings.docker_config_json_path),
+                   options=FetchOptions.from_settings(settings),
+                   verification=verification.load_verification(settings.verification_path))
 
     @property
     def store(self) -> DownloadStore:
