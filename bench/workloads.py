@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("BENCH_SHARED_DIR", REPO.parent / "shared"))
 FIXTURES = SHARED / "conformance" / "fixtures"
 SERVER_FIXTURES = FIXTURES / "kubewarden-policy-server"
-POLICY_FIXTURES = FIXTURES / "kubewarden-policies"
 TEST_POLICIES = REPO / "tests" / "policies"
 TINYGO_POLICY = SHARED / "conformance" / "wasm" / "kubewarden-wapc" / "go-policy-template-tinygo-2022.wasm"
 

@@ -274,7 +274,7 @@ class ServerSettings:
     def ignored(self) -> list[str]:
         """Reference-server settings that are set but have no effect here, for a startup warning each."""
         notes = {
-            "sigstore_cache_dir": "there is no sigstore support in this build",
+            "sigstore_cache_dir": "this build keeps no sigstore cache: it checks keyed signatures only",
             "sigstore_trust_config": "keyless signatures are refused, so no sigstore trust root is read",
             "enable_pprof": "profiling endpoints are not available",
         }
@@ -420,8 +420,6 @@ class PolicyGroupSpec:
 
 PolicyEntry = PolicySpec | PolicyGroupSpec
 
-_POLICY_KEYS = {"module", "policyMode", "allowedToMutate", "settings", "contextAwareResources", "message",
-                "timeoutEvalSeconds", "entrypoint", "ownInstance", "hostCapabilities"}
 _MEMBER_KEYS = {"module", "settings", "contextAwareResources", "timeoutEvalSeconds", "entrypoint", "ownInstance",
                 "hostCapabilities"}
 

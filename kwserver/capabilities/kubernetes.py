@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 
 NO_KUBERNETES_CLIENT = "kube::Client was not initialized properly"
 OPERATIONS = frozenset({"list_resources_by_namespace", "list_resources_all", "get_resource", "can_i"})
-LEGACY_NAMESPACES = frozenset({"namespaces", "services", "ingresses"})
 _ACCESS_CHECKED = frozenset({"KubernetesListResourceNamespace", "KubernetesListResourceAll", "KubernetesGetResource"})
 # A host call cannot be interrupted like wasm code: it gives up by itself, at the latest when the
 # evaluation's deadline passes.

@@ -1,6 +1,6 @@
 """`--log-fmt otlp`: a span per admission request, exported over OTLP by the master.
 
-Spans carry the reference's names (`validation`, `audit`, `validation_raw`) and fields (spec §10.4)
+Spans carry the reference's names (`validation`, `audit`, `validation_raw`) and fields
 under the tracer `kubewarden-policy-server`. A worker only times the review and sends one datagram
 (name, times, attributes) to the master over a socket pair made before the fork; the master turns
 the records into spans and hands them to the SDK's BatchSpanProcessor, whose thread exports them.

@@ -393,7 +393,7 @@ class OpaInstance:
         return orjson.loads(self.evaluate(entrypoint, orjson.dumps(input_value), data))
 
     def call(self, operation: str, payload: bytes) -> bytes:
-        """The Kubewarden protocol view: settings of Rego policies are always valid (spec §5.4)."""
+        """The Kubewarden protocol view: settings of Rego policies are always valid, as in the reference."""
         if operation == "validate_settings":
             return b'{"valid":true}'
         raise GuestCallFailure(f"operation `{operation}` is not supported by OPA policies; use evaluate()")

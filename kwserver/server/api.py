@@ -1,4 +1,4 @@
-"""The HTTP API: falcon resources, status codes, body limits and error bodies (spec §7).
+"""The HTTP API: falcon resources, status codes, body limits and error bodies.
 
 Bodies are read and written as bytes with orjson; falcon's media handling is bypassed on this hot
 path. Error bodies follow the reference: JSON `{"message", "status"}` on /validate, plain text on

@@ -104,12 +104,7 @@ class GatekeeperMode(OpaMode):
             return admission.internal_error(request.uid, GATEKEEPER_RAW_UNSUPPORTED)
         return None
 
-    def documents(self, policy: LoadedPolicy, request: EvaluationRequest) -> tuple[bytes, bytes]:
-        """Input and data; a context-aware policy's data is `{"inventory": ...}`."""
-        input_json, data_json = gatekeeper_documents(request, policy.settings_json)
-        if policy.spec.context_aware_resources:
-            data_json = self.inventory_data(policy)
-        return input_json, data_json
+    plain_documents = staticmethod(gatekeeper_documents)
 
     def inventory_data(self, policy: LoadedPolicy) -> bytes:
         """`{"inventory": ...}`; raises InventoryUnavailable."""

@@ -103,9 +103,12 @@ class OpaMode(ExecutionMode):
     def settings_error(self, instance: OpaInstance, settings_json: bytes) -> str | None:
         return None
 
+    # Input and data of a policy that reads no cluster.
+    plain_documents = staticmethod(opa_documents)
+
     def documents(self, policy: LoadedPolicy, request: EvaluationRequest) -> tuple[bytes, bytes]:
-        """Input and data; a context-aware policy's data carries the cluster inventory as `kubernetes`."""
-        input_json, data_json = opa_documents(request, policy.settings_json)
+        """Input and data; a context-aware policy's data is built from the cluster inventory."""
+        input_json, data_json = self.plain_documents(request, policy.settings_json)
         if policy.spec.context_aware_resources:
             data_json = self.inventory_data(policy)
         return input_json, data_json
