@@ -20,7 +20,6 @@ import yaml
 
 from kwserver.expressions import ExpressionError, Node, compile_expression
 from kwserver.logs import LEVELS
-from kwserver.server.autoscaler import GROW_ABOVE, SHRINK_BELOW
 
 
 class ConfigError(ValueError):
@@ -30,6 +29,10 @@ class ConfigError(ValueError):
 # The Kubernetes API server sends at most 3 MiB: a larger body is no admission request. Not a setting:
 # the worker stops reading such a body and the API answers 413 (kwserver/server/worker.py, api.py).
 MAX_REQUEST_BODY_BYTES = 3 * 1024 * 1024
+# The worker pool grows while the workers' mean utilisation stays above this, and shrinks while it stays
+# below the other (kwserver/server/autoscaler.py; the scaling settings below say how long).
+GROW_ABOVE = 0.75
+SHRINK_BELOW = 0.25
 
 
 # --- server settings -----------------------------------------------------------------------------

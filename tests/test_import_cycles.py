@@ -116,3 +116,13 @@ def test_the_checker_sees_type_only_and_function_level_imports(tmp_path):
     known = module_names()
     assert imports_of("kwserver.metadata", source, known) >= {"kwserver.config", "kwserver.server.daemon",
                                                                 "kwserver.server"}
+
+
+MODEL = {"kwserver", "kwserver.config", "kwserver.metadata", "kwserver.expressions", "kwserver.admission",
+         "kwserver.logs", "kwserver.truncation"}
+
+
+def test_the_policy_model_imports_no_layer():
+    """The top of kwserver/: its modules are the model every layer imports; they import only each other."""
+    graph = import_graph()
+    assert {name: sorted(graph[name] - MODEL) for name in MODEL if graph[name] - MODEL} == {}
