@@ -334,8 +334,7 @@ class Daemon:
 
     def worker_exiting(self) -> None:
         """In the worker, as it exits: publish what it counted since its last flush."""
-        if self.metrics is not None:
-            self.metrics.flush()
+        self._publish_counts()
 
     def worker_exited(self, pid: int) -> None:
         if self.metrics_dir:
