@@ -11,12 +11,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import context_aware, host_caches, scenarios, telemetry
 from bench.harness import RESULTS_DIR, Options
-from bench.report import ORDER, write_summary
-from bench.scenarios import SCENARIOS
+from bench.report import write_summary
+from bench.steps import Scenario
 from bench.wrk import WrkMissing, find_wrk
 
 log = logging.getLogger("bench")
+
+# Every scenario, in the order `all` runs them and the summary lists them.
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    scenarios.ceiling, scenarios.hostile, scenarios.instances, scenarios.naive, scenarios.workers,
+    scenarios.policies, scenarios.seed, scenarios.pool, scenarios.startup, scenarios.soak, scenarios.mix,
+    context_aware.context, host_caches.caches, telemetry.telemetry,
+)}
 
 # A few seconds per scenario: keeps the harness working (tests/test_bench.py), measures nothing.
 QUICK = {
@@ -84,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except WrkMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    names = list(ORDER) if "all" in args.scenarios else list(dict.fromkeys(args.scenarios))
+    names = list(SCENARIOS) if "all" in args.scenarios else list(dict.fromkeys(args.scenarios))
     options = options_from(args)
     # One warm compile cache for the whole invocation (startup makes its own cold ones).
     cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     total = time.monotonic() - started
-    summary = write_summary(options.results, total if "all" in args.scenarios else None)
+    summary = write_summary(options.results, SCENARIOS, total if "all" in args.scenarios else None)
     log.info("summary: %s (%.0f s in all)", summary, total)
     for failure in failed:
         print(f"FAILED {failure}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """The harness of one scenario: servers, load points, sampling, and the results they leave behind.
 
-A scenario opens a `ScenarioRun`, starts servers through it (each is registered with the sampler),
-runs load points (`run.load`), and adds headline figures; on exit every server is stopped and
-`bench/results/<scenario>/` receives results.json (raw samples and points), report.md and plots.
+A scenario (bench/steps.py) opens a `ScenarioRun`, starts servers through it (each is registered with
+the sampler), runs load points (`run.load`), and adds headline figures; on exit every server is stopped,
+then `bench/results/<scenario>/` receives results.json (raw samples and points), report.md and plots
+(bench/report.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import report
 from bench import sampler as sampling
 from bench.servers import Server, Tls, make_tls, start_gunicorn_app, start_kwserver
 from bench.workloads import Workload, classify
@@ -217,10 +217,7 @@ class ScenarioRun:
             self.stop(server)
         self.sampler.stop()
         self.elapsed = self.clock.now()
-        try:
-            report.write_scenario(self)
-        finally:
-            shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)
 
     # servers ----------------------------------------------------------------------------------
     @property

@@ -27,9 +27,9 @@ import yaml
 
 from bench.context_aware import _wat, pss_mib
 from bench.harness import ScenarioRun
-from bench.scenarios import scenario
 from bench.servers import REPO, Server, free_port
 from bench.stats import fmt
+from bench.steps import scenario
 
 BASE_COMMIT = "4ecc251"
 LOOKUPS = 100_000

@@ -27,6 +27,7 @@ import wasmtime
 from bench._ready import mark_worker_ready
 from kwserver import admission
 from kwserver.config import PolicySpec, load_policies
+from kwserver.evaluation.modes.wapc import response_from_validation
 from kwserver.sources import resolve_local_path
 
 log = logging.getLogger("bench.naive")
@@ -166,7 +167,7 @@ class Validate:
         request = admission.parse_raw_review(doc) if self.raw else admission.parse_admission_review(doc)
         try:
             raw = policy.call("validate", admission.validation_payload(request, policy.settings_json))
-            response: dict[str, Any] = admission.response_from_validation(request, raw)
+            response: dict[str, Any] = response_from_validation(request, raw)
         except (RuntimeError, wasmtime.WasmtimeError, wasmtime.Trap) as exc:
             response = admission.internal_error(request.uid, f"Guest call failure: {exc}")
         response = admission.post_process(

@@ -22,8 +22,8 @@ from bench.harness import ScenarioRun
 from bench.stats import fmt_ratio, spread
 from kwserver.sources.credentials import Credentials
 from kwserver.sources.oci import OciClient
+from kwserver.sources.options import FetchOptions
 from kwserver.sources.references import parse_image_reference, parse_reference
-from kwserver.sources.transport import FetchOptions
 from kwserver.sources.trust import Sources
 from tests.support.server import free_port
 
@@ -42,7 +42,7 @@ class LocalRegistry:
         self.log = open(directory / "registry.log", "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen([DOCKER_REGISTRY, "serve", str(directory / "config.yml")],
                                         stdout=self.log, stderr=subprocess.STDOUT)
-        self.client = OciClient(self.host, Sources(frozenset([self.host])), Credentials(), FetchOptions())
+        self.client = OciClient(self.host, Sources(frozenset([self.host])), Credentials(), FetchOptions.defaults())
         deadline = time.monotonic() + 20
         while True:
             try:

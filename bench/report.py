@@ -7,6 +7,7 @@ import json
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +19,6 @@ if TYPE_CHECKING:
 
 MIB = 1024 * 1024
 
-# Scenario order of `python -m bench all` and of the summary.
-ORDER = ("ceiling", "hostile", "instances", "naive", "workers", "policies", "seed", "pool", "startup", "soak", "mix",
-         "context", "caches", "telemetry")
 
 
 # --- tables ----------------------------------------------------------------------------------------
@@ -442,11 +440,11 @@ def render_report(run: ScenarioRun, figures: list[tuple[str, str]]) -> str:
 
 # --- summary ---------------------------------------------------------------------------------------
 
-def write_summary(results: Path, total_seconds: float | None = None) -> Path:
-    """bench/results/SUMMARY.md from every scenario's results.json present."""
+def write_summary(results: Path, names: Iterable[str], total_seconds: float | None = None) -> Path:
+    """bench/results/SUMMARY.md from the results.json of the scenarios `names`, in that order, that are present."""
     rows = []
     runs = []
-    for name in ORDER:
+    for name in names:
         path = results / name / "results.json"
         if not path.exists():
             continue

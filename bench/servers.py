@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 
 from kwserver.config import ServerSettings
-from kwserver.server.daemon import WORKER_CLASS
+from kwserver.server.worker import EventLoopWorker
 from tests.support.server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,8 +33,9 @@ GUNICORN_OVERRIDES = Path(__file__).resolve().parent / "gunicorn_bench.py"
 
 # HTTP stacks a canned app can be served by: (gunicorn worker class, extra gunicorn arguments, app suffix).
 STACKS: dict[str, tuple[str, list[str], str]] = {
-    # kwserver's worker (kwserver/server/worker.py): uvloop + httptools in front of the WSGI app.
-    "event-loop": (WORKER_CLASS, [], ":app"),
+    # kwserver's worker (kwserver/server/worker.py): uvloop + httptools in front of the WSGI app, with
+    # the settings' default limits.
+    "event-loop": (f"{EventLoopWorker.__module__}.{EventLoopWorker.__qualname__}", [], ":app"),
     # kwserver's stack before the event-loop worker: gunicorn's threaded worker with one thread.
     "gthread": ("gthread", ["--threads", "1"], ":app"),
     # The candidate measured beside it: falcon's ASGI app on uvicorn's gunicorn worker (httptools + uvloop).

@@ -1,13 +1,13 @@
 """The `telemetry` scenario: what OTLP metrics and spans cost the request path.
 
-Registered in bench/scenarios.py; writes bench/results/telemetry/ like every scenario.
+Listed in bench/cli.py; writes bench/results/telemetry/ like every scenario.
 """
 
 from __future__ import annotations
 
 from bench.harness import ScenarioRun
-from bench.scenarios import check_outcomes, interleaved, pod_workloads, ratio_headline, scenario, single_config, workdir
 from bench.stats import spread
+from bench.steps import check_outcomes, interleaved, pod_workloads, ratio_headline, scenario, single_config, workdir
 from tests.support.otlp_receiver import start_grpc
 from tests.support.server import free_port
 

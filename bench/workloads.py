@@ -25,14 +25,14 @@ from typing import Any
 import yaml
 
 from kwserver.config import PolicyGroupSpec, load_policies
-from kwserver.metadata import MetadataError, WasmFormatError, parse_metadata
+from kwserver.evaluation.modes import read_metadata
+from kwserver.metadata import MetadataError, WasmFormatError
 from kwserver.sources import SourceError, resolve_local_path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("BENCH_SHARED_DIR", REPO.parent / "shared"))
 FIXTURES = SHARED / "conformance" / "fixtures"
 SERVER_FIXTURES = FIXTURES / "kubewarden-policy-server"
-POLICY_FIXTURES = FIXTURES / "kubewarden-policies"
 TEST_POLICIES = REPO / "tests" / "policies"
 TINYGO_POLICY = SHARED / "conformance" / "wasm" / "kubewarden-wapc" / "go-policy-template-tinygo-2022.wasm"
 
@@ -185,7 +185,7 @@ class PolicyInfo:
 def _module_metadata(reference: str, base_dir: Path) -> Any:
     try:
         path = resolve_local_path(reference, base_dir)
-        return parse_metadata(path.read_bytes())
+        return read_metadata(path.read_bytes())
     except (OSError, SourceError, MetadataError, WasmFormatError):
         return None
 

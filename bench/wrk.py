@@ -61,10 +61,6 @@ class WrkResult:
     def error_count(self) -> int:
         return sum(self.errors.values())
 
-    @property
-    def wrk_cpu_per_request_ms(self) -> float:
-        return 1000 * self.wrk_cpu_s / self.requests if self.requests else float("nan")
-
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
         doc.pop("text")

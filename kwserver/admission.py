@@ -1,8 +1,11 @@
 """AdmissionReview shapes and the server-side answer logic, as pure functions over JSON values.
 
-Parsing and re-serialising requests, turning a policy's ValidationResponse into an AdmissionResponse
-(with its JSON Patch), and the post-processing of §7.5-7.7 of the compatibility spec: monitor mode,
-the mutation constraint, custom rejection messages. Nothing here knows about wasm or HTTP.
+Parsing and re-serialising requests; Kubewarden's ValidationRequest and ValidationResponse (what waPC
+and WASI policies speak), a ValidationResponse turned into an AdmissionResponse with its JSON Patch;
+building responses; and the post-processing the reference applies after every evaluation: monitor
+mode, the mutation constraint, custom rejection messages. What each execution mode makes of a request
+and of its guest's answer is the mode's (kwserver.evaluation.modes). Nothing here knows about wasm or
+HTTP.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def _require_str(doc: dict[str, Any], key: str, where: str) -> str:
     if key not in doc or doc[key] is None:
         raise RequestShapeError(f"{where}missing field `{key}`")
     if not isinstance(doc[key], str):
-        raise RequestShapeError(f"{where}{key}: invalid type: {_json_type(doc[key])}, expected a string")
+        raise RequestShapeError(f"{where}{key}: invalid type: {json_type(doc[key])}, expected a string")
     return doc[key]
 
 
@@ -83,11 +86,12 @@ def _require_object(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]
     if key not in doc or doc[key] is None:
         raise RequestShapeError(f"{where}missing field `{key}`")
     if not isinstance(doc[key], dict):
-        raise RequestShapeError(f"{where}{key}: invalid type: {_json_type(doc[key])}, expected a map")
+        raise RequestShapeError(f"{where}{key}: invalid type: {json_type(doc[key])}, expected a map")
     return doc[key]
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """How serde names a JSON value's type in its errors (`integer `5``, `a sequence`...)."""
     if isinstance(value, bool):
         return f"boolean `{str(value).lower()}`"
     if isinstance(value, (int, float)):
@@ -104,7 +108,7 @@ def _group_version(doc: dict[str, Any], key: str, fields: tuple[str, ...], where
 
 def _request_envelope(doc: Any) -> Any:
     if not isinstance(doc, dict):
-        raise RequestShapeError(f"invalid type: {_json_type(doc)}, expected a map")
+        raise RequestShapeError(f"invalid type: {json_type(doc)}, expected a map")
     if "request" not in doc:
         raise RequestShapeError("missing field `request`")
     return doc["request"]
@@ -114,7 +118,7 @@ def parse_admission_review(doc: Any) -> EvaluationRequest:
     """An AdmissionReview body, re-serialised the way the reference server hands it to policies."""
     req = _request_envelope(doc)
     if not isinstance(req, dict):
-        raise RequestShapeError(f"request: invalid type: {_json_type(req)}, expected a map")
+        raise RequestShapeError(f"request: invalid type: {json_type(req)}, expected a map")
     where = "request."
     checked: dict[str, Any] = {
         "uid": _require_str(req, "uid", where),
@@ -126,7 +130,7 @@ def parse_admission_review(doc: Any) -> EvaluationRequest:
     checked["userInfo"] = {k: user_info[k] for k in _USER_INFO_KEYS if user_info.get(k) is not None}
     for key in ("name", "namespace", "subResource", "requestSubResource"):
         if req.get(key) is not None and not isinstance(req[key], str):
-            raise RequestShapeError(f"{where}{key}: invalid type: {_json_type(req[key])}, expected a string")
+            raise RequestShapeError(f"{where}{key}: invalid type: {json_type(req[key])}, expected a string")
     value = {key: checked.get(key, req.get(key)) for key in _REQUEST_KEYS}
     value = {key: v for key, v in value.items() if v is not None}
     request_kind = req.get("requestKind")
@@ -208,7 +212,8 @@ def interrupted(uid: str) -> dict[str, Any]:
     return reject(uid, INTERRUPTED_MESSAGE, 500)
 
 
-def _json_error_text(exc: Exception) -> str:
+def json_error_text(exc: Exception) -> str:
+    """The first line of a JSON decoding error."""
     return str(exc).split("\n", 1)[0]
 
 
@@ -220,29 +225,18 @@ def json_patch(base: Any, mutated: Any) -> str | None:
     return base64.b64encode(orjson.dumps(operations)).decode()
 
 
-def response_from_validation(request: EvaluationRequest, raw_response: bytes) -> dict[str, Any]:
-    """A policy's ValidationResponse (waPC protocol) as an AdmissionResponse."""
-    uid = request.uid
-    try:
-        answer = orjson.loads(raw_response)
-    except orjson.JSONDecodeError as exc:
-        return internal_error(uid, f"invalid response from policy: {_json_error_text(exc)}")
-    problem = _validation_response_problem(answer)
-    if problem is not None:
-        return internal_error(uid, f"invalid response from policy: {problem}")
-    return _admission_from_validation(request, answer)
-
-
-def _validation_response_problem(answer: Any) -> str | None:
+def validation_response_problem(answer: Any) -> str | None:
+    """What makes `answer` not a ValidationResponse, or None."""
     if not isinstance(answer, dict):
-        return f"invalid type: {_json_type(answer)}, expected struct ValidationResponse"
+        return f"invalid type: {json_type(answer)}, expected struct ValidationResponse"
     accepted = answer.get("accepted")
     if not isinstance(accepted, bool):
         return "missing field `accepted`" if accepted is None else "invalid type for `accepted`"
     return None
 
 
-def _admission_from_validation(request: EvaluationRequest, answer: dict[str, Any]) -> dict[str, Any]:
+def admission_from_validation(request: EvaluationRequest, answer: dict[str, Any]) -> dict[str, Any]:
+    """A ValidationResponse (checked by `validation_response_problem`) as an AdmissionResponse."""
     uid = request.uid
     patch = None
     mutated = answer.get("mutated_object")
@@ -261,126 +255,6 @@ def _admission_from_validation(request: EvaluationRequest, answer: dict[str, Any
         audit_annotations=answer.get("audit_annotations"),
         warnings=answer.get("warnings"),
     )
-
-
-# --- WASI, OPA and Gatekeeper results (spec §4, §5.3-5.4) -------------------------------------------
-
-GATEKEEPER_RAW_UNSUPPORTED = "Gatekeeper does not support raw validation requests"
-OPA_UNINTERPRETABLE = "cannot interpret OPA policy result"
-GATEKEEPER_UNINTERPRETABLE = "cannot interpret Gatekeeper policy result"
-
-
-def response_from_wasi(request: EvaluationRequest, stdout: bytes) -> dict[str, Any]:
-    """The stdout of a WASI policy's `validate` run (one ValidationResponse) as an AdmissionResponse."""
-    try:
-        answer = orjson.loads(stdout)
-    except orjson.JSONDecodeError as exc:
-        problem: str | None = _json_error_text(exc)
-    else:
-        problem = _validation_response_problem(answer)
-    if problem is not None:
-        return internal_error(request.uid, f"Cannot deserialize policy validation response: {problem}")
-    return _admission_from_validation(request, answer)
-
-
-def wasi_interrupted_message(stderr: str) -> str:
-    """A WASI timeout says so, and keeps what the policy wrote to stderr (the reference gave stderr only)."""
-    stderr = stderr.strip()
-    return f"{INTERRUPTED_MESSAGE}; policy stderr: {stderr}" if stderr else INTERRUPTED_MESSAGE
-
-
-def wasi_settings_error(stdout: bytes) -> str | None:
-    """The stdout of a WASI policy's `validate-settings` run: None when valid, else the reason."""
-    try:
-        answer = orjson.loads(stdout)
-        if not isinstance(answer, dict):
-            raise TypeError(f"invalid type: {_json_type(answer)}, expected struct SettingsValidationResponse")
-        valid = answer.get("valid")
-        if not isinstance(valid, bool):
-            raise TypeError("missing field `valid`" if valid is None else "invalid type for `valid`")
-    except (orjson.JSONDecodeError, TypeError) as exc:
-        return f"Cannot deserialize settings validation response: {_json_error_text(exc)}"
-    return None if valid else (answer.get("message") or "no message")
-
-
-def opa_documents(request: EvaluationRequest, settings_json: bytes) -> tuple[bytes, bytes]:
-    """OPA mode: input `{"request": <request>}`, data = the settings (plus the inventory, see
-    kwserver.evaluation.inventory)."""
-    return b'{"request":' + request.json + b"}", settings_json
-
-
-def gatekeeper_documents(request: EvaluationRequest, settings_json: bytes) -> tuple[bytes, bytes]:
-    """Gatekeeper mode: input `{"parameters": <settings>, "review": <request>}`, data `{}` (or the
-    inventory, see kwserver.evaluation.inventory)."""
-    return b'{"parameters":' + settings_json + b',"review":' + request.json + b"}", b"{}"
-
-
-_STATUS_KEYS = ("status", "message", "reason", "details", "code")
-
-
-def response_from_opa(request: EvaluationRequest, result: bytes) -> dict[str, Any]:
-    """`result[0].result.response` of an OPA-mode policy, with the request's uid."""
-    uid = request.uid
-    try:
-        response = orjson.loads(result)[0]["result"]["response"]
-    except (orjson.JSONDecodeError, LookupError, TypeError):
-        return internal_error(uid, OPA_UNINTERPRETABLE)
-    if not isinstance(response, dict):
-        return internal_error(uid, f"invalid type: {_json_type(response)}, expected struct AdmissionResponse")
-    for key, check, expected in (("uid", str, "a string"), ("allowed", bool, "a boolean")):
-        if key not in response or response[key] is None:
-            return internal_error(uid, f"missing field `{key}`")
-        if not isinstance(response[key], check):
-            return internal_error(uid, f"invalid type: {_json_type(response[key])}, expected {expected}")
-    given = response.get("status")
-    if given is not None and not isinstance(given, dict):
-        return internal_error(uid, f"invalid type: {_json_type(given)}, expected struct Status")
-    patch = response.get("patch")
-    if patch is not None and not isinstance(patch, str):
-        return internal_error(uid, f"invalid type: {_json_type(patch)}, expected a base64 string")
-    return admission_response(
-        uid, response["allowed"],
-        status={k: _bounded_text(given[k]) for k in _STATUS_KEYS if given.get(k) is not None} if given else None,
-        patch=patch,
-        audit_annotations=response.get("auditAnnotations"),
-        warnings=response.get("warnings"),
-    )
-
-
-def _bounded_text(value: Any) -> Any:
-    return bounded(value) if isinstance(value, str) else value
-
-
-def gatekeeper_violations(result: bytes) -> list[dict[str, Any]]:
-    """The violations `result[0].result` of a Gatekeeper policy; ValueError when it is not one."""
-    try:
-        value = orjson.loads(result)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {_json_error_text(exc)}") from exc
-    if not isinstance(value, list) or not value or not isinstance(value[0], dict) or "result" not in value[0]:
-        raise ValueError("the entrypoint is undefined (it produced no result)")
-    violations = value[0]["result"]
-    if not isinstance(violations, list):
-        raise ValueError(f"expected a set of violations, got {_json_type(violations)}")
-    for violation in violations:
-        if not isinstance(violation, dict):
-            raise ValueError(f"a violation must be an object, got {_json_type(violation)}")
-        if violation.get("msg") is not None and not isinstance(violation["msg"], str):
-            raise ValueError(f"a violation's `msg` must be a string, got {_json_type(violation['msg'])}")
-    return violations
-
-
-def response_from_gatekeeper(request: EvaluationRequest, result: bytes) -> dict[str, Any]:
-    """No violations: allowed; otherwise rejected with the `msg`s joined by ", ". A result that is not
-    a list of violations is a rejection with code 500 (fail closed; the reference accepted it)."""
-    try:
-        violations = gatekeeper_violations(result)
-    except ValueError as exc:
-        return internal_error(request.uid, f"{GATEKEEPER_UNINTERPRETABLE}: {exc}")
-    if not violations:
-        return admission_response(request.uid, True)
-    messages = [v["msg"] for v in violations if v.get("msg") is not None]
-    return admission_response(request.uid, False, status=status(", ".join(messages)))
 
 
 # --- post-processing (validate and validate_raw; never audit) ------------------------------------

@@ -19,15 +19,22 @@ from typing import Any
 import orjson
 import yaml
 
-from kwserver.cluster.limits import CacheLimits
 from kwserver.expressions import ExpressionError, Node, compile_expression
+from kwserver.host_capabilities import PatternError, parse
 from kwserver.logs import LEVELS
-from kwserver.server.autoscaler import GROW_ABOVE, SHRINK_BELOW
-from kwserver.server.sizing import available_cpus, count_text
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message is meant for the operator."""
+
+
+# The Kubernetes API server sends at most 3 MiB: a larger body is no admission request. Not a setting:
+# the worker stops reading such a body and the API answers 413 (kwserver/server/worker.py, api.py).
+MAX_REQUEST_BODY_BYTES = 3 * 1024 * 1024
+# The worker pool grows while the workers' mean utilisation stays above this, and shrinks while it stays
+# below the other (kwserver/server/autoscaler.py; the scaling settings below say how long).
+GROW_ABOVE = 0.75
+SHRINK_BELOW = 0.25
 
 
 # --- server settings -----------------------------------------------------------------------------
@@ -123,8 +130,6 @@ def split_patterns(text: str) -> list[str]:
 
 
 def _host_capability_problem(patterns: list[str]) -> str | None:
-    from kwserver.capabilities.allow_list import PatternError, parse
-
     try:
         parse(patterns)
     except PatternError as exc:
@@ -340,20 +345,8 @@ class ServerSettings:
             raise ConfigError("both certificate and key must be provided together")
         if self.client_ca_file and not self.cert_file:
             raise ConfigError("client CA certificate requires server certificate and key to be specified")
-        if self.pool_min > self.pool_max:
-            raise ConfigError(f"min_workers ({self.pool_min}) is above max_workers ({self.pool_max})")
-
-    @property
-    def worker_count(self) -> int:
-        return self.workers or available_cpus().count
-
-    def describe_workers(self) -> str:
-        """How many workers start, and why (`2 workers: cgroup CPU quota 1.5 CPUs`)."""
-        count = self.initial_workers
-        if self.workers is not None:
-            return f"{count_text(count)}: --workers"
-        cpus = available_cpus()
-        return f"{count_text(count)}: {cpus.reason}" + ("" if count == cpus.count else " (--min-workers/--max-workers)")
+        if self.min_workers and self.max_workers and self.min_workers > self.max_workers:
+            raise ConfigError(f"min_workers ({self.min_workers}) is above max_workers ({self.max_workers})")
 
     def ignored(self) -> list[str]:
         """Reference-server settings that are set but have no effect here, for a startup warning each."""
@@ -363,27 +356,6 @@ class ServerSettings:
             "enable_pprof": "profiling endpoints are not available",
         }
         return [f"{name.replace('_', '-')}: {note}" for name, note in notes.items() if getattr(self, name)]
-
-    @property
-    def pool_min(self) -> int:
-        return self.min_workers or min(self.worker_count, self.max_workers or self.worker_count)
-
-    @property
-    def pool_max(self) -> int:
-        return self.max_workers or max(self.worker_count, self.min_workers or self.worker_count)
-
-    @property
-    def initial_workers(self) -> int:
-        return max(self.pool_min, min(self.worker_count, self.pool_max))
-
-    @property
-    def autoscaling(self) -> bool:
-        return self.pool_max > self.pool_min
-
-    @property
-    def cluster_cache_limits(self) -> CacheLimits:
-        return CacheLimits(self.cluster_max_reflectors, self.cluster_max_objects, self.cluster_answer_cache_entries,
-                           self.cluster_answer_cache_mib * MIB, self.kept_lists_mib * MIB)
 
     @property
     def metrics_listener_port(self) -> int:
@@ -502,7 +474,7 @@ class PolicySpec:
     entrypoint: str | None = None  # OPA/Gatekeeper: the entrypoint to evaluate, by name (an extension)
     # An extension: instances of its own instead of sharing them with policies on the same module.
     own_instance: bool = False
-    # The host calls it may make (patterns, kwserver.capabilities.allow_list); None: the entry has no
+    # The host calls it may make (patterns, kwserver.host_capabilities); None: the entry has no
     # `hostCapabilities` key, so the server's --default-host-capabilities apply.
     host_capabilities: tuple[str, ...] | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)  # unknown keys, ignored

@@ -1,12 +1,14 @@
 """The `io.kubewarden.metadata` custom section of a policy module: read, check, embed.
 
-Pure functions over bytes; nothing here knows about wasmtime.
+Pure functions over bytes; nothing here knows about wasmtime. Which execution modes exist, and what
+each requires of the metadata, is the mode table's (kwserver.evaluation.modes): readers pass the names
+it accepts, and `modes.read_metadata`, `check_metadata` and `annotate` do so.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +22,8 @@ SECTION_NAME = "io.kubewarden.metadata"
 WASM_MAGIC = b"\0asm"
 WASM_VERSION_1 = b"\x01\0\0\0"
 
-# Execution modes, as the metadata names them (the runtimes are registered in kwserver.evaluation.modes).
-WAPC, OPA, GATEKEEPER, WASI = "kubewarden-wapc", "opa", "gatekeeper", "wasi"
-EXECUTION_MODES = (WAPC, OPA, GATEKEEPER, WASI)
+# The format's default when a module's metadata names no `executionMode`.
+DEFAULT_EXECUTION_MODE = "kubewarden-wapc"
 
 
 class MetadataError(ValueError):
@@ -37,7 +38,7 @@ class WasmFormatError(ValueError):
 class PolicyMetadata:
     rules: list[dict[str, Any]]
     mutating: bool
-    execution_mode: str = WAPC
+    execution_mode: str = DEFAULT_EXECUTION_MODE
     protocol_version: str | None = None
     policy_type: str = "kubernetes"
     background_audit: bool = True
@@ -51,16 +52,17 @@ class PolicyMetadata:
     inferred: bool = False
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> PolicyMetadata:
+    def from_json(cls, raw: dict[str, Any], execution_modes: Collection[str]) -> PolicyMetadata:
+        """`raw` checked as the reference deserialises it; `executionMode` must be one of `execution_modes`."""
         if not isinstance(raw, dict):
             raise MetadataError("metadata must be a JSON object")
         for key in ("rules", "mutating"):
             if key not in raw:
                 raise MetadataError(f"missing field `{key}`")
-        mode = raw.get("executionMode", WAPC)
-        if mode not in EXECUTION_MODES:
+        mode = raw.get("executionMode", DEFAULT_EXECUTION_MODE)
+        if not isinstance(mode, str) or mode not in execution_modes:
             raise MetadataError(
-                f"unknown variant `{mode}`, expected one of {', '.join(f'`{m}`' for m in EXECUTION_MODES)}"
+                f"unknown variant `{mode}`, expected one of {', '.join(f'`{m}`' for m in execution_modes)}"
             )
         if not isinstance(raw["mutating"], bool):
             raise MetadataError("invalid type for `mutating`, expected a boolean")
@@ -188,7 +190,7 @@ def _version_major_minor(version: str) -> tuple[int, int]:
         raise MetadataError(f"invalid semantic version `{version}`") from exc
 
 
-def parse_metadata(wasm: bytes) -> PolicyMetadata | None:
+def parse_metadata(wasm: bytes, execution_modes: Collection[str]) -> PolicyMetadata | None:
     """The module's metadata, or None when it has no metadata section."""
     raw = read_custom_section(wasm)
     if raw is None:
@@ -198,68 +200,13 @@ def parse_metadata(wasm: bytes) -> PolicyMetadata | None:
     except orjson.JSONDecodeError as exc:
         raise MetadataError(f"cannot deserialize custom section `{SECTION_NAME}` of wasm module: {exc}") from exc
     try:
-        return PolicyMetadata.from_json(doc)
+        return PolicyMetadata.from_json(doc, execution_modes)
     except MetadataError as exc:
         raise MetadataError(f"cannot deserialize custom section `{SECTION_NAME}` of wasm module: {exc}") from exc
 
 
-def infer_metadata(export_names: set[str], import_modules: set[str]) -> PolicyMetadata:
-    """Best guess for a module without metadata, from what it exports and imports."""
-    if "__guest_call" in export_names:
-        mode = WAPC
-    elif "opa_eval_ctx_new" in export_names:
-        # Both Rego flavours look alike; Gatekeeper is the more common un-annotated one.
-        mode = GATEKEEPER
-    elif "_start" in export_names and "wasi_snapshot_preview1" in import_modules:
-        mode = WASI
-    else:
-        raise MetadataError(
-            f"module has no `{SECTION_NAME}` section and its execution mode cannot be inferred "
-            "from its exports; annotate it with `kwserver annotate`"
-        )
-    return PolicyMetadata(
-        rules=[], mutating=False, execution_mode=mode,
-        protocol_version="v1" if mode == WAPC else None, inferred=True,
-    )
-
-
-def is_rego_module(export_names: set[str]) -> bool:
-    """Rego compiled by OPA exports its ABI functions (`opa_eval`, `opa_malloc`, ...); kwctl's test too."""
-    return any(name.startswith("opa_") for name in export_names)
-
-
-def metadata_for_mode(found: PolicyMetadata | None, requested: str, is_rego: bool) -> PolicyMetadata:
-    """The metadata to run a module with when the user names its execution mode, by kwctl's rules: the
-    mode must agree with the module's metadata (when it has some) and with whether it is Rego."""
-    if requested not in EXECUTION_MODES:
-        raise MetadataError(f"unknown execution mode `{requested}` (expected one of {', '.join(EXECUTION_MODES)})")
-    if found is not None and found.execution_mode != requested:
-        raise MetadataError(
-            "The policy execution mode specified via CLI flag is different from the one reported inside of "
-            f"policy's metadata. Metadata reports {found.execution_mode} instead of {requested}"
-        )
-    rego_mode = requested in (OPA, GATEKEEPER)
-    if is_rego and not rego_mode:
-        raise MetadataError("The policy has been created with Rego, the policy execution mode specified via "
-                            "CLI flag is wrong")
-    if rego_mode and not is_rego:
-        raise MetadataError("The policy has not been created with Rego, the policy execution mode specified via "
-                            "CLI flag is wrong")
-    if found is not None:
-        return found
-    return PolicyMetadata(rules=[], mutating=False, execution_mode=requested,
-                          protocol_version="v1" if requested == WAPC else None, inferred=True)
-
-
-def check_metadata(meta: PolicyMetadata, server_version: str = KUBEWARDEN_COMPAT_VERSION) -> None:
-    """The bootstrap checks of the reference server (protocol version, minimum version)."""
-    if meta.execution_mode == WAPC:
-        if meta.protocol_version is None:
-            raise MetadataError(
-                "Policy is missing protocol version, which is required for KubewardenWapc execution mode"
-            )
-        if meta.protocol_version != "v1":
-            raise MetadataError("Policy uses protocol version Unknown but only V1 is supported")
+def check_minimum_version(meta: PolicyMetadata, server_version: str = KUBEWARDEN_COMPAT_VERSION) -> None:
+    """The reference's bootstrap check of `minimumKubewardenVersion` (major and minor only)."""
     if meta.minimum_kubewarden_version:
         required = _version_major_minor(meta.minimum_kubewarden_version)
         running = _version_major_minor(server_version)
@@ -270,8 +217,6 @@ def check_metadata(meta: PolicyMetadata, server_version: str = KUBEWARDEN_COMPAT
             )
 
 
-def annotate(wasm: bytes, metadata: dict[str, Any]) -> bytes:
-    """Embed validated metadata in a module (what `kwctl annotate` does)."""
-    meta = PolicyMetadata.from_json(metadata)
-    check_metadata(meta)
+def embed_metadata(wasm: bytes, meta: PolicyMetadata) -> bytes:
+    """The module with `meta` as its metadata section (replacing any previous one)."""
     return embed_custom_section(wasm, orjson.dumps(meta.to_json()))

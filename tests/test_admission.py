@@ -6,6 +6,10 @@ import pytest
 
 from kwserver import admission
 from kwserver.admission import RequestShapeError
+from kwserver.evaluation.modes import gatekeeper as gatekeeper_mode
+from kwserver.evaluation.modes import opa as opa_mode
+from kwserver.evaluation.modes import wapc as wapc_mode
+from kwserver.evaluation.modes import wasi as wasi_mode
 from tests.support.paths import SERVER_FIXTURES, load_json
 
 POD_REVIEW = load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json")
@@ -58,7 +62,7 @@ def test_validation_payload_is_valid_json():
 
 def _mutation_response(base, mutated):
     request = admission.parse_raw_review({"request": base})
-    return admission.response_from_validation(
+    return wapc_mode.response_from_validation(
         request, json.dumps({"accepted": True, "mutated_object": mutated}).encode())
 
 
@@ -80,7 +84,7 @@ def test_mutation_of_a_deleted_object_is_refused():
     doc = json.loads(json.dumps(POD_REVIEW))
     del doc["request"]["object"]
     request = admission.parse_admission_review(doc)
-    response = admission.response_from_validation(request, b'{"accepted":true,"mutated_object":{"a":1}}')
+    response = wapc_mode.response_from_validation(request, b'{"accepted":true,"mutated_object":{"a":1}}')
     assert response["allowed"] is False
     assert response["status"] == {"message": admission.NULL_OBJECT_MUTATION}
 
@@ -91,7 +95,7 @@ def test_mutation_of_a_deleted_object_is_refused():
 ])
 def test_invalid_policy_responses(raw, message):
     request = admission.parse_raw_review({"request": {}})
-    response = admission.response_from_validation(request, raw)
+    response = wapc_mode.response_from_validation(request, raw)
     assert response["allowed"] is False
     assert response["status"]["code"] == 500
     assert response["status"]["message"].startswith(message)
@@ -99,11 +103,11 @@ def test_invalid_policy_responses(raw, message):
 
 def test_status_only_when_message_or_code():
     request = admission.parse_raw_review({"request": {}})
-    response = admission.response_from_validation(
+    response = wapc_mode.response_from_validation(
         request, b'{"accepted":false,"message":"no","code":403,"warnings":["w"],"audit_annotations":{"a":"b"}}')
     assert response == {"uid": "", "allowed": False, "status": {"message": "no", "code": 403},
                         "auditAnnotations": {"a": "b"}, "warnings": ["w"]}
-    accepted = admission.response_from_validation(request, b'{"accepted":true}')
+    accepted = wapc_mode.response_from_validation(request, b'{"accepted":true}')
     assert accepted == {"uid": "", "allowed": True, "auditAnnotations": None, "warnings": None}
 
 
@@ -226,15 +230,15 @@ REQUEST = admission.parse_raw_review({"request": {"uid": "req-1"}})
      "invalid type: integer `5`, expected a base64 string"),
 ])
 def test_uninterpretable_opa_results_keep_the_request_uid(result, message):
-    response = admission.response_from_opa(REQUEST, result)
+    response = opa_mode.response_from_opa(REQUEST, result)
     assert response == admission.internal_error("req-1", message)
 
 
 def test_opa_status_keeps_only_the_status_fields_that_are_set():
     result = b'[{"result": {"response": {"uid": "x", "allowed": false, "status": {"message": "no", "code": null}}}}]'
-    assert admission.response_from_opa(REQUEST, result)["status"] == {"message": "no"}
+    assert opa_mode.response_from_opa(REQUEST, result)["status"] == {"message": "no"}
     result = b'[{"result": {"response": {"uid": "x", "allowed": true, "status": {}}}}]'
-    assert "status" not in admission.response_from_opa(REQUEST, result)
+    assert "status" not in opa_mode.response_from_opa(REQUEST, result)
 
 
 @pytest.mark.parametrize("result,message", [
@@ -247,21 +251,21 @@ def test_opa_status_keeps_only_the_status_fields_that_are_set():
     (b'[{"result": [{"msg": 1}]}]', "a violation's `msg` must be a string, got integer `1`"),
 ])
 def test_uninterpretable_gatekeeper_results_say_why_and_keep_the_uid(result, message):
-    response = admission.response_from_gatekeeper(REQUEST, result)
+    response = gatekeeper_mode.response_from_gatekeeper(REQUEST, result)
     assert response["uid"] == "req-1" and response["allowed"] is False and response["status"]["code"] == 500
     assert response["status"]["message"].startswith(
         f"internal server error: cannot interpret Gatekeeper policy result: {message}")
 
 
 def test_gatekeeper_answers_keep_the_uid():
-    assert admission.response_from_gatekeeper(REQUEST, b'[{"result": []}]') == admission.admission_response(
+    assert gatekeeper_mode.response_from_gatekeeper(REQUEST, b'[{"result": []}]') == admission.admission_response(
         "req-1", True)
-    rejected = admission.response_from_gatekeeper(REQUEST, b'[{"result": [{"msg": "a"}, {}, {"msg": "b"}]}]')
+    rejected = gatekeeper_mode.response_from_gatekeeper(REQUEST, b'[{"result": [{"msg": "a"}, {}, {"msg": "b"}]}]')
     assert rejected == admission.admission_response("req-1", False, status={"message": "a, b"})
 
 
 def test_wasi_answer_that_is_not_json_keeps_the_uid():
-    response = admission.response_from_wasi(REQUEST, b"{oops")
+    response = wasi_mode.response_from_wasi(REQUEST, b"{oops")
     assert response["uid"] == "req-1"
     assert response["status"]["message"].startswith(
         "internal server error: Cannot deserialize policy validation response: unexpected character")

@@ -9,7 +9,8 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kwserver.server.autoscaler import COOLDOWN_SECONDS, GROW_ABOVE, SHRINK_BELOW, PoolController, ScalingPolicy
+from kwserver.config import GROW_ABOVE, SHRINK_BELOW
+from kwserver.server.autoscaler import COOLDOWN_SECONDS, PoolController, ScalingPolicy
 
 BUSY, IDLE, STEADY = 0.9, 0.1, 0.5
 

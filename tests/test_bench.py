@@ -16,6 +16,7 @@ import yaml
 
 from bench import report, sampler, stats, workloads, wrk
 from bench.harness import Options, Point, ScenarioRun
+from bench.steps import Scenario
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -249,7 +250,8 @@ def _point(label: str, series: str, repeat: int, rps: float) -> Point:
 
 def test_scenario_results_are_written(tmp_path: Path) -> None:
     options = Options(results=tmp_path, interval=0.05)
-    with ScenarioRun("ceiling", options, "title", "description") as run:
+
+    def body(run: ScenarioRun) -> None:
         run.sampler.add_server("me", os.getpid())
         time.sleep(0.15)
         for r, (base, cand) in enumerate([(1000, 500), (1000, 600), (800, 400)]):
@@ -263,6 +265,8 @@ def test_scenario_results_are_written(tmp_path: Path) -> None:
         c = report.cpu_ratio_of(run, "http", "kwserver", "canned")  # same CPU per point: CPU/req ~ 1/rps
         assert (c.median, c.low, c.high) == pytest.approx((0.5, 0.5, 0.6))
         run.headline("ceiling ratio", stats.fmt_ratio(r), "raw")
+
+    Scenario("ceiling", "title", "description", body).run(options)
     out = tmp_path / "ceiling"
     doc = json.loads((out / "results.json").read_text())
     assert doc["scenario"] == "ceiling" and len(doc["points"]) == 6 and doc["samples"]
@@ -273,13 +277,16 @@ def test_scenario_results_are_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     assert (out / "timeline.png").stat().st_size > 1000
     assert (out / "fit.png").stat().st_size > 1000
-    summary = report.write_summary(tmp_path, 12.0)
+    summary = report.write_summary(tmp_path, ["ceiling"], 12.0)
     assert "| [ceiling](ceiling/report.md) | ceiling ratio | 0.50x (0.50-0.60) | raw |" in summary.read_text()
 
 
 def test_failed_scenario_is_reported(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), ScenarioRun("soak", Options(results=tmp_path), "t", "d"):
+    def boom(run: ScenarioRun) -> None:
         raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        Scenario("soak", "t", "d", boom).run(Options(results=tmp_path))
     doc = json.loads((tmp_path / "soak" / "results.json").read_text())
     assert doc["error"] == "RuntimeError: boom"
     assert "The scenario failed" in (tmp_path / "soak" / "report.md").read_text()

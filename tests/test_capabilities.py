@@ -3,7 +3,7 @@ import json
 import pytest
 
 from kwserver.capabilities import NO_KUBERNETES_CLIENT, Capabilities, HostCallError, host_request
-from kwserver.capabilities.allow_list import ALLOW_ALL
+from kwserver.host_capabilities import ALLOW_ALL
 
 CAPABILITIES = Capabilities("policy", host_capabilities=ALLOW_ALL)
 

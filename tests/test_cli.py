@@ -37,6 +37,7 @@ def test_kubernetes_manifest_runs_kwserver_with_valid_flags():
 
     from kwserver.commands.cli import build_parser
     from kwserver.config import settings_from_args
+    from kwserver.server.sizing import worker_plan
 
     manifest = Path(__file__).parent.parent / "deploy/kubernetes/kwserver.yaml"
     documents = {doc["kind"]: doc for doc in yaml.safe_load_all(manifest.read_text())}
@@ -46,7 +47,7 @@ def test_kubernetes_manifest_runs_kwserver_with_valid_flags():
     assert ports == {"https": settings.port, "readiness": settings.readiness_probe_port}  # metrics on readiness
     annotations = documents["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(settings.metrics_listener_port)
-    assert settings.tls and settings.autoscaling
+    assert settings.tls and worker_plan(settings).autoscaling
     assert yaml.safe_load(documents["ConfigMap"]["data"]["policies.yml"])
 
 

@@ -110,7 +110,7 @@ def test_boolean_env_values(text, value):
 def test_env_and_flags():
     settings = ServerSettings.from_env({"KUBEWARDEN_PORT": "4000", "KUBEWARDEN_CONTINUE_ON_ERRORS": "true"},
                                        workers=3)
-    assert (settings.port, settings.continue_on_errors, settings.worker_count) == (4000, True, 3)
+    assert (settings.port, settings.continue_on_errors, settings.workers) == (4000, True, 3)
     assert ServerSettings.from_env(settings.to_env()) == settings
 
 

@@ -1,5 +1,5 @@
 """Policy groups evaluated the way a worker does (in-process): which members run, the causes of a
-rejection, member failures, mutations, and expression errors (spec §6.3)."""
+rejection, member failures, mutations, and expression errors."""
 
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ import yaml
 
 from kwserver.admission import parse_raw_review
 from kwserver.capabilities import DENIALS, Capabilities, HostCallError
-from kwserver.capabilities.allow_list import ALLOW_ALL, CAPABILITIES, DENY_ALL, PatternError, parse
 from kwserver.config import ConfigError, ServerSettings, parse_policies
 from kwserver.evaluation.bootstrap import BootError, build_registry
+from kwserver.host_capabilities import ALLOW_ALL, CAPABILITIES, DENY_ALL, PatternError, parse
 from tests.support.modules import host_policy, in_process_evaluator
 from tests.support.server import wait_for
 

@@ -1,4 +1,4 @@
-"""The reference server's integration suite (spec §12.1) against the real kwserver over HTTP."""
+"""The reference server's integration suite against the real kwserver over HTTP."""
 
 from __future__ import annotations
 

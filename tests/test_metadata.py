@@ -3,15 +3,13 @@ import json
 import pytest
 
 from kwserver.commands.cli import main
+from kwserver.evaluation.modes import MODES, annotate, check_metadata, infer_metadata
+from kwserver.evaluation.modes import read_metadata as parse_metadata
 from kwserver.metadata import (
     MetadataError,
     PolicyMetadata,
     WasmFormatError,
-    annotate,
-    check_metadata,
     embed_custom_section,
-    infer_metadata,
-    parse_metadata,
     read_custom_section,
 )
 from tests.support.paths import CONFORMANCE
@@ -77,17 +75,17 @@ def test_bad_json_section():
 ])
 def test_checks(changes, message):
     raw = {**METADATA, **changes}
-    meta = PolicyMetadata.from_json({k: v for k, v in raw.items() if v is not None})
+    meta = PolicyMetadata.from_json({k: v for k, v in raw.items() if v is not None}, MODES)
     with pytest.raises(MetadataError, match=message):
         check_metadata(meta)
 
 
 def test_minimum_version_ignores_patch():
-    check_metadata(PolicyMetadata.from_json({**METADATA, "minimumKubewardenVersion": "1.31.9"}))
+    check_metadata(PolicyMetadata.from_json({**METADATA, "minimumKubewardenVersion": "1.31.9"}, MODES))
 
 
 def test_protocol_version_only_matters_for_wapc():
-    check_metadata(PolicyMetadata.from_json({"rules": [], "mutating": False, "executionMode": "opa"}))
+    check_metadata(PolicyMetadata.from_json({"rules": [], "mutating": False, "executionMode": "opa"}, MODES))
 
 
 def test_inferred_modes():

@@ -2,15 +2,18 @@
 result mapping of `kwserver.admission`."""
 
 import json
+from types import SimpleNamespace
 
 import orjson
 import pytest
 import wasmtime
 
-from kwserver import admission
 from kwserver.admission import parse_admission_review, parse_raw_review
+from kwserver.evaluation.modes import MODES
+from kwserver.evaluation.modes import gatekeeper as gatekeeper_mode
+from kwserver.evaluation.modes import opa as opa_mode
 from kwserver.runtime import GuestTimeout, InstanceLimits, InstantiationFailure
-from kwserver.runtime.opa import OpaModule, RegoEvaluationError, rego_entrypoint_warning
+from kwserver.runtime.opa import OpaModule, RegoEvaluationError
 from tests.support.modules import (
     GATEKEEPER_HAPPY,
     GATEKEEPER_UNHAPPY,
@@ -169,12 +172,12 @@ def test_entrypoint_selection_and_gatekeeper_warning(engine):
     assert module.entrypoint_id("policy/other") == 1
     with pytest.raises(InstantiationFailure, match="entrypoint `nope` not found"):
         module.entrypoint_id("nope")
-    assert rego_entrypoint_warning(module, "gatekeeper", None) is None
-    warning = rego_entrypoint_warning(module, "gatekeeper", "policy/other")
+    assert gatekeeper_mode.entrypoint_warning(module, None) is None
+    warning = gatekeeper_mode.entrypoint_warning(module, "policy/other")
     assert "`policy/other`, not a `violation` rule" in warning
-    assert rego_entrypoint_warning(module, "opa", "policy/other") is None
+    assert MODES["opa"].boot_warning(module, SimpleNamespace(entrypoint="policy/other")) is None
     deny_first = opa_module(engine, fake_opa_wasm("constant", entrypoints={"kubernetes/admission/deny": 0}))
-    assert "not a `violation` rule" in rego_entrypoint_warning(deny_first, "gatekeeper", None)
+    assert "not a `violation` rule" in gatekeeper_mode.entrypoint_warning(deny_first, None)
 
 
 def test_settings_of_rego_policies_are_always_valid(engine):
@@ -190,10 +193,10 @@ REQUEST = parse_admission_review(as_review(load_json(
 
 def test_opa_and_gatekeeper_documents():
     settings = b'{"k":1}'
-    input_json, data_json = admission.opa_documents(REQUEST, settings)
+    input_json, data_json = opa_mode.opa_documents(REQUEST, settings)
     assert orjson.loads(input_json) == {"request": orjson.loads(REQUEST.json)}
     assert data_json is settings
-    input_json, data_json = admission.gatekeeper_documents(REQUEST, settings)
+    input_json, data_json = gatekeeper_mode.gatekeeper_documents(REQUEST, settings)
     assert orjson.loads(input_json) == {"parameters": {"k": 1}, "review": orjson.loads(REQUEST.json)}
     assert data_json == b"{}"
 
@@ -203,7 +206,7 @@ def test_opa_response_passes_through_with_the_request_uid():
         "uid": "from-policy", "allowed": False, "status": {"message": "no", "code": 403, "bogus": 1},
         "warnings": ["w"], "auditAnnotations": {"a": "b"}, "patch": "W10=", "patchType": "JSONPatch",
     }}}])
-    response = admission.response_from_opa(REQUEST, result)
+    response = opa_mode.response_from_opa(REQUEST, result)
     assert response == {"uid": REQUEST.uid, "allowed": False, "patchType": "JSONPatch", "patch": "W10=",
                         "status": {"message": "no", "code": 403}, "auditAnnotations": {"a": "b"},
                         "warnings": ["w"]}
@@ -218,15 +221,15 @@ def test_opa_response_passes_through_with_the_request_uid():
      'internal server error: invalid type: string "yes", expected a boolean'),
 ])
 def test_uninterpretable_opa_results_are_rejections_with_code_500(result, message):
-    response = admission.response_from_opa(REQUEST, orjson.dumps(result))
+    response = opa_mode.response_from_opa(REQUEST, orjson.dumps(result))
     assert response["allowed"] is False
     assert response["status"] == {"message": message, "code": 500}
 
 
 def test_gatekeeper_violations():
-    accepted = admission.response_from_gatekeeper(REQUEST, b'[{"result":[]}]')
+    accepted = gatekeeper_mode.response_from_gatekeeper(REQUEST, b'[{"result":[]}]')
     assert accepted["allowed"] is True and "status" not in accepted
-    rejected = admission.response_from_gatekeeper(
+    rejected = gatekeeper_mode.response_from_gatekeeper(
         REQUEST, orjson.dumps([{"result": [{"msg": "one"}, {"details": {}}, {"msg": "two"}]}]))
     assert rejected["allowed"] is False
     assert rejected["status"] == {"message": "one, two"}  # no code, as the reference
@@ -237,7 +240,7 @@ def test_gatekeeper_violations():
     b'[{"result": [{"msg": 1}]}]', b'{"result": []}', b"not json",
 ])
 def test_uninterpretable_gatekeeper_results_fail_closed(result):
-    response = admission.response_from_gatekeeper(REQUEST, result)
+    response = gatekeeper_mode.response_from_gatekeeper(REQUEST, result)
     assert response["allowed"] is False
     assert response["status"]["code"] == 500
     assert response["status"]["message"].startswith("internal server error: cannot interpret Gatekeeper policy result")
@@ -245,5 +248,5 @@ def test_uninterpretable_gatekeeper_results_fail_closed(result):
 
 def test_raw_request_documents_use_the_raw_value():
     raw = parse_raw_review({"request": {"uid": "u1", "user": "x"}})
-    input_json, _ = admission.opa_documents(raw, b"{}")
+    input_json, _ = opa_mode.opa_documents(raw, b"{}")
     assert orjson.loads(input_json) == {"request": {"uid": "u1", "user": "x"}}

@@ -18,10 +18,10 @@ import requests
 import wasmtime
 import yaml
 
-from kwserver.metadata import annotate
+from kwserver.evaluation.modes import annotate
 from kwserver.observability.endpoints import Readiness
 from tests.support.paths import SERVER_FIXTURES, TEST_POLICIES, load_json, policy_path
-from tests.support.server import metrics_text, published_metrics, sample, wait_for
+from tests.support.server import Load, metrics_text, published_metrics, sample, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -132,22 +132,6 @@ def test_top_metrics_and_titles_name_the_policies(run_server):
     assert row.endswith("  alpha, beta +1 more (1); own (1)"), row
 
 
-def _load(server, path, body, stop: threading.Event, failures: list, count: list, threads: int = 4):
-    def run():
-        while not stop.is_set():
-            try:
-                reply = requests.post(server.url + path, json=body, timeout=30)  # a new connection each time
-                if reply.status_code != 200:
-                    failures.append(reply.status_code)
-            except requests.RequestException as exc:
-                failures.append(repr(exc))
-            count.append(1)
-
-    workers = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    return workers
-
 
 def test_pool_grows_under_load_and_shrinks_back_when_idle(run_server):
     slow_pod = json.loads(json.dumps(SLEEP_100MS))
@@ -155,16 +139,10 @@ def test_pool_grows_under_load_and_shrinks_back_when_idle(run_server):
     server = run_server({"sleep": {"module": policy_path("sleeping"), "settings": {"sleepMilliseconds": 1}}},
                         env={"KUBEWARDEN_WORKERS": "1", "KWSERVER_MIN_WORKERS": "1", "KWSERVER_MAX_WORKERS": "3",
                              "KWSERVER_SCALE_UP_AFTER_SECONDS": "1", "KWSERVER_SCALE_DOWN_AFTER_SECONDS": "2"})
-    stop, failures, count = threading.Event(), [], []
-    threads = _load(server, "/validate/sleep", slow_pod, stop, failures, count, threads=4)
-    try:
+    with Load(server, "/validate/sleep", slow_pod) as load:
         wait_for(lambda: len(workers_of(server)) >= 2, timeout=40)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
     wait_for(lambda: len(workers_of(server)) == 1, timeout=40)
-    assert failures == []
+    assert load.failures == []
     assert "growing the pool" in server.log() and "shrinking the pool from" in server.log()
 
 
@@ -172,9 +150,7 @@ def test_reload_under_load_loses_nothing_and_refuses_an_invalid_config(run_serve
     server = run_server({"pod-privileged": POD_PRIVILEGED}, env={"KUBEWARDEN_WORKERS": "2"})
     config = Path(server.log_path).parent / "policies.yml"
     master = server.process.pid
-    stop, failures, count = threading.Event(), [], []
-    threads = _load(server, "/validate/pod-privileged", PRIVILEGED, stop, failures, count, threads=2)
-    try:
+    with Load(server, "/validate/pod-privileged", PRIVILEGED, threads=2) as load:
         assert server.post("/validate/pod-privileged-2", PRIVILEGED).status_code == 404
         config.write_text(yaml.safe_dump({"pod-privileged": POD_PRIVILEGED, "pod-privileged-2": POD_PRIVILEGED}))
         reload = subprocess.run([sys.executable, "-m", "kwserver", "reload", "--pid", str(master)],
@@ -184,20 +160,16 @@ def test_reload_under_load_loses_nothing_and_refuses_an_invalid_config(run_serve
                                        timeout=10).status_code == 200)
         # The unchanged module was neither compiled nor loaded again.
         assert "1 unique modules (" in server.log() and "1 reused, compile cache 0 hit / 0 miss" in server.log()
-        served_before_invalid = len(count)
+        served_before_invalid = load.count
         config.write_text(yaml.safe_dump({"pod-privileged": POD_PRIVILEGED,
                                           "group": {"expression": "nope(", "message": "m",
                                                     "policies": {"a": POD_PRIVILEGED}}}))
         os.kill(master, signal.SIGHUP)
         wait_for(lambda: "reload refused" in server.log())
-        wait_for(lambda: len(count) > served_before_invalid + 20)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-    assert failures == []
+        wait_for(lambda: load.count > served_before_invalid + 20)
+    assert load.failures == []
     assert requests.post(server.url + "/validate/pod-privileged-2", json=PRIVILEGED, timeout=10).status_code == 200
-    assert len(count) > 50
+    assert load.count > 50
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Context-aware OPA and Gatekeeper policies end to end: a kwserver connected through a kubeconfig to the
-local API server (tests/support/kube_api.py) hands the cluster inventory to Rego modules as `data` (spec §5.3).
+local API server (tests/support/kube_api.py) hands the cluster inventory to Rego modules as `data`.
 
 No Rego compiler is available offline, so the module is written in WAT against the OPA Wasm ABI: its
 `eval` rejects with the `data` document it was given as the message, which shows exactly what a compiled

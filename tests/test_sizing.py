@@ -18,7 +18,7 @@ import requests
 import wasmtime
 import yaml
 
-from kwserver.metadata import annotate
+from kwserver.evaluation.modes import annotate
 from kwserver.server.sizing import (
     MIB,
     count_cpus,
@@ -92,12 +92,18 @@ def test_the_start_log_names_the_count_and_why():
 
 def test_the_pool_bounds_default_to_the_same_figure():
     from kwserver.config import ServerSettings
-    from kwserver.server.sizing import available_cpus
+    from kwserver.server.sizing import CpuCount, plan_workers
 
-    cpus = available_cpus().count
-    assert ServerSettings().initial_workers == ServerSettings().pool_max == cpus
-    assert ServerSettings(min_workers=1).pool_max == cpus  # --max-workers' default follows the CPUs
-    assert ServerSettings(workers=3).pool_max == 3
+    cpus = CpuCount(4, "cgroup CPU quota 3.5 CPUs")
+    default = plan_workers(ServerSettings(), cpus)
+    assert (default.initial, default.minimum, default.maximum) == (4, 4, 4) and not default.autoscaling
+    assert default.describe() == "4 workers: cgroup CPU quota 3.5 CPUs"
+    grows = plan_workers(ServerSettings(min_workers=1), cpus)  # --max-workers' default follows the CPUs
+    assert (grows.initial, grows.minimum, grows.maximum) == (4, 1, 4) and grows.autoscaling
+    assert plan_workers(ServerSettings(workers=3), cpus).maximum == 3
+    assert plan_workers(ServerSettings(workers=3), cpus).describe() == "3 workers: --workers"
+    raised = plan_workers(ServerSettings(min_workers=6), cpus)
+    assert raised.describe() == "6 workers: cgroup CPU quota 3.5 CPUs (--min-workers/--max-workers)"
 
 
 def _fake_tree(tmp_path, cpu_max):

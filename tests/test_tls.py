@@ -1,4 +1,4 @@
-"""TLS and mutual TLS on the API port; readiness stays plain HTTP (spec §7.1, reference test_tls)."""
+"""TLS and mutual TLS on the API port; readiness stays plain HTTP (the reference's test_tls)."""
 
 import time
 

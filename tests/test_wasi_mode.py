@@ -5,11 +5,11 @@ import json
 import pytest
 import wasmtime
 
-from kwserver import admission
 from kwserver.admission import parse_raw_review
 from kwserver.capabilities import Capabilities
-from kwserver.capabilities.allow_list import ALLOW_ALL, parse
 from kwserver.evaluation import MODES
+from kwserver.evaluation.modes import wasi as wasi_mode
+from kwserver.host_capabilities import ALLOW_ALL, parse
 from kwserver.runtime import InstanceLimits, InstantiationFailure
 from kwserver.runtime.wasi_command import WasiCommandFailure, WasiCommandModule, WasiCommandTimeout
 from tests.support.modules import WASI_TESTBED, javy_host_call_wat, worker_memory
@@ -87,7 +87,7 @@ def test_timeouts_are_reported_with_stderr(testbed, behaviour, stderr):
     with pytest.raises(WasiCommandTimeout) as timeout:
         validate(instance, {"behaviour": behaviour})
     assert timeout.value.stderr.strip() == stderr
-    assert admission.wasi_interrupted_message(timeout.value.stderr) == (
+    assert wasi_mode.wasi_interrupted_message(timeout.value.stderr) == (
         f"Policy execution interrupted because it exceeded the allowed execution time; policy stderr: {stderr}")
 
 
@@ -129,15 +129,15 @@ def test_module_without_start_is_refused(engine):
 
 def test_wasi_results_mapping():
     request = parse_raw_review({"request": {"uid": "u1", "resource": "x"}})
-    assert admission.response_from_wasi(request, b'{"accepted": true}\n') == \
+    assert wasi_mode.response_from_wasi(request, b'{"accepted": true}\n') == \
         {"uid": "u1", "allowed": True, "auditAnnotations": None, "warnings": None}
     for stdout, problem in ((b"this is not JSON", "Cannot deserialize policy validation response: "),
                             (b'{"message": "x"}', "Cannot deserialize policy validation response: missing field "
                                                   "`accepted`")):
-        response = admission.response_from_wasi(request, stdout)
+        response = wasi_mode.response_from_wasi(request, stdout)
         assert response["status"]["code"] == 500
         assert response["status"]["message"].startswith(f"internal server error: {problem}")
-    mutated = admission.response_from_wasi(request, b'{"accepted": true, "mutated_object": {"uid": "u1"}}')
+    mutated = wasi_mode.response_from_wasi(request, b'{"accepted": true, "mutated_object": {"uid": "u1"}}')
     assert mutated["patchType"] == "JSONPatch"
 
 

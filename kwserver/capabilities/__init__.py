@@ -1,7 +1,7 @@
 """Host capabilities: what a guest can ask the server for through `__host_call`.
 
 One dispatcher per policy, so every call knows which policy made it and what that policy may access. A call
-first passes the policy's `hostCapabilities` allow-list (kwserver.capabilities.allow_list: every namespace but
+first passes the policy's `hostCapabilities` allow-list (kwserver.host_capabilities: every namespace but
 `tracing` is gated, as in policy-server 1.35+); a refused one is logged, counted (`DENIALS`, published by the
 metrics) and fails with the reference's message. Then each callback namespace has its module: `tracing`
 (policy logs), `net` (DNS), `kubernetes` (cluster reads, with the reference's `contextAwareResources` check
@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kwserver.capabilities import kubernetes, net, tracing
-from kwserver.capabilities.allow_list import CAPABILITIES, DENY_ALL, UNGATED_NAMESPACE, AllowList, capability_path
 from kwserver.capabilities.callback_requests import (
     BOOL,
     MASKS,
@@ -40,6 +39,7 @@ from kwserver.capabilities.callback_requests import (
 from kwserver.capabilities.kubernetes import NO_KUBERNETES_CLIENT, access_denied_message
 from kwserver.capabilities.registry_access import RegistryAccess
 from kwserver.config import ContextAwareResource
+from kwserver.host_capabilities import CAPABILITIES, DENY_ALL, UNGATED_NAMESPACE, AllowList, capability_path
 
 __all__ = ["BOOL", "DENIALS", "MASKS", "NO_KUBERNETES_CLIENT", "OPTIONAL", "REQUEST_FIELDS", "STRING", "VALUE",
            "AllowList", "Capabilities", "DirectHandler", "HostCallError", "HostHandler", "HostRequest",
@@ -100,7 +100,7 @@ class Capabilities:
     @property
     def reads_cluster(self) -> bool:
         """A context-aware policy (it has contextAwareResources) granted some Kubernetes call: the server
-        connects to the cluster for such policies only (kwserver.cluster.connection.connect_at_startup)."""
+        connects to the cluster for such policies only (kwserver.server.daemon, `Daemon._follow_cluster`)."""
         return bool(self.allowed_resources) and any(
             self.host_capabilities.allows(path) for path in CAPABILITIES if path.startswith("kubernetes/"))
 

@@ -1,6 +1,6 @@
 """How host callbacks reach registries: the settings of policy downloads (sources.yml, docker config,
-timeouts), read on first use, and the answers of this process, kept 60 s as the reference keeps them
-(successes only; bounded, kwserver/bounded_cache.py).
+fetch options), the files read on first use, and the answers of this process, kept 60 s as the
+reference keeps them (successes only; bounded, kwserver/bounded_cache.py).
 
 It is built in the master for every policy, but the registry client and its libraries (requests,
 cryptography) are only imported when a policy first calls a registry: a server whose policies never do
@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from kwserver.bounded_cache import BoundedCache
 from kwserver.capabilities.waiting import time_left
+from kwserver.config import MIB, ServerSettings
+from kwserver.sources.options import FetchOptions
 
 ANSWER_TTL_SECONDS = 60.0
 DEFAULT_ANSWER_ENTRIES = 1_000
@@ -34,9 +36,7 @@ if TYPE_CHECKING:
 class RegistryAccess:
     sources_path: str | None = None
     docker_config_json_path: str | None = None
-    timeout_seconds: float = 30.0
-    retries: int = 2
-    max_bytes: int = 256 * 1024 * 1024
+    options: FetchOptions = field(default_factory=FetchOptions.defaults)
     sigstore_trust_config: str | None = None  # keyless checks: this trust root, else the shipped one
     # Manifests, configs and verification results, by operation and parameters.
     answers: BoundedCache = field(default_factory=answer_cache, compare=False, repr=False)
@@ -47,15 +47,17 @@ class RegistryAccess:
         with self._lock:
             if "sources" not in self._loaded:
                 from kwserver.sources.credentials import load_credentials
-                from kwserver.sources.transport import FetchOptions
                 from kwserver.sources.trust import load_sources
 
-                self._loaded.update(
-                    sources=load_sources(self.sources_path),
-                    credentials=load_credentials(self.docker_config_json_path),
-                    options=FetchOptions(timeout_seconds=self.timeout_seconds, retries=self.retries,
-                                         max_bytes=self.max_bytes))
-            return self._loaded["sources"], self._loaded["credentials"], self._loaded["options"]
+                self._loaded.update(sources=load_sources(self.sources_path),
+                                    credentials=load_credentials(self.docker_config_json_path))
+            return self._loaded["sources"], self._loaded["credentials"], self.options
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> RegistryAccess:
+        return cls(settings.sources_path, settings.docker_config_json_path, FetchOptions.from_settings(settings),
+                   settings.sigstore_trust_config,
+                   answer_cache(settings.registry_answer_cache_entries, settings.registry_answer_cache_mib * MIB))
 
     def trust_root(self) -> Any:
         """The Sigstore trust root (`kwserver.sources.sigstore_trust.TrustRoot`), read on first use; a bad

@@ -2,9 +2,10 @@
 
 The configuration is found as kubectl finds it: `KUBECONFIG`, then the in-cluster service account, then
 `~/.kube/config` (lightkube reads each). The master only checks at startup that the API server answers,
-with a client it closes again. Under `kwserver serve` the one client of the server lives in the cluster
-cache process and `use_cache` points this process (and the workers forked from it) at its socket; without
-it (tools, tests) a process builds its own client on its first Kubernetes callback.
+with a client it closes again, when (at start or on a reload) some policy starts reading the cluster.
+Under `kwserver serve` the one client of the server lives in the cluster cache process and `use_cache`
+points this process (and the workers forked from it) at its socket; without it (tools, tests) a process
+builds its own client on its first Kubernetes callback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from kwserver.cluster.cache_proxy import CacheProxy
 from kwserver.cluster.limits import CacheLimits, ClusterError, describe
 
 # lightkube and httpx are imported where a client is made: the master imports them only to check the
-# cluster at startup when some policy reads it, the workers never (they ask the cache process).
+# cluster when some policy reads it, the workers never (they ask the cache process).
 if TYPE_CHECKING:
     import httpx2 as httpx
     from lightkube.config.kubeconfig import SingleConfig
@@ -123,32 +124,26 @@ def cluster() -> Cluster | None:
     return _process.get()
 
 
-def enabled() -> bool:
-    return _process.enabled
-
-
 def use_cache(path: str, limits: CacheLimits) -> None:
     """Ask the cluster cache process listening on `path` instead of a client of this process."""
+    _process.enabled = True
     _process.cache = CacheProxy(path, limits)
 
 
 def disable() -> None:
     """Serve without a cluster: every Kubernetes callback fails as the reference's do without a client."""
     _process.enabled = False
+    _process.cache = None
 
 
-def connect_at_startup(*, required: bool, ignore_failure: bool) -> None:
-    """Check the cluster before serving. Without a connection the server refuses to start when some
-    policy needs the cluster (unless told to ignore it). When no policy may read the cluster (none has
-    `contextAwareResources`, so the allow-list refuses every Kubernetes call), it is not contacted."""
-    if not required:
-        log.info("no policy reads the cluster: not connecting to Kubernetes")
-        disable()
-        return
+def connect(*, ignore_failure: bool) -> bool:
+    """Check that the cluster answers, before serving policies that read it. A failure is fatal
+    (ConnectionFailure) unless told to ignore it: then it is logged and False is returned."""
     try:
         log.info("connected to Kubernetes at %s", check_connection())
+        return True
     except ConnectionFailure as exc:
         if not ignore_failure:
             raise ConnectionFailure(f"{CONNECT_FAILURE}: {exc}") from exc
         log.warning("%s: %s; Kubernetes callbacks will fail", CONNECT_FAILURE, exc)
-        disable()
+        return False

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kwserver.config import MIB, ServerSettings
+
 DEFAULT_MAX_REFLECTORS = 100
 DEFAULT_MAX_OBJECTS = 100_000
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,11 @@ class CacheLimits:
     max_answers: int = 10_000
     max_answer_bytes: int = 64 * MIB
     kept_list_bytes: int = 32 * MIB
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> CacheLimits:
+        return cls(settings.cluster_max_reflectors, settings.cluster_max_objects, settings.cluster_answer_cache_entries,
+                   settings.cluster_answer_cache_mib * MIB, settings.kept_lists_mib * MIB)
 
 
 class ClusterError(Exception):

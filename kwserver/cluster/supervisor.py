@@ -58,6 +58,9 @@ class CacheSupervisor:
             log.warning("the cluster cache is not listening yet; Kubernetes callbacks wait for it")
         self.thread.start()
 
+    def in_worker(self) -> None:
+        """Nothing to drop in a forked worker: it asks the cache through the socket path it inherited."""
+
     def stop(self) -> None:
         if os.getpid() != self.owner:
             return  # a worker's copy: the master owns the process

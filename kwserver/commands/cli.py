@@ -13,7 +13,8 @@ import yaml
 from kwserver import KUBEWARDEN_COMPAT_VERSION, __version__
 from kwserver.commands import manifests, offline
 from kwserver.config import ConfigError, ServerSettings, add_setting_arguments, settings_from_args
-from kwserver.metadata import MetadataError, WasmFormatError, annotate, parse_metadata
+from kwserver.evaluation.modes import annotate, read_metadata
+from kwserver.metadata import MetadataError, WasmFormatError
 
 
 def _version_text() -> str:
@@ -76,7 +77,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     try:
-        metadata = parse_metadata(Path(args.module).read_bytes())
+        metadata = read_metadata(Path(args.module).read_bytes())
     except (OSError, MetadataError, WasmFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -114,15 +115,15 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from kwserver.evaluation.bootstrap import make_fetcher
     from kwserver.sources import SourceError
+    from kwserver.sources.fetcher import ModuleFetcher
     from kwserver.sources.references import parse_reference
 
     settings = settings_from_args(args)
     if not settings.verification_path:
         print("error: kwserver verify needs --verification-path", file=sys.stderr)
         return 2
-    fetcher = make_fetcher(settings, Path.cwd())
+    fetcher = ModuleFetcher.from_settings(settings, Path.cwd())
     try:
         digest = fetcher.verify(parse_reference(args.reference, Path.cwd()))
     except SourceError as exc:

@@ -29,7 +29,8 @@ from kwserver.config import (
     load_policies,
     settings_from_args,
 )
-from kwserver.metadata import MetadataError, PolicyMetadata, WasmFormatError, parse_metadata
+from kwserver.evaluation.modes import read_metadata
+from kwserver.metadata import MetadataError, PolicyMetadata, WasmFormatError
 from kwserver.sources import SourceError
 from kwserver.sources.references import LocalReference, parse_reference
 
@@ -60,10 +61,10 @@ def webhook_name(policy: str, domain: str) -> str:
 
 
 def _metadata(spec: PolicySpec, base_dir: Path, settings: ServerSettings) -> PolicyMetadata:
-    from kwserver.evaluation.bootstrap import make_fetcher
+    from kwserver.sources.fetcher import ModuleFetcher
 
-    fetched = make_fetcher(settings, base_dir).fetch(spec.module)
-    metadata = parse_metadata(fetched.wasm)
+    fetched = ModuleFetcher.from_settings(settings, base_dir).fetch(spec.module)
+    metadata = read_metadata(fetched.wasm)
     if metadata is None or not metadata.rules:
         raise MetadataError(f"{spec.module} has no metadata rules: annotate it (`kwserver annotate`)")
     return metadata

@@ -23,15 +23,13 @@ import orjson
 import yaml
 
 from kwserver.config import ConfigError, ContextAwareResource, PolicyEntry, PolicySpec, ServerSettings, parse_policies
+from kwserver.evaluation.modes import CLI_NAMES
 
 log = logging.getLogger(__name__)
 
 POLICY_FROM_CLI = "policy-from-cli"  # kwctl's id for the policy named on the command line
 CRD_API_VERSION = "policies.kubewarden.io/v1"
 CRD_KINDS = ("AdmissionPolicy", "ClusterAdmissionPolicy", "AdmissionPolicyGroup", "ClusterAdmissionPolicyGroup")
-# kwctl's names; `kubewarden` is what its --help offers for waPC.
-EXECUTION_MODES = {"kubewarden": "kubewarden-wapc", "kubewarden-wapc": "kubewarden-wapc", "opa": "opa",
-                   "gatekeeper": "gatekeeper", "wasi": "wasi"}
 _HAS_SCHEME = re.compile(r"^\w+://")
 
 REQUEST_SHAPE = (
@@ -86,8 +84,8 @@ def add_parser(commands: Any) -> None:
                      help="Compile the module afresh instead of using the compiled-module cache")
     run.add_argument("--docker-config-json-path", metavar="DOCKER_CONFIG",
                      help="Directory of a Docker config.json with registry credentials")
-    run.add_argument("-e", "--execution-mode", metavar="MODE", choices=sorted(EXECUTION_MODES),
-                     help="The runtime of a module without metadata: opa, gatekeeper, kubewarden, wasi "
+    run.add_argument("-e", "--execution-mode", metavar="MODE", choices=sorted(CLI_NAMES),
+                     help=f"The runtime of a module without metadata: {', '.join(CLI_NAMES)} "
                           "(must agree with the metadata when there is some)")
     run.add_argument("--github-owner", metavar="VALUE",
                      help="GitHub owner expected in the certificates")
@@ -438,7 +436,7 @@ def host_handler(args: argparse.Namespace, replayed: list[Any] | None) -> Any:
 
 def allowed_host_capabilities(args: argparse.Namespace) -> Any:
     """kwctl's grant for every policy of a run: `--allowed-host-capabilities`, everything when not given."""
-    from kwserver.capabilities.allow_list import PatternError, parse
+    from kwserver.host_capabilities import PatternError, parse
 
     try:
         return parse(["*"] if args.allowed_host_capabilities is None else args.allowed_host_capabilities)
@@ -483,6 +481,7 @@ def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         except SessionError as exc:
             raise RunError(str(exc)) from exc
     entries, base_dir = policy_entries(args)
+    execution_mode = CLI_NAMES[args.execution_mode].name if args.execution_mode else None
     with tempfile.TemporaryDirectory(prefix="kwserver-run-") as scratch:
         verification_path = None
         if verification is not None:
@@ -490,8 +489,7 @@ def evaluate(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             Path(verification_path).write_text(yaml.safe_dump(verification, sort_keys=False))
         settings = run_settings(args, scratch if args.disable_wasmtime_cache else None, verification_path)
         try:
-            registry, _ = assemble_registry(entries, base_dir, settings,
-                                            execution_mode=EXECUTION_MODES.get(args.execution_mode or ""))
+            registry, _ = assemble_registry(entries, base_dir, settings, execution_mode=execution_mode)
         except BootError as exc:
             raise RunError(boot_error_text(exc.errors, exc.report.invalid_settings)) from exc
         except ConfigError as exc:

@@ -6,21 +6,21 @@ import hashlib
 from pathlib import Path
 
 from kwserver.config import ServerSettings
-from kwserver.metadata import MetadataError, WasmFormatError, parse_metadata
+from kwserver.evaluation.modes import read_metadata
+from kwserver.metadata import MetadataError, WasmFormatError
 from kwserver.sources.credentials import load_credentials
 from kwserver.sources.errors import SourceError
+from kwserver.sources.fetcher import ModuleFetcher
 from kwserver.sources.file import FetchedModule, check_wasm
 from kwserver.sources.oci import OciClient
+from kwserver.sources.options import FetchOptions
 from kwserver.sources.references import ImageReference, LocalReference, parse_image_reference, parse_reference
-from kwserver.sources.transport import FetchOptions
 from kwserver.sources.trust import load_sources
 
 
 def pull(settings: ServerSettings, reference: str) -> FetchedModule:
     """Download `reference` into the download directory, from the network even when it is there already."""
-    from kwserver.evaluation.bootstrap import make_fetcher
-
-    fetcher = make_fetcher(settings, Path.cwd())
+    fetcher = ModuleFetcher.from_settings(settings, Path.cwd())
     parsed = parse_reference(reference, Path.cwd())
     if isinstance(parsed, LocalReference):
         raise SourceError(f"{reference} is a local file: there is nothing to pull")
@@ -32,7 +32,7 @@ def pull(settings: ServerSettings, reference: str) -> FetchedModule:
 def push_annotations(wasm: bytes) -> dict[str, str]:
     """The module's metadata annotations that fit an OCI manifest (single-line strings), as kwctl pushes."""
     try:
-        metadata = parse_metadata(wasm)
+        metadata = read_metadata(wasm)
     except (MetadataError, WasmFormatError) as exc:
         raise SourceError(f"cannot read the module's metadata: {exc}") from exc
     if metadata is None:
@@ -53,8 +53,6 @@ def push(settings: ServerSettings, module: Path, destination: str) -> tuple[Imag
     except OSError as exc:
         raise SourceError(f"cannot read {module}: {exc.strerror or exc}") from exc
     check_wasm(wasm, module)
-    options = FetchOptions(timeout_seconds=settings.download_timeout_seconds, retries=settings.download_retries,
-                           max_bytes=settings.max_module_size_mib * 1024 * 1024)
     client = OciClient(reference.registry, load_sources(settings.sources_path),
-                       load_credentials(settings.docker_config_json_path), options)
+                       load_credentials(settings.docker_config_json_path), FetchOptions.from_settings(settings))
     return reference, client.push(wasm, reference, push_annotations(wasm))

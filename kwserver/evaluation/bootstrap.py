@@ -12,33 +12,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import orjson
 import wasmtime
 
 from kwserver.capabilities import AllowList, Capabilities, RegistryAccess
-from kwserver.capabilities.allow_list import PatternError, parse
-from kwserver.capabilities.registry_access import answer_cache
-from kwserver.config import (
-    MIB,
-    PolicyGroupSpec,
-    PolicySpec,
-    ServerSettings,
-    entry_warnings,
-    load_policies,
-    split_patterns,
-)
-from kwserver.evaluation import GROUP_EXPRESSION_ERROR, InstancePool, LoadedPolicy, PolicyRegistry
+from kwserver.config import PolicyGroupSpec, PolicySpec, ServerSettings, entry_warnings, load_policies, split_patterns
+from kwserver.evaluation.evaluator import GROUP_EXPRESSION_ERROR
+from kwserver.evaluation.modes import check_metadata, infer_metadata, metadata_for_mode, mode_named, read_metadata
+from kwserver.evaluation.pool import InstancePool
+from kwserver.evaluation.registry import LoadedPolicy, PolicyRegistry
 from kwserver.evaluation.settings_location import settings_path
-from kwserver.metadata import (
-    MetadataError,
-    check_metadata,
-    infer_metadata,
-    is_rego_module,
-    metadata_for_mode,
-    parse_metadata,
-)
+from kwserver.host_capabilities import PatternError, parse
+from kwserver.metadata import MetadataError
 from kwserver.runtime import InstanceLimits, RuntimeFailure
 from kwserver.runtime.engine import (
     CompileCache,
@@ -51,9 +37,6 @@ from kwserver.runtime.engine import (
 from kwserver.sources.errors import ChecksumError, LocalModuleError, SourceError, TransportError, VerificationError
 from kwserver.sources.isolated import fetch_modules
 from kwserver.truncation import bounded
-
-if TYPE_CHECKING:
-    from kwserver.sources.fetcher import ModuleFetcher
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +136,13 @@ def _download_name(spec: PolicySpec) -> str:
 def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, digest: str,
                    source: str, report: BootReport, execution_mode: str | None = None) -> CompiledModule:
     """`execution_mode`: the mode the caller requires (kwctl's `--execution-mode`); None: the metadata's."""
-    metadata = parse_metadata(wasm)
+    metadata = read_metadata(wasm)
     module, compiled_size = cache.load(engine, wasm, digest)
+    exports = {e.name for e in module.exports}
     if execution_mode is not None:
-        metadata = metadata_for_mode(metadata, execution_mode, is_rego_module({e.name for e in module.exports}))
+        metadata = metadata_for_mode(metadata, execution_mode, exports)
     elif metadata is None:
-        metadata = infer_metadata({e.name for e in module.exports}, {i.module for i in module.imports})
+        metadata = infer_metadata(exports, {i.module for i in module.imports})
         warning = (f"module {source} has no io.kubewarden.metadata section; assuming execution mode "
                    f"`{metadata.execution_mode}` (embed metadata with `kwserver annotate`)")
         log.warning("%s", warning)
@@ -168,27 +152,24 @@ def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, di
                           compiled_size=compiled_size, source=source)
 
 
-def make_fetcher(settings: ServerSettings, base_dir: Path) -> ModuleFetcher:
-    """The module fetcher `settings` describe; raises ConfigError for a bad sources.yml or docker config."""
-    from kwserver.sources.credentials import load_credentials
-    from kwserver.sources.fetcher import ModuleFetcher
-    from kwserver.sources.transport import FetchOptions
-    from kwserver.sources.trust import load_sources
-    from kwserver.sources.verification import load_verification
-
-    options = FetchOptions(timeout_seconds=settings.download_timeout_seconds, retries=settings.download_retries,
-                           max_bytes=settings.max_module_size_mib * 1024 * 1024)
-    return ModuleFetcher(base_dir=base_dir, download_dir=Path(settings.policies_download_dir),
-                         sources=load_sources(settings.sources_path),
-                         credentials=load_credentials(settings.docker_config_json_path), options=options,
-                         verification=load_verification(settings.verification_path),
-                         sigstore_trust_config=settings.sigstore_trust_config)
-
-
-def _previous_modules(previous: PolicyRegistry | None) -> dict[str, CompiledModule]:
-    if previous is None:
-        return {}
+def _previous_modules(previous: PolicyRegistry) -> dict[str, CompiledModule]:
     return {policy.spec.module: policy.module for policy in previous.policies.values()}
+
+
+@dataclass
+class Reuse:
+    """What a reload takes over from the running registry: its engine and compiled modules, when the
+    engine options did not change (a module compiled for other options cannot run on this engine)."""
+
+    engine: wasmtime.Engine | None = None
+    by_digest: dict[str, CompiledModule] = field(default_factory=dict)
+    by_reference: dict[str, CompiledModule] = field(default_factory=dict)  # what each policies.yml string runs
+
+    @classmethod
+    def of(cls, previous: PolicyRegistry | None, options: EngineOptions) -> Reuse:
+        if previous is None or previous.engine_options != options:
+            return cls()
+        return cls(previous.engine, previous.modules, _previous_modules(previous))
 
 
 def build_registry(settings: ServerSettings,
@@ -205,92 +186,35 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     started = time.monotonic()
     specs = _all_specs(entries)
     options = engine_options_for(settings)
-    reuse = previous is not None and previous.engine_options == options
-    engine = previous.engine if reuse else make_engine(options)
-    known_modules = previous.modules if reuse else {}
-    cache = CompileCache(settings.cache_dirs, options)
-    registry = PolicyRegistry(engine=engine, engine_options=options)
+    reuse = Reuse.of(previous, options)
+    registry = PolicyRegistry(engine=reuse.engine or make_engine(options), engine_options=options)
+    registry.groups = {n: e for n, e in entries.items() if isinstance(e, PolicyGroupSpec)}
+    registry.specs = {n: e for n, e in entries.items() if isinstance(e, PolicySpec)}
     report = BootReport()
     for warning in entry_warnings(entries):
         log.warning("%s", warning)
         report.warnings.append(warning)
     _ignored_timeouts(settings, specs, report)
-    registry.groups = {n: e for n, e in entries.items() if isinstance(e, PolicyGroupSpec)}
-    registry.specs = {n: e for n, e in entries.items() if isinstance(e, PolicySpec)}
 
-    # One fetch per module string (remote ones concurrently), one compile per unique digest.
-    fetched_modules = fetch_modules(settings, base_dir, (spec.module for spec in specs))
-    running = _previous_modules(previous) if reuse else {}
-    by_reference: dict[str, CompiledModule | Exception] = {}
-    for reference, fetched in fetched_modules.modules.items():
-        if isinstance(fetched, TransportError) and reference in running:
-            # A registry that is down during a reload does not take running policies with it.
-            log.warning("cannot download %s (%s); keeping the module in service", reference, fetched)
-            report.warnings.append(f"{reference}: download failed, the running module is kept: {fetched}")
-            registry.modules[running[reference].digest] = by_reference[reference] = running[reference]
-            report.reused_modules += 1
-            continue
-        if isinstance(fetched, SourceError):
-            by_reference[reference] = fetched
-            continue
-        compiled = registry.modules.get(fetched.digest)
-        if compiled is None and fetched.digest in known_modules:
-            compiled = known_modules[fetched.digest]
-            report.reused_modules += 1
-        if compiled is None:
-            try:
-                compiled = compile_module(engine, cache, fetched.wasm, fetched.digest, str(fetched.path), report,
-                                          execution_mode)
-            except (MetadataError, wasmtime.WasmtimeError) as exc:
-                by_reference[reference] = exc
-                continue
-        registry.modules[fetched.digest] = compiled
-        by_reference[reference] = compiled
-    report.unique_modules = len(registry.modules)
-    if any(m.metadata.execution_mode in ("opa", "gatekeeper") for m in registry.modules.values()):
-        from kwserver.runtime.opa_builtins import text
-
-        text.preload()
-    report.downloaded_modules = fetched_modules.downloaded
-    report.cache_hits, report.cache_misses = cache.hits, cache.misses
-    malloc_trim()
-
-    memory_limit = settings.policy_memory_limit_mib * 1024 * 1024
-    registries = RegistryAccess(  # for the OCI callbacks
-        sources_path=settings.sources_path, docker_config_json_path=settings.docker_config_json_path,
-        timeout_seconds=settings.download_timeout_seconds, retries=settings.download_retries,
-        max_bytes=settings.max_module_size_mib * 1024 * 1024, sigstore_trust_config=settings.sigstore_trust_config,
-        answers=answer_cache(settings.registry_answer_cache_entries, settings.registry_answer_cache_mib * MIB))
+    modules = load_modules(registry, reuse, settings, base_dir, [spec.module for spec in specs], report,
+                           execution_mode)
+    registries = RegistryAccess.from_settings(settings)  # for the OCI and sigstore callbacks
     grants = host_capabilities(specs, settings, report)
     for spec in specs:
-        loaded, granted = by_reference[spec.module], grants[spec.name]
+        loaded, granted = modules[spec.module], grants[spec.name]
         if isinstance(granted, str):
             registry.init_errors[spec.name] = f"bootstrap failure: {granted}"
-            continue
-        if isinstance(loaded, Exception):
-            message = str(loaded)
-            if isinstance(loaded, VerificationError):
-                message = f"Policy '{spec.name}' cannot be verified: {message}"
-            elif isinstance(loaded, ChecksumError):
-                message = f"Verification of policy {spec.name} failed: {message}"
-            elif isinstance(loaded, SourceError) and not isinstance(loaded, LocalModuleError):
-                message = f"Error while downloading policy '{_download_name(spec)}' from {spec.module}: {message}"
-            registry.init_errors[spec.name] = f"bootstrap failure: {spec.name}: {message}"
-            continue
-        timeout = policy_timeout(settings, spec)
-        registry.policies[spec.name] = LoadedPolicy(
-            spec=spec, module=loaded, settings_json=orjson.dumps(spec.settings),
-            limits=InstanceLimits(memory_bytes=memory_limit, timeout_seconds=timeout),
-            capabilities=Capabilities(spec.name, spec.context_aware_resources, registries=registries,
-                                      host_capabilities=granted),
-        )
-        if spec.host_capabilities is None and spec.context_aware_resources \
-                and not registry.policies[spec.name].reads_cluster:
-            warning = (f"policy {spec.name} has contextAwareResources but no hostCapabilities key, and the default "
-                       f"host capabilities {granted} grant no Kubernetes call: its cluster reads are refused "
-                       "(set hostCapabilities, or --default-host-capabilities under a controller before 1.35)")
-            log.warning("%s", warning)
-            report.warnings.append(warning)
+        elif isinstance(loaded, Exception):
+            registry.init_errors[spec.name] = f"bootstrap failure: {spec.name}: {load_error(spec, loaded)}"
+        else:
+            policy = registry.policies[spec.name] = bind_policy(spec, loaded, settings, registries, granted)
+            if spec.host_capabilities is None and spec.context_aware_resources and not policy.reads_cluster:
+                warning = (f"policy {spec.name} has contextAwareResources but no hostCapabilities key, and the "
+                           f"default host capabilities {granted} grant no Kubernetes call: its cluster reads are "
+                           "refused (set hostCapabilities, or --default-host-capabilities under a controller "
+                           "before 1.35)")
+                log.warning("%s", warning)
+                report.warnings.append(warning)
 
     _check_all_policies(registry, options, report)
     for name, group in registry.groups.items():
@@ -307,6 +231,71 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     return registry, report
 
 
+def load_modules(registry: PolicyRegistry, reuse: Reuse, settings: ServerSettings, base_dir: Path,
+                 references: list[str], report: BootReport,
+                 execution_mode: str | None = None) -> dict[str, CompiledModule | Exception]:
+    """Every module reference fetched once (remote ones concurrently) and compiled once per unique digest
+    into `registry.modules`, reusing what `reuse` holds; what each reference loaded, or why it did not."""
+    cache = CompileCache(settings.cache_dirs, registry.engine_options)
+    fetched_modules = fetch_modules(settings, base_dir, references)
+    by_reference: dict[str, CompiledModule | Exception] = {}
+    for reference, fetched in fetched_modules.modules.items():
+        running = reuse.by_reference.get(reference)
+        if isinstance(fetched, TransportError) and running is not None:
+            # A registry that is down during a reload does not take running policies with it.
+            log.warning("cannot download %s (%s); keeping the module in service", reference, fetched)
+            report.warnings.append(f"{reference}: download failed, the running module is kept: {fetched}")
+            registry.modules[running.digest] = by_reference[reference] = running
+            report.reused_modules += 1
+            continue
+        if isinstance(fetched, SourceError):
+            by_reference[reference] = fetched
+            continue
+        compiled = registry.modules.get(fetched.digest)
+        if compiled is None and fetched.digest in reuse.by_digest:
+            compiled = reuse.by_digest[fetched.digest]
+            report.reused_modules += 1
+        if compiled is None:
+            try:
+                compiled = compile_module(registry.engine, cache, fetched.wasm, fetched.digest, str(fetched.path),
+                                          report, execution_mode)
+            except (MetadataError, wasmtime.WasmtimeError) as exc:
+                by_reference[reference] = exc
+                continue
+        registry.modules[fetched.digest] = by_reference[reference] = compiled
+    report.unique_modules = len(registry.modules)
+    for mode in dict.fromkeys(mode_named(m.execution_mode) for m in registry.modules.values()):
+        mode.preload()
+    report.downloaded_modules = fetched_modules.downloaded
+    report.cache_hits, report.cache_misses = cache.hits, cache.misses
+    malloc_trim()
+    return by_reference
+
+
+def load_error(spec: PolicySpec, error: Exception) -> str:
+    """Why `spec`'s module could not be loaded, in the reference's words."""
+    if isinstance(error, VerificationError):
+        return f"Policy '{spec.name}' cannot be verified: {error}"
+    if isinstance(error, ChecksumError):
+        return f"Verification of policy {spec.name} failed: {error}"
+    if isinstance(error, SourceError) and not isinstance(error, LocalModuleError):
+        return f"Error while downloading policy '{_download_name(spec)}' from {spec.module}: {error}"
+    return str(error)
+
+
+def bind_policy(spec: PolicySpec, module: CompiledModule, settings: ServerSettings,
+                registries: RegistryAccess, granted: AllowList) -> LoadedPolicy:
+    """A policy (or group member) bound to its module, settings, limits and host capabilities."""
+    return LoadedPolicy(
+        spec=spec, module=module, settings_json=orjson.dumps(spec.settings),
+        limits=InstanceLimits(memory_bytes=settings.policy_memory_limit_mib * 1024 * 1024,
+                              timeout_seconds=policy_timeout(settings, spec)),
+        capabilities=Capabilities(spec.name, spec.context_aware_resources, registries=registries,
+                                  host_capabilities=granted),
+        lists_inventory=mode_named(module.execution_mode).lists_inventory,
+    )
+
+
 def _check_all_policies(registry: PolicyRegistry, options: EngineOptions, report: BootReport) -> None:
     """Check every policy once, here, so no request ever pays for it: its mode's boot checks, then
     its settings, on an instance made for the purpose. A policy that fails is an init error."""
@@ -317,9 +306,10 @@ def _check_all_policies(registry: PolicyRegistry, options: EngineOptions, report
     try:
         for name, policy in list(registry.policies.items()):
             try:
-                warning = policy.mode.boot_warning(pool.linked(policy.module), policy)
+                mode = mode_named(policy.module.execution_mode)
+                warning = mode.boot_warning(pool.linked(policy.module), policy)
                 with pool.instance(policy) as instance:
-                    error = policy.mode.settings_error(instance, policy.settings_json)
+                    error = mode.settings_error(instance, policy.settings_json)
             except RuntimeFailure as exc:
                 registry.init_errors[name] = f"bootstrap failure: {name}: {exc}"
                 del registry.policies[name]

@@ -9,6 +9,7 @@ from typing import Any
 from kwserver import admission
 from kwserver.admission import EvaluationRequest
 from kwserver.config import PolicyGroupSpec
+from kwserver.evaluation.modes import mode_named
 from kwserver.evaluation.pool import InstancePool
 from kwserver.evaluation.registry import LoadedPolicy, PolicyRegistry, UnknownPolicy
 from kwserver.expressions import ExpressionError, evaluate
@@ -34,7 +35,7 @@ class Evaluator:
         self.pool = pool
 
     def evaluate_policy(self, policy: LoadedPolicy, request: EvaluationRequest) -> dict[str, Any]:
-        mode = policy.mode
+        mode = mode_named(policy.module.execution_mode)
         refusal = mode.refusal(policy, request)
         if refusal is not None:
             return refusal

@@ -9,7 +9,6 @@ import wasmtime
 
 from kwserver.capabilities import Capabilities
 from kwserver.config import PolicyGroupSpec, PolicySpec
-from kwserver.evaluation.modes import ExecutionMode, mode_named
 from kwserver.runtime import InstanceLimits
 from kwserver.runtime.engine import CompiledModule, EngineOptions
 
@@ -30,14 +29,12 @@ class LoadedPolicy:
     settings_json: bytes
     limits: InstanceLimits
     capabilities: Capabilities
+    # Its mode lists the `contextAwareResources` into its documents (a Rego policy's inventory).
+    lists_inventory: bool = False
 
     @property
     def name(self) -> str:
         return self.spec.name
-
-    @property
-    def mode(self) -> ExecutionMode:
-        return mode_named(self.module.execution_mode)
 
     @property
     def instance_key(self) -> str:
@@ -47,8 +44,7 @@ class LoadedPolicy:
     @property
     def reads_cluster(self) -> bool:
         """Serving this policy needs the cluster: its host calls may reach it, or the host lists its inventory."""
-        return self.capabilities.reads_cluster or (self.mode.lists_inventory
-                                                   and bool(self.spec.context_aware_resources))
+        return self.capabilities.reads_cluster or (self.lists_inventory and bool(self.spec.context_aware_resources))
 
     @property
     def entrypoint(self) -> str | None:

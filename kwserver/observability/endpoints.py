@@ -51,7 +51,7 @@ class EndpointServer:
     def start(self) -> None:
         self.thread.start()
 
-    def close_inherited(self) -> None:
+    def in_worker(self) -> None:
         """In a forked worker: drop the copy of the master's listening socket."""
         self.server.socket.close()
 

@@ -48,7 +48,7 @@ ARCHIVE_ID = "archive"
 EVALUATIONS_METRIC = "kubewarden_policy_evaluations"
 LATENCY_METRIC = "kubewarden_policy_evaluation_latency_milliseconds"
 # Held while a dead worker's counts move into the archive: a reader in between would count them twice.
-ARCHIVE_LOCK = threading.RLock()  # re-entrant: gunicorn reaps workers from a signal handler
+ARCHIVE_LOCK = threading.Lock()
 
 
 def prepare_directory(directory: str | None) -> str:
@@ -293,12 +293,11 @@ def per_process_values(directory: str, metric: str) -> dict[int, dict[tuple[tupl
 def metric_total(directory: str, metric: str) -> float:
     """A counter summed over every process that ever counted it (live files and the archive)."""
     total = 0.0
-    for pattern in ("counter_*.db",):
-        for path in glob.glob(os.path.join(directory, pattern)):
-            for key, value, *_ in MmapedDict.read_all_values_from_file(path):
-                metric_name, sample, _, _ = _parse_key(key)
-                if metric_name == metric and sample == metric + "_total":
-                    total += value
+    for path in glob.glob(os.path.join(directory, "counter_*.db")):
+        for key, value, *_ in MmapedDict.read_all_values_from_file(path):
+            metric_name, sample, _, _ = _parse_key(key)
+            if metric_name == metric and sample == metric + "_total":
+                total += value
     return total
 
 

@@ -9,7 +9,7 @@ delays that thread.
 The SDK's own periodic reader is not used: its values would have to be recorded through the SDK's
 instruments in every worker, and it restarts its thread in every forked child.
 
-What is sent is what the reference sends (spec §11): the meter `kubewarden`,
+What is sent is what the reference sends: the meter `kubewarden`,
 `kubewarden_policy_evaluations_total` and `kubewarden_policy_evaluation_latency_milliseconds`, with
 the attribute set of each kind of request (absent attributes are absent, not empty; `accepted` and
 `mutated` are booleans, `error_code` an integer).
@@ -150,6 +150,9 @@ class MetricsPush:
 
     def start(self) -> None:
         self._thread.start()
+
+    def in_worker(self) -> None:
+        """Nothing to drop in a forked worker: the export thread and its connection are the master's."""
 
     def export_once(self, timeout_millis: int | None = None) -> None:
         with ARCHIVE_LOCK:

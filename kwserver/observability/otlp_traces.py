@@ -1,6 +1,6 @@
 """`--log-fmt otlp`: a span per admission request, exported over OTLP by the master.
 
-Spans carry the reference's names (`validation`, `audit`, `validation_raw`) and fields (spec §10.4)
+Spans carry the reference's names (`validation`, `audit`, `validation_raw`) and fields
 under the tracer `kubewarden-policy-server`. A worker only times the review and sends one datagram
 (name, times, attributes) to the master over a socket pair made before the fork; the master turns
 the records into spans and hands them to the SDK's BatchSpanProcessor, whose thread exports them.
@@ -159,6 +159,10 @@ class SpanExport:
 
     def start(self) -> None:
         self._thread.start()
+
+    def in_worker(self) -> None:
+        """In a forked worker: keep only the relay's sending end."""
+        self.relay.in_worker()
 
     def span(self, record: bytes) -> Any:
         """The SDK span of one relayed record; its ids are drawn here (no trace context comes in)."""

@@ -16,6 +16,7 @@ from typing import Protocol
 import wasmtime
 
 from kwserver.runtime.engine import deadline_ticks
+from kwserver.runtime.memory import GuestMemoryError
 
 # (binding, namespace, operation, payload) -> response bytes; raising means a failed host call, and
 # the exception text is what the guest reads as the host error.
@@ -67,6 +68,20 @@ def is_interrupt(exc: BaseException) -> bool:
     if isinstance(exc, GuestTimeout):
         return True
     return isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.INTERRUPT
+
+
+# What a call into a guest can raise when the guest fails: traps (the deadline's too), wasmtime errors,
+# WASI's proc_exit, and what host functions raise on the guest's bad pointers and bytes.
+GUEST_FAILURES = (wasmtime.Trap, wasmtime.WasmtimeError, GuestTimeout, ProcExit, GuestMemoryError, UnicodeDecodeError)
+
+
+def classify_failure(exc: BaseException) -> GuestTimeout | GuestCallFailure:
+    """What a guest call that raised `exc` (one of GUEST_FAILURES) amounts to: GuestTimeout when its
+    deadline passed, otherwise a GuestCallFailure saying why in one line. Every runtime maps its
+    failures through here; what a mode answers for each is the mode's (kwserver.evaluation.modes)."""
+    if is_interrupt(exc):
+        return GuestTimeout()
+    return GuestCallFailure(failure_reason(exc))
 
 
 def no_host_callback(binding: str, namespace: str, operation: str, payload: bytes) -> bytes:

@@ -31,15 +31,16 @@ import orjson
 import wasmtime
 
 from kwserver.runtime import (
+    GUEST_FAILURES,
     GuestCallFailure,
     GuestTimeout,
     InstanceLimits,
     InstantiationFailure,
     arm_deadline,
+    classify_failure,
     current_guest,
     failure_reason,
     fastcall,
-    is_interrupt,
     new_store,
     opa_builtins,
     running,
@@ -370,11 +371,6 @@ class OpaInstance:
                 self._set_entrypoint(ctx, entrypoint)
                 self._eval(ctx)
                 return self.dump(self._get_result(ctx))
-        except (wasmtime.Trap, GuestTimeout) as exc:
-            self.broken = True
-            if is_interrupt(exc):
-                raise GuestTimeout() from exc
-            raise RegoEvaluationError(failure_reason(exc)) from exc
         except _Abort as exc:
             self.broken = True
             raise RegoEvaluationError(f"opa_abort: {exc}") from exc
@@ -384,9 +380,12 @@ class OpaInstance:
         except RegoEvaluationError:
             self.broken = True
             raise
-        except (wasmtime.WasmtimeError, GuestMemoryError, UnicodeDecodeError, ValueError) as exc:
+        except (*GUEST_FAILURES, ValueError) as exc:  # ValueError: a result that is not JSON
             self.broken = True
-            raise RegoEvaluationError(failure_reason(exc)) from exc
+            failure = classify_failure(exc)
+            if isinstance(failure, GuestTimeout):
+                raise failure from exc
+            raise RegoEvaluationError(str(failure)) from exc
 
     def evaluate_value(self, entrypoint: int, input_value: Any, data_value: Any = None) -> Any:
         """`evaluate` on Python values (a convenience for tools and tests)."""
@@ -394,7 +393,7 @@ class OpaInstance:
         return orjson.loads(self.evaluate(entrypoint, orjson.dumps(input_value), data))
 
     def call(self, operation: str, payload: bytes) -> bytes:
-        """The Kubewarden protocol view: settings of Rego policies are always valid (spec §5.4)."""
+        """The Kubewarden protocol view: settings of Rego policies are always valid, as in the reference."""
         if operation == "validate_settings":
             return b'{"valid":true}'
         raise GuestCallFailure(f"operation `{operation}` is not supported by OPA policies; use evaluate()")
@@ -415,22 +414,3 @@ class OpaInstance:
 def load(engine: wasmtime.Engine, wasm: bytes, *, epoch_interruption: bool = False) -> OpaModule:
     """Compile and link OPA Wasm bytes (for tools and tests; the server compiles at boot)."""
     return OpaModule(engine, wasmtime.Module(engine, wasm), epoch_interruption=epoch_interruption)
-
-
-def rego_entrypoint_warning(module: OpaModule, mode: str, name: str | None) -> str | None:
-    """Check a policy's entrypoint choice; a warning when a Gatekeeper one is not a `violation` rule.
-
-    Raises InstantiationFailure for an entrypoint name the module does not have.
-    """
-    entrypoint_id = module.entrypoint_id(name)
-    if mode != "gatekeeper":
-        return None
-    chosen = module.info.entrypoint_name(entrypoint_id)
-    if chosen is not None and chosen.rsplit("/", 1)[-1] == "violation":
-        return None
-    available = ", ".join(sorted(module.info.entrypoints)) or "none"
-    return (
-        f"Gatekeeper entrypoint {entrypoint_id} is `{chosen}`, not a `violation` rule (entrypoints: {available}); "
-        "results that are not a set of violations reject the request. Select the entrypoint with "
-        "`entrypoint` in policies.yml or the module metadata"
-    )

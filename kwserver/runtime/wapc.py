@@ -13,6 +13,7 @@ from collections.abc import Callable
 import wasmtime
 
 from kwserver.runtime import (
+    GUEST_FAILURES,
     GuestCallFailure,
     GuestTimeout,
     HostCall,
@@ -20,10 +21,10 @@ from kwserver.runtime import (
     InstantiationFailure,
     ProcExit,
     arm_deadline,
+    classify_failure,
     current_guest,
     failure_reason,
     fastcall,
-    is_interrupt,
     new_store,
     no_host_callback,
     running,
@@ -194,14 +195,13 @@ class WapcInstance:
         except ProcExit as exit_:
             if exit_.code != 0:  # TinyGo >= 0.35 leaves `main` with proc_exit(0)
                 raise InstantiationFailure(f"Initialization failed: {exit_}") from exit_
-        except (wasmtime.Trap, GuestTimeout) as exc:
-            if is_interrupt(exc):
+        except GUEST_FAILURES as exc:
+            failure = classify_failure(exc)
+            if isinstance(failure, GuestTimeout):
                 raise InstantiationFailure(
                     f"Initialization failed: {name} init interrupted, execution deadline exceeded"
                 ) from exc
-            raise InstantiationFailure(f"Initialization failed: {failure_reason(exc)}") from exc
-        except (wasmtime.WasmtimeError, GuestMemoryError, UnicodeDecodeError) as exc:
-            raise InstantiationFailure(f"Initialization failed: {failure_reason(exc)}") from exc
+            raise InstantiationFailure(f"Initialization failed: {failure}") from exc
 
     def call(self, operation: str, payload: bytes) -> bytes:
         """Run one waPC invocation; raise GuestTimeout or GuestCallFailure("<guest error>")."""
@@ -213,17 +213,12 @@ class WapcInstance:
         try:
             with running(self):
                 ok = self._guest_call(len(self.op), len(payload))
-        except (wasmtime.Trap, GuestTimeout) as exc:
+        except GUEST_FAILURES as exc:
             self.broken = True
-            if is_interrupt(exc):
-                raise GuestTimeout() from exc
-            self.guest_error, ok = failure_reason(exc), 0
-        except ProcExit as exit_:
-            self.broken = True
-            self.guest_error, ok = str(exit_), 0
-        except (wasmtime.WasmtimeError, GuestMemoryError, UnicodeDecodeError) as exc:
-            self.broken = True
-            self.guest_error, ok = failure_reason(exc), 0
+            failure = classify_failure(exc)
+            if isinstance(failure, GuestTimeout):
+                raise failure from exc
+            self.guest_error, ok = str(failure), 0
         finally:
             self.payload = b""
         if ok == 1:

@@ -18,6 +18,7 @@ import logging
 import wasmtime
 
 from kwserver.runtime import (
+    GUEST_FAILURES,
     GuestCallFailure,
     GuestTimeout,
     HostCall,
@@ -25,15 +26,15 @@ from kwserver.runtime import (
     InstantiationFailure,
     ProcExit,
     arm_deadline,
+    classify_failure,
     current_guest,
     failure_reason,
     fastcall,
-    is_interrupt,
     new_store,
     no_host_callback,
     running,
 )
-from kwserver.runtime.memory import GuestMemory, GuestMemoryError
+from kwserver.runtime.memory import GuestMemory
 from kwserver.runtime.wasi import WasiState, define_wasi
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,12 @@ class WasiCommandPolicy:
                 except ProcExit as exit_:
                     exit_code = exit_.code
                     reason = f"the policy exited with code {exit_code}"
-                except (wasmtime.Trap, GuestTimeout) as exc:
-                    if is_interrupt(exc):
+                except GUEST_FAILURES as exc:
+                    failure = classify_failure(exc)
+                    if isinstance(failure, GuestTimeout):
                         raise WasiCommandTimeout(_text(wasi.stderr)) from exc
-                    exit_code, reason = None, f"the policy trapped: {failure_reason(exc)}"
-                except (wasmtime.WasmtimeError, GuestMemoryError, UnicodeDecodeError) as exc:
-                    exit_code, reason = None, f"the policy failed: {failure_reason(exc)}"
+                    how = "trapped" if isinstance(exc, wasmtime.Trap) else "failed"
+                    exit_code, reason = None, f"the policy {how}: {failure}"
         finally:
             store.close()
         stderr = _text(wasi.stderr)

@@ -1,4 +1,4 @@
-"""The HTTP API: falcon resources, status codes, body limits and error bodies (spec §7).
+"""The HTTP API: falcon resources, status codes, body limits and error bodies.
 
 Bodies are read and written as bytes with orjson; falcon's media handling is bypassed on this hot
 path. Error bodies follow the reference: JSON `{"message", "status"}` on /validate, plain text on
@@ -16,17 +16,13 @@ import orjson
 
 from kwserver import admission
 from kwserver.admission import EvaluationRequest, RequestShapeError, RequestTooDeep
+from kwserver.config import MAX_REQUEST_BODY_BYTES
 from kwserver.evaluation import EvaluationError, UnknownPolicy
 from kwserver.server.service import AUDIT, VALIDATE, VALIDATE_RAW, AdmissionService
 from kwserver.truncation import bounded
 
 log = logging.getLogger(__name__)
 
-# The Kubernetes API server sends at most 3 MiB; anything larger is not an admission request.
-MAX_BODY_BYTES = 3 * 1024 * 1024
-# An oversized body up to this size is read and dropped so the keep-alive connection stays usable;
-# beyond it the connection is simply closed.
-MAX_DRAINED_BYTES = 16 * 1024 * 1024
 JSON_CONTENT_TYPE = "application/json"
 BODY_TOO_LARGE = "Failed to buffer the request body: length limit exceeded"
 SOMETHING_WENT_WRONG = "Something went wrong"
@@ -45,22 +41,16 @@ def read_json_body(req: falcon.Request) -> Any:
     if not _is_json_media_type(req.content_type):
         raise falcon.HTTPUnsupportedMediaType(description="Expected request with `Content-Type: application/json`")
     length = req.content_length
-    if length is not None and length > MAX_BODY_BYTES:
-        _drain(req, length)
+    if length is not None and length > MAX_REQUEST_BODY_BYTES:
+        # The worker read none of it: it drops the rest of the body itself (kwserver/server/worker.py).
         raise falcon.HTTPContentTooLarge(description=BODY_TOO_LARGE)
-    body = req.bounded_stream.read(MAX_BODY_BYTES + 1)
-    if len(body) > MAX_BODY_BYTES:
+    body = req.bounded_stream.read(MAX_REQUEST_BODY_BYTES + 1)
+    if len(body) > MAX_REQUEST_BODY_BYTES:
         raise falcon.HTTPContentTooLarge(description=BODY_TOO_LARGE)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise falcon.HTTPBadRequest(description=f"Failed to parse the request body as JSON: {exc}") from exc
-
-
-def _drain(req: falcon.Request, length: int) -> None:
-    if length <= MAX_DRAINED_BYTES:
-        while req.bounded_stream.read(1024 * 1024):
-            pass
 
 
 class AdmissionResource:

@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kwserver.config import GROW_ABOVE, SHRINK_BELOW
+
 log = logging.getLogger(__name__)
 
-GROW_ABOVE = 0.75  # mean utilisation of the workers
-SHRINK_BELOW = 0.25
 TARGET_UTILISATION = 0.5  # what shrinking aims at, between the two thresholds
 COOLDOWN_SECONDS = 5.0
 SAMPLE_SECONDS = 1.0
@@ -97,6 +97,9 @@ class PoolController:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def in_worker(self) -> None:
+        """Nothing to drop in a forked worker: the sampling thread is the master's alone."""
 
     def _run(self) -> None:
         last_busy, last_time = self.busy_seconds(), time.monotonic()

@@ -1,8 +1,10 @@
 """The gunicorn pre-fork daemon: one class owns the process lifecycle; gunicorn hooks are thin.
 
-Master: parse settings, build the policy registry (fetch, compile, validate settings), bind the
-listeners, serve readiness and metrics, fork, watch the pool. Worker (after fork): close what belongs
-to the master, start the epoch ticker (threads do not survive fork), set a process title, serve.
+Master: parse settings, prepare the configuration (the policy registry: fetch, compile, validate
+settings; the cluster as its policies need it) the same way at start and on every reload, bind the
+listeners, run the master's services (kwserver.server.services), fork, watch the pool. Worker (after
+fork): drop what belongs to the master, start the epoch ticker (threads do not survive fork), set a
+process title, serve with the limits the daemon hands its worker class.
 
 Worker class: kwserver's event-loop worker (kwserver/server/worker.py): keep-alive connections (the
 Kubernetes API server calls webhooks over TLS and reuses its connections), each read completely
@@ -30,6 +32,7 @@ from gunicorn.errors import HaltServer
 
 from kwserver import __version__
 from kwserver.cluster import connection
+from kwserver.cluster.limits import CacheLimits
 from kwserver.cluster.supervisor import CacheSupervisor
 from kwserver.config import ConfigError, ServerSettings
 from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
@@ -43,13 +46,20 @@ from kwserver.server.api import create_app
 from kwserver.server.autoscaler import PoolController, ScalingPolicy
 from kwserver.server.detach import DetachError, detach
 from kwserver.server.service import AdmissionService
-from kwserver.server.sizing import WORKER_ESTIMATE_BYTES, count_text, describe_room, memory_limit, workers_that_fit
+from kwserver.server.services import MasterService, MasterServices
+from kwserver.server.sizing import (
+    WORKER_ESTIMATE_BYTES,
+    count_text,
+    describe_room,
+    memory_limit,
+    worker_plan,
+    workers_that_fit,
+)
 from kwserver.server.tls import TlsContextCache, TlsError
-from kwserver.server.worker import EventLoopWorker
+from kwserver.server.worker import ConnectionLimits, EventLoopWorker
 
 log = logging.getLogger(__name__)
 
-WORKER_CLASS = "kwserver.server.worker.EventLoopWorker"
 # gunicorn's settings and hooks for kwserver (also imported by the repository's gunicorn.conf.py).
 GUNICORN_CONFIG_MODULE = "kwserver.server.gunicorn_config"
 # Workers get this long to finish in-flight requests when retired (reload, shrink, recycle, shutdown).
@@ -113,15 +123,12 @@ class Daemon:
         self.metrics_dir: str | None = None  # made when the server loads (metrics.prepare_directory)
         self.metrics: metrics.WorkerMetrics | None = None
         self.readiness = Readiness(self._has_serving_worker)
-        self.endpoints: list[EndpointServer] = []
-        self.controller: PoolController | None = None
+        self.services = MasterServices()
         self.arbiter: Any = None
         self.ticker: EpochTicker | None = None
         self.tls: TlsContextCache | None = None
         self.span_relay: Any = None  # otlp_traces.SpanRelay with --log-fmt otlp
-        self.span_export: Any = None  # otlp_traces.SpanExport, in the master
-        self.metrics_push: Any = None  # otlp_metrics.MetricsPush with --enable-metrics, in the master
-        self.cluster_cache: CacheSupervisor | None = None
+        self.cluster_cache: CacheSupervisor | None = None  # while some policy reads the cluster
         self.worker_age = 0
         self.served: ServedCounter | None = None  # the app, counting the requests it serves
         self._titled_requests = 0
@@ -132,6 +139,12 @@ class Daemon:
         settings = ServerSettings.from_env()
         configure_logging(settings.log_level, settings.log_fmt)
         return cls(settings)
+
+    @property
+    def worker_class(self) -> type[EventLoopWorker]:
+        """gunicorn's worker class for this server: the event-loop worker, handed its connection limits
+        and what it does once a second (publish its counts, retitle)."""
+        return EventLoopWorker.serving(ConnectionLimits.from_settings(self.settings), every_second=self._each_second)
 
     @property
     def bind(self) -> list[str]:
@@ -160,17 +173,12 @@ class Daemon:
             self._check_telemetry()
             if self.settings.tls:  # a pair that cannot serve fails the start, naming the file
                 self.make_ssl_context()
-            registry, report = build_registry(self.settings)
-            connection.connect_at_startup(
-                required=any(p.reads_cluster for p in registry.policies.values()),
-                ignore_failure=self.settings.ignore_kubernetes_connection_failure)
+            evaluator = self._prepare(previous=None)
         except (BootError, ConfigError, connection.ConnectionFailure, TlsError) as exc:
             log.error("%s", exc)
             sys.exit(1)
-        self._start_cluster_cache()
-        evaluator = self._install(registry, report)
         self.service = AdmissionService(
-            registry, evaluator, observe=self.metrics.observe,
+            self.registry, evaluator, observe=self.metrics.observe,
             always_accept_namespace=self.settings.always_accept_admission_reviews_on_namespace,
         )
         self.served = ServedCounter(create_app(self._traced(self.service)), record=self.metrics.served)
@@ -191,14 +199,40 @@ class Daemon:
         self.span_relay = SpanRelay()
         return TracedService(service, self.span_relay)
 
-    def _start_cluster_cache(self) -> None:
-        """One cache of the cluster for the whole server, in a process of its own; workers ask it."""
-        if not connection.enabled():
-            return
-        settings = self.settings
-        self.cluster_cache = CacheSupervisor(settings.cluster_cache_limits, settings.log_level, settings.log_fmt)
-        self.cluster_cache.start()
-        connection.use_cache(self.cluster_cache.path, settings.cluster_cache_limits)
+    def _prepare(self, previous: PolicyRegistry | None) -> Evaluator:
+        """The configuration and everything it needs, at start and on a reload alike: the policy registry
+        (on a reload, unchanged modules of `previous` are reused), the cluster as its policies need it,
+        the instance pool and evaluator. Raises BootError, ConfigError or ConnectionFailure before
+        anything in service changed."""
+        registry, report = build_registry(self.settings, previous=previous)
+        self._follow_cluster(any(p.reads_cluster for p in registry.policies.values()))
+        return self._install(registry, report)
+
+    def _follow_cluster(self, required: bool) -> None:
+        """Cluster access as the configuration needs it: one cache of the cluster for the whole server,
+        in a process of its own that the workers ask, while some policy reads the cluster (it may list
+        and get only its `contextAwareResources`); none, and no connection, otherwise."""
+        if required and self.cluster_cache is None:
+            settings = self.settings
+            if not connection.connect(ignore_failure=settings.ignore_kubernetes_connection_failure):
+                connection.disable()
+                return
+            limits = CacheLimits.from_settings(settings)
+            self.cluster_cache = self.services.start(CacheSupervisor(
+                limits, settings.log_level, settings.log_fmt))
+            connection.use_cache(self.cluster_cache.path, limits)
+        elif not required:
+            connection.disable()
+            if self.cluster_cache is None:
+                log.info("no policy reads the cluster: not connecting to Kubernetes")
+                return
+            # Workers forked before this reload finish their requests on the old configuration, with the cache.
+            log.info("no policy reads the cluster any more: the cluster cache stops once the current workers exit")
+            self.services.retire(self.cluster_cache, self._worker_pids())
+            self.cluster_cache = None
+
+    def _worker_pids(self) -> list[int]:
+        return list(self.arbiter.WORKERS) if self.arbiter is not None else []
 
     def _install(self, registry: PolicyRegistry, report: BootReport) -> Evaluator:
         settings = self.settings
@@ -233,39 +267,23 @@ class Daemon:
         new configuration is refused, the new workers serve the old one.
         """
         try:
-            registry, report = build_registry(self.settings, previous=self.registry)
-        except (BootError, ConfigError) as exc:
+            evaluator = self._prepare(previous=self.registry)
+        except (BootError, ConfigError, connection.ConnectionFailure) as exc:
             log.error("reload refused, the running configuration stays in service: %s", exc)
             return
-        self.service.use(registry, self._install(registry, report))
+        self.service.use(self.registry, evaluator)
         self._freeze_heap()
         log.info("reloaded %s", self.settings.policies)
 
     # master: running ------------------------------------------------------------------------------
     def on_ready(self, arbiter: Any) -> None:
         self.arbiter = arbiter
-        settings = self.settings
         self._fit_workers_in_memory()
-        routes = {settings.readiness_probe_port: ({"/readiness": self.readiness.route}, "readiness")}
-        status = StatusView(self.metrics_dir, self._loaded_facts)
-        registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(status.snapshot)])
-        routes.setdefault(settings.metrics_listener_port, ({}, "metrics"))[0].update({
-            "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics.render(registry)),
-            "/status": lambda: (200, "application/json", orjson.dumps(status.snapshot())),
-        })
-        for port, (paths, name) in routes.items():
-            try:
-                self.endpoints.append(EndpointServer(settings.addr, port, paths, name))
-            except OSError as exc:
-                log.error("cannot serve %s on %s:%d: %s", name, settings.addr, port, exc)
-                sys.exit(1)
-        for endpoint in self.endpoints:
-            endpoint.start()
+        for service in self._master_services():
+            self.services.start(service)
         self._unready_on_term()
         self.readiness.ready.set()
-        self._start_controller()
-        self._start_metrics_push()
-        self._start_span_export()
+        settings = self.settings
         log.info("ready: API on %s, readiness on port %d, metrics on port %d", ", ".join(self.bind),
                  settings.readiness_probe_port, settings.metrics_listener_port)
 
@@ -275,9 +293,46 @@ class Daemon:
         if self.arbiter is None:
             return False
         live, table = set(self.arbiter.WORKERS), EventLoopWorker.table
-        if table is None or self.arbiter.worker_class is not EventLoopWorker:
+        if table is None or not issubclass(self.arbiter.worker_class, EventLoopWorker):
             return bool(live)  # another worker class (a --gunicorn-config): its start is not visible
         return bool(live & table.serving())
+
+    def _master_services(self) -> list[MasterService]:
+        """What the master runs beside the arbiter, as the settings ask (the cluster cache follows the
+        configuration instead: see `_follow_cluster`)."""
+        services: list[MasterService] = [*self._endpoints()]
+        controller = self._pool_controller()
+        if controller is not None:
+            services.append(controller)
+        if self.settings.enable_metrics:
+            from kwserver.observability.otlp_metrics import MetricsPush
+
+            services.append(MetricsPush.from_env(self.metrics_dir))
+        if self.span_relay is not None:
+            from kwserver.observability.otlp_traces import SpanExport
+
+            services.append(SpanExport(self.span_relay))
+        return services
+
+    def _endpoints(self) -> list[EndpointServer]:
+        """Readiness on its port; metrics and status on the same one, or on a port of their own. A port
+        that cannot be bound stops the server."""
+        settings = self.settings
+        routes = {settings.readiness_probe_port: ({"/readiness": self.readiness.route}, "readiness")}
+        status = StatusView(self.metrics_dir, self._loaded_facts)
+        registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(status.snapshot)])
+        routes.setdefault(settings.metrics_listener_port, ({}, "metrics"))[0].update({
+            "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics.render(registry)),
+            "/status": lambda: (200, "application/json", orjson.dumps(status.snapshot())),
+        })
+        endpoints = []
+        for port, (paths, name) in routes.items():
+            try:
+                endpoints.append(EndpointServer(settings.addr, port, paths, name))
+            except OSError as exc:
+                log.error("cannot serve %s on %s:%d: %s", name, settings.addr, port, exc)
+                sys.exit(1)
+        return endpoints
 
     def _unready_on_term(self) -> None:
         """On SIGTERM, readiness turns unready before gunicorn drains the workers."""
@@ -290,37 +345,20 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, on_term)
 
-    def _start_controller(self) -> None:
+    def _pool_controller(self) -> PoolController | None:
         settings = self.settings
-        scaling = None
-        if settings.autoscaling:
-            scaling = ScalingPolicy(settings.pool_min, settings.pool_max, settings.scale_up_after_seconds,
+        scaling, plan = None, worker_plan(settings)
+        if plan.autoscaling:
+            scaling = ScalingPolicy(plan.minimum, plan.maximum, settings.scale_up_after_seconds,
                                     settings.scale_down_after_seconds)
         if scaling is None and not settings.worker_max_uss_mib:
-            return
-        self.controller = PoolController(
+            return None
+        return PoolController(
             policy=scaling, max_uss_bytes=settings.worker_max_uss_mib * MIB,
             busy_seconds=lambda: metrics.metric_total(self.metrics_dir, "kwserver_worker_busy_seconds"),
             workers=lambda: {pid: worker.age for pid, worker in list(self.arbiter.WORKERS.items())},
             uss=_uss, resize=self._resize_pool, no_room=self._no_room_for_a_worker,
         )
-        self.controller.start()
-
-    def _start_span_export(self) -> None:
-        if self.span_relay is None:
-            return
-        from kwserver.observability.otlp_traces import SpanExport
-
-        self.span_export = SpanExport(self.span_relay)
-        self.span_export.start()
-
-    def _start_metrics_push(self) -> None:
-        if not self.settings.enable_metrics:
-            return
-        from kwserver.observability.otlp_metrics import MetricsPush
-
-        self.metrics_push = MetricsPush.from_env(self.metrics_dir)
-        self.metrics_push.start()
 
     def _memory_in_use(self) -> tuple[int, int]:
         """The server's footprint (the PSS of its processes) and what one worker holds of its own (the
@@ -386,21 +424,13 @@ class Daemon:
     def worker_exited(self, pid: int) -> None:
         if self.metrics_dir:
             metrics.archive_dead_worker(self.metrics_dir, pid)
+        self.services.worker_exited(pid)
 
     def on_exit(self) -> None:
         self.readiness.ready.clear()
-        if self.controller is not None:
-            self.controller.stop()
-        for endpoint in self.endpoints:
-            endpoint.stop()
-        if self.metrics_push is not None:
-            self.metrics_push.stop()
-        if self.span_export is not None:
-            self.span_export.stop()
+        self.services.stop()  # the metrics push exports its final totals from the directory removed next
         if self.metrics_dir:
             metrics.remove_directory(self.metrics_dir)
-        if self.cluster_cache is not None:
-            self.cluster_cache.stop()
 
     def _describe(self) -> str:
         registry = self.registry
@@ -418,22 +448,15 @@ class Daemon:
     # worker ---------------------------------------------------------------------------------------
     def after_fork(self, worker: Any) -> None:
         self.worker_age = worker.age
-        worker.every_second = self._each_second
-        for endpoint in self.endpoints:
-            endpoint.close_inherited()
-        self.endpoints = []
-        self.controller = None
-        self.metrics_push = self.span_export = None  # the master's; their threads are not in this process
-        if self.span_relay is not None:
-            self.span_relay.in_worker()
+        self.services.in_worker()
         if self.registry is not None and self.registry.engine_options.epoch_interruption:
             self.ticker = EpochTicker(self.registry.engine)
             self.ticker.start()
         self._title_worker(0)
 
     def _each_second(self) -> None:
-        """Publish this second's counts; the title then shows the count `kwserver top` reads (the worker
-        serves from this thread, so nothing is counted in between)."""
+        """In a worker, once a second: publish its counts; the title then shows the count `kwserver top`
+        reads (the worker serves from this thread, so nothing is counted in between)."""
         if self.metrics is not None:
             self.metrics.flush()
         if self.served is not None and self.served.requests != self._titled_requests:
@@ -486,7 +509,7 @@ def serve(settings: ServerSettings, gunicorn_config: str | None = None) -> None:
         except DetachError as exc:
             log.error("%s", exc)
             sys.exit(1)
-    log.info("kwserver %s starting: %s", __version__, settings.describe_workers())
+    log.info("kwserver %s starting: %s", __version__, worker_plan(settings).describe())
     for ignored in settings.ignored():
         log.warning("ignoring --%s", ignored)
     os.environ.update(settings.to_env())  # so a gunicorn config file sees the same settings

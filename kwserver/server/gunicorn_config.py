@@ -14,7 +14,8 @@ from typing import Any as _Any
 
 from kwserver.logs import gunicorn_log_level
 from kwserver.observability import discovery
-from kwserver.server.daemon import GRACEFUL_TIMEOUT_SECONDS, WORKER_CLASS, get_daemon
+from kwserver.server.daemon import GRACEFUL_TIMEOUT_SECONDS, get_daemon
+from kwserver.server.sizing import worker_plan
 
 _settings = get_daemon().settings
 
@@ -22,10 +23,10 @@ _settings = get_daemon().settings
 bind = get_daemon().bind
 # Compiled policies are shared by all workers; the pool may grow and shrink between
 # --min-workers and --max-workers.
-workers = _settings.initial_workers
+workers = worker_plan(_settings).initial
 # An event loop reads whole requests (limits and timeouts per connection), then evaluates them one at
-# a time: see kwserver/server/worker.py.
-worker_class = WORKER_CLASS
+# a time: see kwserver/server/worker.py. The class carries this server's limits.
+worker_class = get_daemon().worker_class
 keepalive = _settings.keepalive_timeout_seconds
 # Retired workers (reload, pool shrink, recycling, shutdown) finish their in-flight requests first.
 graceful_timeout = GRACEFUL_TIMEOUT_SECONDS

@@ -1,4 +1,4 @@
-"""The admission pipeline of one request, in the reference server's order (spec §7.5):
+"""The admission pipeline of one request, in the reference server's order:
 policy lookup, always-accept namespace, stored initialisation error, evaluation, then the
 origin-specific post-processing.
 """

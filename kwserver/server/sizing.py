@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from kwserver.config import ServerSettings
+
 MIB = 1024 * 1024
 # The cgroup files that bound each controller, by cgroup version.
 CPU_FILES = {2: ("cpu.max",), 1: ("cpu.cfs_quota_us", "cpu.cfs_period_us")}
@@ -47,6 +49,36 @@ class CpuCount:
 
 def count_text(count: int) -> str:
     return f"{count} worker{'' if count == 1 else 's'}"
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """The pool the settings ask for: `--workers` (default: the CPUs) between `--min-workers` and
+    `--max-workers` (each defaulting to that figure)."""
+
+    initial: int
+    minimum: int
+    maximum: int
+    reason: str  # why `initial`: `--workers`, or how the CPUs were counted
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.maximum > self.minimum
+
+    def describe(self) -> str:
+        """How many workers start, and why (`2 workers: cgroup CPU quota 1.5 CPUs`)."""
+        return f"{count_text(self.initial)}: {self.reason}"
+
+
+def plan_workers(settings: ServerSettings, cpus: CpuCount) -> WorkerPlan:
+    count = settings.workers or cpus.count
+    minimum = settings.min_workers or min(count, settings.max_workers or count)
+    maximum = settings.max_workers or max(count, settings.min_workers or count)
+    initial = max(minimum, min(count, maximum))
+    reason = "--workers" if settings.workers is not None else cpus.reason
+    if initial != count:
+        reason += " (--min-workers/--max-workers)"
+    return WorkerPlan(initial, minimum, maximum, reason)
 
 
 # --- pure: from file texts to numbers -----------------------------------------------------------
@@ -201,6 +233,11 @@ def affinity_size() -> int:
 def available_cpus() -> CpuCount:
     """The CPUs this process may use (read once: the default worker count)."""
     return count_cpus(read_cgroup_files("cpu", CPU_FILES), affinity_size())
+
+
+def worker_plan(settings: ServerSettings) -> WorkerPlan:
+    """The pool for `settings` on this machine (the CPUs read once)."""
+    return plan_workers(settings, available_cpus() if settings.workers is None else CpuCount(settings.workers, ""))
 
 
 def memory_limit() -> int | None:

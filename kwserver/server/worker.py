@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import logging
 import mmap
@@ -31,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -40,12 +41,12 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.sock import ssl_context as gunicorn_ssl_context
 from gunicorn.workers.base import Worker
 
+from kwserver.config import MAX_REQUEST_BODY_BYTES, ServerSettings
+
 log = logging.getLogger(__name__)
 
-# The Kubernetes API server sends at most 3 MiB; bodies beyond are not read (the app answers 413).
-MAX_BODY_BYTES = 3 * 1024 * 1024
-# A refused body up to this size is read and dropped, so the client can read the 413; beyond, the
-# connection is closed at once.
+# A refused body (beyond config.MAX_REQUEST_BODY_BYTES: the app answers 413) up to this size is read
+# and dropped, so the client can read the 413 and keep its connection; beyond, the connection is closed.
 MAX_DISCARDED_BYTES = 16 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 HEARTBEAT_SECONDS = 1.0
@@ -130,8 +131,15 @@ class ConnectionLimits:
     idle_timeout: float  # a keep-alive connection with no request in progress
     handshake_timeout: float  # TLS handshake
     max_connections: int  # open connections per worker; beyond, new ones are refused with 503
-    max_body_bytes: int = MAX_BODY_BYTES
+    max_body_bytes: int = MAX_REQUEST_BODY_BYTES
     max_header_bytes: int = MAX_HEADER_BYTES
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> ConnectionLimits:
+        return cls(header_timeout=settings.header_timeout_seconds, body_timeout=settings.body_timeout_seconds,
+                   idle_timeout=settings.keepalive_timeout_seconds,
+                   handshake_timeout=settings.tls_handshake_timeout_seconds,
+                   max_connections=settings.max_connections_per_worker)
 
 
 class Connection(asyncio.Protocol):
@@ -243,8 +251,9 @@ class Connection(asyncio.Protocol):
         return None
 
     def _too_large(self, size: int) -> None:
-        """Answer now, without keeping a body the app would refuse; the connection closes once the
-        rest of the body has been read (or the body timeout passes)."""
+        """Answer now, without keeping a body the app would refuse: the app gets the request with its
+        length and no body, and answers 413 in its route's format. The connection closes once the rest
+        of the body has been read and dropped (or is too long to drain, or the body timeout passes)."""
         self.too_large = True
         self.body = []
         self._respond(content_length=size)
@@ -490,11 +499,22 @@ class HttpServer:
 
 
 class EventLoopWorker(Worker):
-    """gunicorn worker running `HttpServer` on uvloop (graceful stop, heartbeat, max-requests)."""
+    """gunicorn worker running `HttpServer` on uvloop (graceful stop, heartbeat, max-requests).
 
-    table: ConnectionTable | None = None
-    # Called from the loop once a second (the daemon publishes its in-process metrics there).
-    every_second: Callable[[], None] | None = None
+    The server hands its workers their limits and their once-a-second work through the class it gives
+    gunicorn (`serving`, see kwserver.server.daemon); this class alone, as the bench's baselines run it,
+    has the settings' defaults and nothing to do once a second.
+    """
+
+    table: ClassVar[ConnectionTable | None] = None
+    limits: ClassVar[ConnectionLimits | None] = None
+    every_second: ClassVar[Callable[[], None] | None] = None
+
+    @classmethod
+    def serving(cls, limits: ConnectionLimits, every_second: Callable[[], None] | None = None) -> type[EventLoopWorker]:
+        """This worker class with `limits`, calling `every_second` from the loop once a second."""
+        return type(cls.__name__, (cls,), {"limits": limits, "every_second": staticmethod(every_second)
+                                           if every_second is not None else None})
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -518,14 +538,9 @@ class EventLoopWorker(Worker):
             loop.close()
 
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
-        from kwserver.server.daemon import get_daemon  # the daemon of this process, made by the master
-
-        settings = get_daemon().settings
-        limits = ConnectionLimits(
-            header_timeout=settings.header_timeout_seconds, body_timeout=settings.body_timeout_seconds,
-            idle_timeout=self.cfg.keepalive, handshake_timeout=settings.tls_handshake_timeout_seconds,
-            max_connections=settings.max_connections_per_worker,
-        )
+        limits = self.limits or ConnectionLimits.from_settings(ServerSettings())
+        # Idle keep-alive connections follow gunicorn's `keepalive`, which a gunicorn config file may tune.
+        limits = dataclasses.replace(limits, idle_timeout=self.cfg.keepalive)
         ssl_context = self._ssl_context if self.cfg.is_ssl else None
         self.requests = 0
         self.table.join(self.slot)

@@ -15,15 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kwserver.config import ServerSettings
 from kwserver.sources import https, oci, verification
-from kwserver.sources.credentials import Credentials
+from kwserver.sources.credentials import Credentials, load_credentials
 from kwserver.sources.errors import SourceError
 from kwserver.sources.file import FetchedModule, check_wasm, read_module
+from kwserver.sources.options import FetchOptions
 from kwserver.sources.references import ImageReference, LocalReference, UrlReference, parse_reference
 from kwserver.sources.sigstore_trust import LazyTrustRoot
 from kwserver.sources.store import DownloadStore
-from kwserver.sources.transport import FetchOptions
-from kwserver.sources.trust import Sources
+from kwserver.sources.trust import Sources, load_sources
 
 log = logging.getLogger(__name__)
 MAX_PARALLEL_DOWNLOADS = 16
@@ -35,7 +36,7 @@ class ModuleFetcher:
     download_dir: Path
     sources: Sources = field(default_factory=Sources)
     credentials: Credentials = field(default_factory=Credentials)
-    options: FetchOptions = field(default_factory=FetchOptions)
+    options: FetchOptions = field(default_factory=FetchOptions.defaults)
     verification: verification.VerificationConfig | None = None  # verify registry modules before use
     sigstore_trust_config: str | None = None  # keyless entries: this trust root, else the shipped one
     trust_root: LazyTrustRoot = field(init=False, repr=False)
@@ -44,6 +45,17 @@ class ModuleFetcher:
 
     def __post_init__(self) -> None:
         self.trust_root = LazyTrustRoot(self.sigstore_trust_config)
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings, base_dir: Path) -> ModuleFetcher:
+        """The fetcher `settings` describe; raises ConfigError for a bad sources.yml, docker config or
+        verification.yml."""
+        return cls(base_dir=base_dir, download_dir=Path(settings.policies_download_dir),
+                   sources=load_sources(settings.sources_path),
+                   credentials=load_credentials(settings.docker_config_json_path),
+                   options=FetchOptions.from_settings(settings),
+                   verification=verification.load_verification(settings.verification_path),
+                   sigstore_trust_config=settings.sigstore_trust_config)
 
     @property
     def store(self) -> DownloadStore:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 from kwserver.sources.errors import SourceError
+from kwserver.sources.options import FetchOptions
 from kwserver.sources.references import UrlReference
-from kwserver.sources.transport import Attempt, FetchOptions, make_session, read_limited, request, with_fallback
+from kwserver.sources.transport import Attempt, make_session, read_limited, request, with_fallback
 from kwserver.sources.trust import Sources
 
 

@@ -70,9 +70,9 @@ def _read_local(reference: str, base_dir: Path) -> FetchedModule | SourceError:
 
 
 def _fetch_here(settings: ServerSettings, base_dir: Path, references: list[str]) -> FetchOutcome:
-    from kwserver.evaluation.bootstrap import make_fetcher
+    from kwserver.sources.fetcher import ModuleFetcher
 
-    fetcher = make_fetcher(settings, base_dir)
+    fetcher = ModuleFetcher.from_settings(settings, base_dir)
     if settings.sigstore_trust_config:  # read at start, as the reference reads it, so that a bad one is seen
         from kwserver.sources.sigstore_trust import TrustRootError
 

@@ -25,10 +25,10 @@ import requests
 
 from kwserver.sources.credentials import Credential, Credentials
 from kwserver.sources.errors import SourceError
+from kwserver.sources.options import FetchOptions
 from kwserver.sources.references import ImageReference
 from kwserver.sources.transport import (
     Attempt,
-    FetchOptions,
     make_session,
     read_limited,
     request,

@@ -23,21 +23,14 @@ from urllib3.util.retry import Retry
 
 from kwserver import __version__
 from kwserver.sources.errors import SourceError, TransportError
+from kwserver.sources.options import FetchOptions
 from kwserver.sources.trust import Proxies, Sources
 
 log = logging.getLogger(__name__)
 # urllib3 logs each retry as a warning; the outcome is reported once, by the caller.
 logging.getLogger("urllib3").setLevel(logging.ERROR)
 T = TypeVar("T")
-MIB = 1024 * 1024
 CHUNK = 64 * 1024
-
-
-@dataclass(frozen=True)
-class FetchOptions:
-    timeout_seconds: float = 30.0
-    retries: int = 2  # extra tries of one request after a transient failure
-    max_bytes: int = 256 * MIB  # the largest module or manifest accepted
 
 
 @dataclass(frozen=True)

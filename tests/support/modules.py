@@ -15,7 +15,7 @@ from typing import Any
 
 import wasmtime
 
-from kwserver.metadata import annotate
+from kwserver.evaluation.modes import annotate
 from tests.support.paths import CONFORMANCE, REPO
 
 WASI_TESTBED = REPO / "tests" / "policies" / "wasi-testbed.wasm"
@@ -308,7 +308,7 @@ def host_policy(directory: Path, name: str, operation: str, payload: dict[str, A
                 binding: str = "kubewarden", namespace: str = "kubernetes", **policy: Any) -> dict[str, Any]:
     """The policies.yml entry of a policy making one host call; it is granted that call's host capability
     unless `hostCapabilities` is given."""
-    from kwserver.capabilities.allow_list import CAPABILITIES
+    from kwserver.host_capabilities import CAPABILITIES
 
     wasm = wasmtime.wat2wasm(host_call_wat(binding, namespace, operation, json.dumps(payload).encode()))
     module = annotated(directory, name, wasm, "kubewarden-wapc", policyType="raw", protocolVersion="v1")

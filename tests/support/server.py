@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -173,3 +174,40 @@ def check_config(directory: Path, module: str, *args: str) -> subprocess.Complet
     config.write_text(yaml.safe_dump({"p": {"module": module}}))
     return kwserver("check", "--policies", str(config), *args, cwd=directory,
                     env={"KWSERVER_COMPILE_CACHE_DIR": str(directory / "cache")})
+
+
+class Load:
+    """Threads posting `body` to `path` of a server, each request on a new connection, until the `with`
+    block ends; `failures` holds every reply `accept` refused and every error, `count` the requests."""
+
+    def __init__(self, server: Server, path: str, body: Any, *, threads: int = 4,
+                 accept: Callable[[requests.Response], bool] = lambda reply: reply.status_code == 200):
+        self.server, self.path, self.body, self.accept = server, path, body, accept
+        self.failures: list[Any] = []
+        self.sent: list[None] = []  # one item per request (appending is atomic)
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                reply = requests.post(self.server.url + self.path, json=self.body, timeout=30)
+                if not self.accept(reply):
+                    self.failures.append((reply.status_code, reply.text[:300]))
+            except requests.RequestException as exc:
+                self.failures.append(repr(exc))
+            self.sent.append(None)
+
+    @property
+    def count(self) -> int:
+        return len(self.sent)

@@ -72,7 +72,7 @@ BUILTINS: dict[str, Builtin] = {
     "array.reverse": misc.array_reverse,
 }
 
-# Keys under which the reference server registered two time builtins (spec §5.2 QUIRK).
+# Keys under which the reference server registered two time builtins (a quirk of its own).
 REFERENCE_ALIASES: dict[str, str] = {"parse_rfc3339_ns": "time.parse_rfc3339_ns", "date": "time.date"}
 
 

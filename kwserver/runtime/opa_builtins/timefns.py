@@ -354,9 +354,6 @@ def format_time(value: Any) -> str:
     return format_civil(breakdown(ns, zone), layout)
 
 
-_NUMBER = re.compile(r"\d+")
-
-
 def parse_ns(layout: Any, value: Any) -> int:
     name = "time.parse_ns"
     layout_text = string(name, 1, layout)
