@@ -1,12 +1,22 @@
-"""Per-execution-mode costs of the conformance policies: instance creation and one evaluation.
+"""Per-execution-mode costs of the conformance policies: a fresh instance stage by stage, one evaluation.
 
     python -m bench.mode_costs [--rounds N]
 
-Medians in µs, one process, epoch interruption on (as when any timeout is configured). "create" is
-what a fresh instance costs (waPC: instantiate + `_start`/`wapc_init`; OPA: store + memory + link +
-instantiate); "evaluate" is one evaluation on a reused instance (waPC, OPA, Gatekeeper) or one whole
-command run (WASI, whose every evaluation is a fresh instance). A second table compares the ways of
-instantiating an OPA module, whose memory is imported so that no InstancePre can be built.
+Medians in µs, one process, epoch interruption on (as when any timeout is configured), two engines
+measured side by side:
+- `before`: wasmtime's on-demand allocator and the module as compiled (kwserver before issue 26);
+- `after`: the pooling allocator with copy-on-write memory images (kwserver/runtime/pooling.py) and,
+  for waPC, the pre-initialised module (kwserver/runtime/preinit.py): what the server runs now.
+
+Stages of a fresh waPC instance, each the difference of two medians: `store` (a new store with its
+limits, then closed), `instantiate` (from the InstancePre, with the teardown of an untouched instance),
+`init` (`_start`/`wapc_init` and the instance's Python objects), `first call` (the first `validate`
+on the new instance minus one on a reused instance: page faults), `teardown` (closing the store after a
+call). `fresh` is the whole of it (new instance, one call, close) and `reused` one call on a reused
+instance: `fresh - reused` is what a fresh instance adds to an evaluation. WASI runs a fresh instance
+per evaluation by design (one figure); OPA's `create` is store + memory + instantiate. A last table
+compares the ways of instantiating an OPA module, whose memory is imported so that no InstancePre can
+be built. Writes bench/results/mode_costs/{results.json,report.md}.
 """
 
 from __future__ import annotations
@@ -16,20 +26,26 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
 import wasmtime
 
-from kwserver.runtime import InstanceLimits
+from kwserver.runtime import InstanceLimits, fastcall, new_store, preinit
 from kwserver.runtime.engine import EngineOptions, EpochTicker, make_engine
 from kwserver.runtime.opa import OpaModule
+from kwserver.runtime.pooling import PoolSize
 from kwserver.runtime.wapc import WapcModule
 from kwserver.runtime.wasi_command import WasiCommandModule
 
 REPO = Path(__file__).resolve().parent.parent
 CONFORMANCE = REPO.parent / "shared" / "conformance"
+RESULTS = REPO / "bench" / "results" / "mode_costs"
 LIMITS = InstanceLimits(memory_bytes=256 << 20, timeout_seconds=2)
+AFTER = EngineOptions(epoch_interruption=True, pool=PoolSize.for_policies(10, LIMITS.memory_bytes, keep_idle=False))
+BEFORE = replace(AFTER, pool=None)
+STAGES = ("store", "instantiate", "init", "first call", "teardown", "fresh", "reused", "fresh - reused")
 
 
 def median_us(func: Callable[[], object], rounds: int) -> float:
@@ -46,62 +62,104 @@ def request(relative: str) -> dict:
     return doc.get("request", doc) if "request" in doc and "uid" not in doc else doc
 
 
+def wapc_stages(engine: wasmtime.Engine, wasm: bytes, payload: bytes, rounds: int) -> dict[str, float]:
+    linked = WapcModule(engine, wasmtime.Module(engine, wasm), epoch_interruption=True)
+
+    def store_only() -> None:
+        new_store(engine, LIMITS).close()
+
+    def instantiate() -> None:
+        store = new_store(engine, LIMITS)
+        store.set_epoch_deadline(1 << 20)
+        fastcall.instantiate(linked.pre, store)
+        store.close()
+
+    def create() -> None:
+        linked.instantiate(LIMITS).close()
+
+    def fresh() -> None:
+        instance = linked.instantiate(LIMITS)
+        instance.call("validate", payload)
+        instance.close()
+
+    def teardown() -> float:
+        instance = linked.instantiate(LIMITS)
+        instance.call("validate", payload)
+        started = time.perf_counter()
+        instance.close()
+        return time.perf_counter() - started
+
+    reused_instance = linked.instantiate(LIMITS)
+    reused = median_us(lambda: reused_instance.call("validate", payload), rounds)
+    reused_instance.close()
+    store, inst, made, whole = (median_us(f, rounds) for f in (store_only, instantiate, create, fresh))
+    closing = statistics.median(teardown() for _ in range(rounds)) * 1e6
+    return {"store": store, "instantiate": inst - store, "init": made - inst,
+            "first call": whole - made - closing - reused, "teardown": closing, "fresh": whole,
+            "reused": reused, "fresh - reused": whole - reused}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2000)
     rounds = parser.parse_args().rounds
-    engine = make_engine(EngineOptions(epoch_interruption=True))
-    ticker = EpochTicker(engine)
-    ticker.start()
-    rows = []
+    results: dict[str, dict] = {"rounds": rounds, "wapc": {}, "modes": {}}
+    engines = {"before": make_engine(BEFORE), "after": make_engine(AFTER)}
+    tickers = [EpochTicker(engine) for engine in engines.values()]
+    for ticker in tickers:
+        ticker.start()
 
-    def module(path: Path) -> wasmtime.Module:
-        return wasmtime.Module(engine, path.read_bytes())
+    pod = orjson.dumps({"request": request("fixtures/kwctl/privileged-pod.json"), "settings": {}})
+    template = orjson.dumps({"request": request("fixtures/go-policy-template/pod.json"),
+                             "settings": {"denied_names": ["foo"]}})
+    guests = [("pod-privileged (Rust, policies/dist)", REPO / "policies/dist/pod-privileged.wasm", pod, rounds),
+              ("go-policy-template (TinyGo 2022)",
+               CONFORMANCE / "wasm/kubewarden-wapc/go-policy-template-tinygo-2022.wasm", template,
+               max(rounds // 4, 50))]
+    for name, path, payload, count in guests:
+        wasm = path.read_bytes()
+        for label, engine in engines.items():
+            module = wasm if label == "before" else preinit.preinitialise(
+                wasm, preinit.wapc_startup(engine, True, LIMITS.memory_bytes))
+            results["wapc"].setdefault(name, {})[label] = wapc_stages(engine, module, payload, count)
 
-    # waPC: the TinyGo go-policy-template (needs _start before every fresh instance)
-    wapc = WapcModule(engine, module(CONFORMANCE / "wasm/kubewarden-wapc/go-policy-template-tinygo-2022.wasm"),
-                      epoch_interruption=True)
-    pod = request("fixtures/go-policy-template/pod.json")
-    payload = orjson.dumps({"request": pod, "settings": {"denied_names": ["foo"]}})
-    instance = wapc.instantiate(LIMITS)
-    rows.append(("kubewarden-wapc", "go-policy-template-tinygo-2022",
-                 median_us(lambda: wapc.instantiate(LIMITS).close(), max(rounds // 10, 50)),
-                 median_us(lambda: instance.call("validate", payload), rounds)))
-
-    # WASI: no conformance binary; kwserver's wasi-testbed (Rust, serde_json)
-    wasi = WasiCommandModule(engine, module(REPO / "tests/policies/wasi-testbed.wasm"), epoch_interruption=True)
-    command = wasi.instantiate(LIMITS)
-    payload = orjson.dumps({"request": request("fixtures/kwctl/privileged-pod.json"), "settings": {}})
-    run = median_us(lambda: command.call("validate", payload), max(rounds // 4, 50))
-    rows.append(("wasi", "wasi-testbed (tests/policies)", run, run))
-
-    # OPA and Gatekeeper
+    wasi_payload = orjson.dumps({"request": request("fixtures/kwctl/privileged-pod.json"), "settings": {}})
     privileged = request("fixtures/kubewarden-policy-server/pod_with_privileged_containers.json")
     rego = [
         ("opa", "kwctl-no-default-namespace-rego", "wasm/opa/kwctl-no-default-namespace-rego.wasm",
          orjson.dumps({"request": privileged})),
         ("gatekeeper", "gatekeeper_always_happy_policy", "wasm/gatekeeper/gatekeeper_always_happy_policy.wasm",
          orjson.dumps({"parameters": {}, "review": privileged})),
-        ("gatekeeper", "gatekeeper_always_unhappy_policy", "wasm/gatekeeper/gatekeeper_always_unhappy_policy.wasm",
-         orjson.dumps({"parameters": {}, "review": privileged})),
         ("opa (raw)", "burrego-k8s-basic (2 sprintf calls)", "wasm/opa-generic/burrego-k8s-basic.wasm",
          (CONFORMANCE / "fixtures/burrego-opa-input/k8s-basic-input.json").read_bytes()),
     ]
-    for mode, name, path, input_json in rego:
-        opa = OpaModule(engine, module(CONFORMANCE / path), epoch_interruption=True)
-        instance = opa.instantiate(LIMITS)
-        abi = "{}.{}".format(*opa.info.abi_version)
-        create = median_us(lambda opa=opa: opa.instantiate(LIMITS).close(), rounds // 4)
-        evaluate = median_us(lambda i=instance, j=input_json: i.evaluate(0, j, b"{}"), rounds)
-        rows.append((mode, f"{name} (ABI {abi})", create, evaluate))
-    print(f"{'mode':<16} {'policy':<46} {'create µs':>10} {'evaluate µs':>12}")
-    for mode, name, create, evaluate in rows:
-        print(f"{mode:<16} {name:<46} {create:>10.0f} {evaluate:>12.0f}")
-    print("(WASI: every evaluation is a fresh store + instance + run, so both columns are one run)")
+    for label, engine in engines.items():
+        def module(path: Path, engine: wasmtime.Engine = engine) -> wasmtime.Module:
+            return wasmtime.Module(engine, path.read_bytes())
 
+        # WASI: no conformance binary; kwserver's wasi-testbed (Rust, serde_json); every run is fresh
+        wasi = WasiCommandModule(engine, module(REPO / "tests/policies/wasi-testbed.wasm"), epoch_interruption=True)
+        command = wasi.instantiate(LIMITS)
+        run = median_us(lambda command=command: command.call("validate", wasi_payload), max(rounds // 4, 50))
+        rows = [("wasi", "wasi-testbed (tests/policies), one run", run, run)]
+        for mode, name, path, input_json in rego:
+            opa = OpaModule(engine, module(CONFORMANCE / path), epoch_interruption=True)
+            instance = opa.instantiate(LIMITS)
+            abi = "{}.{}".format(*opa.info.abi_version)
+            create = median_us(lambda opa=opa: opa.instantiate(LIMITS).close(), rounds // 4)
+            evaluate = median_us(lambda i=instance, j=input_json: i.evaluate(0, j, b"{}"), rounds)
+            rows.append((mode, f"{name} (ABI {abi})", create, evaluate))
+        results["modes"][label] = [{"mode": m, "policy": n, "create": c, "evaluate": e} for m, n, c, e in rows]
+
+    report = render(results)
+    print(report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "report.md").write_text(report)
+    engine = engines["after"]
     print()
     print("Instantiating an OPA module (memory imported, no InstancePre), kwctl-no-default-namespace-rego:")
-    compiled = module(CONFORMANCE / "wasm/opa/kwctl-no-default-namespace-rego.wasm")
+    compiled = wasmtime.Module(engine, (CONFORMANCE / "wasm/opa/kwctl-no-default-namespace-rego.wasm").read_bytes())
     funcs = {i.name: i.type for i in compiled.imports if isinstance(i.type, wasmtime.FuncType)}
     memory_type = wasmtime.MemoryType(wasmtime.Limits(5, None))
 
@@ -145,7 +203,23 @@ def main() -> None:
                         ("Instance(store, module, imports) with per-store Funcs", import_list)):
         func()
         print(f"  {label:<56} {median_us(func, rounds // 2):>6.0f} µs")
-    ticker.stop()
+    for ticker in tickers:
+        ticker.stop()
+
+
+def render(results: dict) -> str:
+    lines = ["# bench `mode_costs`: a fresh instance stage by stage, before and after (µs, medians)", "",
+             f"{results['rounds']} rounds; `before`: on-demand allocator, module as compiled; `after`: pooling "
+             "allocator with copy-on-write images and the pre-initialised module. See bench/mode_costs.py.", "",
+             "| waPC policy | engine | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
+    for name, by_engine in results["wapc"].items():
+        for label, stages in by_engine.items():
+            lines.append(f"| {name} | {label} | " + " | ".join(f"{stages[s]:.0f}" for s in STAGES) + " |")
+    lines += ["", "| mode | policy | engine | create µs | evaluate µs |", "|---|---|---|---|---|"]
+    for label, rows in results["modes"].items():
+        for row in rows:
+            lines.append(f"| {row['mode']} | {row['policy']} | {label} | {row['create']:.0f} | {row['evaluate']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

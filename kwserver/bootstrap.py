@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +28,7 @@ from kwserver.metadata import (
     metadata_for_mode,
     parse_metadata,
 )
-from kwserver.runtime import InstanceLimits, RuntimeFailure
+from kwserver.runtime import InstanceLimits, RuntimeFailure, preinit
 from kwserver.runtime.engine import (
     CompileCache,
     CompiledModule,
@@ -37,6 +37,7 @@ from kwserver.runtime.engine import (
     make_engine,
     malloc_trim,
 )
+from kwserver.runtime.pooling import PoolSize
 from kwserver.sources.errors import ChecksumError, SourceError, TransportError, VerificationError
 from kwserver.sources.isolated import fetch_modules
 from kwserver.truncation import bounded
@@ -70,9 +71,12 @@ class BootReport:
 
 
 def engine_options_for(settings: ServerSettings, specs: list[PolicySpec]) -> EngineOptions:
-    """Epoch interruption costs a little on every call, so it is on only when some timeout exists."""
+    """Epoch interruption costs a little on every call, so it is on only when some timeout exists.
+    Instances come from a pool of slots sized for the policies (kwserver/runtime/pooling.py)."""
     any_timeout = settings.global_timeout is not None or any(s.timeout_eval_seconds for s in specs)
-    return EngineOptions(epoch_interruption=any_timeout)
+    pool = PoolSize.for_policies(len(specs), settings.policy_memory_limit_mib * 1024 * 1024,
+                                 keep_idle=not settings.fresh_instance_per_request)
+    return EngineOptions(epoch_interruption=any_timeout, pool=pool)
 
 
 def _all_specs(entries: dict[str, PolicySpec | PolicyGroupSpec]) -> list[PolicySpec]:
@@ -89,8 +93,12 @@ def _download_name(spec: PolicySpec) -> str:
 
 
 def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, digest: str,
-                   source: str, report: BootReport, execution_mode: str | None = None) -> CompiledModule:
-    """`execution_mode`: the mode the caller requires (kwctl's `--execution-mode`); None: the metadata's."""
+                   source: str, report: BootReport, execution_mode: str | None = None,
+                   preinitialise_bytes: int | None = None, scratch: wasmtime.Engine | None = None) -> CompiledModule:
+    """`execution_mode`: the mode the caller requires (kwctl's `--execution-mode`); None: the metadata's.
+    `preinitialise_bytes`: run the module's start-up once here, under that memory limit, and serve the
+    pre-initialised module (kwserver/runtime/preinit.py), running it on `scratch` (default: `engine`);
+    None: serve the module as it is."""
     metadata = parse_metadata(wasm)
     module, compiled_size = cache.load(engine, wasm, digest)
     if execution_mode is not None:
@@ -102,6 +110,9 @@ def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, di
         log.warning("%s", warning)
         report.warnings.append(warning)
     check_metadata(metadata)
+    if preinitialise_bytes is not None:
+        module, compiled_size = preinit.load(engine, cache, wasm, digest, metadata.execution_mode,
+                                             preinitialise_bytes, scratch or engine) or (module, compiled_size)
     return CompiledModule(digest=digest, module=module, metadata=metadata, size=len(wasm),
                           compiled_size=compiled_size, source=source)
 
@@ -144,8 +155,14 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     options = engine_options_for(settings, specs)
     reuse = previous is not None and previous.engine_options == options
     engine = previous.engine if reuse else make_engine(options)
+    # The master runs guests at boot (start-ups to snapshot, settings checks) on an engine of its own, so
+    # the instance pool of the serving engine is still cold when the workers inherit it: a slot used here
+    # would stay resident in the master and be copied into every worker that reuses it.
+    scratch = make_engine(replace(options, pool=None))
     known_modules = previous.modules if reuse else {}
     cache = CompileCache(settings.cache_dirs, options)
+    memory_limit = settings.policy_memory_limit_mib * 1024 * 1024
+    preinitialise_bytes = None if settings.disable_preinitialisation else memory_limit
     registry = PolicyRegistry(engine=engine, engine_options=options)
     report = BootReport()
     registry.groups = {n: e for n, e in entries.items() if isinstance(e, PolicyGroupSpec)}
@@ -173,7 +190,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
         if compiled is None:
             try:
                 compiled = compile_module(engine, cache, fetched.wasm, fetched.digest, str(fetched.path), report,
-                                          execution_mode)
+                                          execution_mode, preinitialise_bytes, scratch)
             except (MetadataError, wasmtime.WasmtimeError) as exc:
                 by_reference[reference] = exc
                 continue
@@ -188,7 +205,6 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     report.cache_hits, report.cache_misses = cache.hits, cache.misses
     malloc_trim()
 
-    memory_limit = settings.policy_memory_limit_mib * 1024 * 1024
     registries = RegistryAccess(  # for the OCI callbacks
         sources_path=settings.sources_path, docker_config_json_path=settings.docker_config_json_path,
         timeout_seconds=settings.download_timeout_seconds, retries=settings.download_retries,
@@ -212,7 +228,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
             capabilities=Capabilities(spec.name, spec.context_aware_resources, registries=registries),
         )
 
-    _check_all_policies(registry, options, report)
+    _check_all_policies(registry, options, report, scratch)
     for name, group in registry.groups.items():
         if group.expression_error is not None:
             registry.init_errors[name] = f"{GROUP_EXPRESSION_ERROR}: {group.expression_error}"
@@ -226,15 +242,29 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     return registry, report
 
 
-def _check_all_policies(registry: PolicyRegistry, options: EngineOptions, report: BootReport) -> None:
+def _on_engine(registry: PolicyRegistry, engine: wasmtime.Engine) -> PolicyRegistry:
+    """The policies of `registry` with their modules loaded into `engine` (same code, another engine)."""
+    if engine is registry.engine:
+        return registry
+    modules = {digest: replace(m, module=wasmtime.Module.deserialize(engine, m.module.serialize()))
+               for digest, m in registry.modules.items()}
+    moved = PolicyRegistry(engine=engine, engine_options=registry.engine_options, modules=modules)
+    moved.policies = {name: replace(p, module=modules[p.module.digest]) for name, p in registry.policies.items()}
+    return moved
+
+
+def _check_all_policies(registry: PolicyRegistry, options: EngineOptions, report: BootReport,
+                        engine: wasmtime.Engine) -> None:
     """Check every policy once, here, so no request ever pays for it: its mode's boot checks, then
-    its settings, on an instance made for the purpose. A policy that fails is an init error."""
-    pool = InstancePool(registry, reuse=False, keep_bytes=0, budget_bytes=0)
-    ticker = EpochTicker(registry.engine)
+    its settings, on an instance made for the purpose (on `engine`). A policy that fails is an init error."""
+    checked = _on_engine(registry, engine)
+    pool = InstancePool(checked, reuse=False, keep_bytes=0, budget_bytes=0)
+    ticker = EpochTicker(engine)
     if options.epoch_interruption:
         ticker.start()
     try:
-        for name, policy in list(registry.policies.items()):
+        for name in list(registry.policies):
+            policy = checked.policies[name]
             try:
                 warning = policy.mode.boot_warning(pool.linked(policy.module), policy)
                 with pool.instance(policy) as instance:

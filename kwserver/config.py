@@ -171,6 +171,10 @@ class ServerSettings:
     fresh_instance_per_request: bool = setting(
         False, "KWSERVER_FRESH_INSTANCE_PER_REQUEST",
         "Never reuse instances: every evaluation gets a new one (strict isolation)", parse=parse_bool)
+    disable_preinitialisation: bool = setting(
+        False, "KWSERVER_DISABLE_PREINITIALISATION",
+        "Run every new instance's start-up (wapc_init, _start) instead of starting from a snapshot taken at boot",
+        parse=parse_bool)
     # What one client may cost a worker (kwserver/worker.py); none of it delays another client.
     header_timeout_seconds: float = setting(
         10.0, "KWSERVER_HEADER_TIMEOUT_SECONDS", "Answer 408 and close when request headers take longer than this",

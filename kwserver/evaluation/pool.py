@@ -18,7 +18,7 @@ from typing import Any
 
 from kwserver.evaluation.modes import mode_named
 from kwserver.evaluation.registry import LoadedPolicy, PolicyRegistry
-from kwserver.runtime import LinkedModule, PolicyInstance
+from kwserver.runtime import InstantiationFailure, LinkedModule, PolicyInstance, pooling
 from kwserver.runtime.engine import CompiledModule
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,27 @@ class InstancePool:
         self.observer.idle(instance_key, len(ids), sum(self._idle[ident][2] for ident in ids))
 
     def new_instance(self, policy: LoadedPolicy) -> PolicyInstance:
-        return self.linked(policy.module).instantiate(policy.limits, policy.capabilities, label=policy.name)
+        linked = self.linked(policy.module)
+        while True:
+            try:
+                return linked.instantiate(policy.limits, policy.capabilities, label=policy.name)
+            except InstantiationFailure as exc:
+                # Every slot of the worker's instance pool is taken: idle instances make room.
+                if not (pooling.is_exhausted(exc) and self._evict_oldest()):
+                    raise
+
+    def _evict_oldest(self) -> bool:
+        with self._lock:
+            if not self._idle:
+                return False
+            ident, (key, instance, size) = self._idle.popitem(last=False)
+            self._by_key[key].remove(ident)
+            self._idle_bytes -= size
+            self.evictions += 1
+            self._idle_changed(key)
+        self.observer.event("eviction")
+        instance.close()
+        return True
 
     @contextmanager
     def instance(self, policy: LoadedPolicy) -> Iterator[PolicyInstance]:

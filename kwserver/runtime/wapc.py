@@ -30,6 +30,7 @@ from kwserver.runtime import (
     set_store_limits,
 )
 from kwserver.runtime.memory import GuestMemory, GuestMemoryError
+from kwserver.runtime.preinit import PREINITIALISED_EXPORT
 from kwserver.runtime.wasi import WasiState, define_wasi
 
 log = logging.getLogger(__name__)
@@ -135,10 +136,27 @@ class WapcModule:
             self.pre = linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise InstantiationFailure(failure_reason(exc)) from exc
+        # What every instance looks up, read once from the module's export types.
+        exports = {e.name: e.type for e in module.exports}
+        self.has_memory = isinstance(exports.get("memory"), wasmtime.MemoryType)
+        guest_call = exports.get("__guest_call")
+        self.guest_call_shape = _shape(guest_call) if isinstance(guest_call, wasmtime.FuncType) else None
+        # A pre-initialised module (kwserver.runtime.preinit) starts in the state its init left.
+        self.initialisers = () if PREINITIALISED_EXPORT in exports else tuple(
+            (name, _shape(exports[name])) for name in ("_start", "wapc_init")
+            if isinstance(exports.get(name), wasmtime.FuncType))
 
     def instantiate(self, limits: InstanceLimits, host_call: HostCall | None = None,
                     label: str = "guest") -> WapcInstance:
         return WapcInstance(self, limits, host_call or no_host_callback, label)
+
+
+def _shape(functype: wasmtime.FuncType) -> tuple[int, int] | None:
+    """The shape fastcall.I32Call needs, or None for a function it cannot call."""
+    try:
+        return fastcall.i32_shape(functype)
+    except TypeError:
+        return None
 
 
 class WapcInstance:
@@ -146,7 +164,7 @@ class WapcInstance:
 
     __slots__ = (
         "_guest_call", "broken", "guest_error", "guest_response", "host_call", "host_error", "host_response",
-        "label", "limits", "memory", "module", "op", "payload", "store", "wasi",
+        "instance", "label", "limits", "memory", "module", "op", "payload", "store", "wasi",
     )
 
     def __init__(self, module: WapcModule, limits: InstanceLimits, host_call: HostCall, label: str):
@@ -166,31 +184,30 @@ class WapcInstance:
         with running(self):
             self._arm_deadline()
             try:
-                instance = module.pre.instantiate(self.store)
+                self.instance = instance = fastcall.instantiate(module.pre, self.store)
             except (wasmtime.WasmtimeError, wasmtime.Trap, GuestMemoryError, GuestTimeout) as exc:
                 raise InstantiationFailure(failure_reason(exc)) from exc
-            exports = instance.exports(self.store)
-            memory = exports.get("memory")
-            if not isinstance(memory, wasmtime.Memory):
+            if not module.has_memory:
                 raise InstantiationFailure("Cannot find 'mem' export")
-            self.memory = GuestMemory(self.store, memory)
+            self.memory = GuestMemory(self.store, fastcall.export(self.store, instance, b"memory"))
             self.wasi.memory = self.memory
-            guest_call = exports.get("__guest_call")
+            guest_call = fastcall.export(self.store, instance, b"__guest_call")
             if not isinstance(guest_call, wasmtime.Func):
                 raise InstantiationFailure("Guest call function (__guest_call) not exported by wasm module.")
-            self._guest_call = fastcall.I32Call(self.store, guest_call)
-            for init in ("_start", "wapc_init"):
-                func = exports.get(init)
-                if isinstance(func, wasmtime.Func):
-                    self._initialise(init, func)
+            self._guest_call = fastcall.I32Call(self.store, guest_call, module.guest_call_shape)
+            for init, shape in module.initialisers:
+                self._initialise(init, fastcall.export(self.store, instance, init.encode()), shape)
 
     def _arm_deadline(self) -> None:
         self.wasi.deadline_at = arm_deadline(self.store, self.limits, self.module.epoch_interruption)
 
-    def _initialise(self, name: str, func: wasmtime.Func) -> None:
+    def _initialise(self, name: str, func: wasmtime.Func, shape: tuple[int, int] | None) -> None:
         self._arm_deadline()
         try:
-            func(self.store)
+            if shape == (0, 0):
+                fastcall.I32Call(self.store, func, shape)()
+            else:
+                func(self.store)
         except ProcExit as exit_:
             if exit_.code != 0:  # TinyGo >= 0.35 leaves `main` with proc_exit(0)
                 raise InstantiationFailure(f"Initialization failed: {exit_}") from exit_
