@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFORMANCE = REPO.parent / "shared" / "conformance"
 RESULTS = REPO / "bench" / "results" / "mode_costs"
 LIMITS = InstanceLimits(memory_bytes=256 << 20, timeout_seconds=2)
-AFTER = EngineOptions(epoch_interruption=True, pool=PoolSize.for_policies(10, LIMITS.memory_bytes, keep_idle=False))
+AFTER = EngineOptions(epoch_interruption=True, pool=PoolSize.for_policies(10, LIMITS.memory_bytes))
 BEFORE = replace(AFTER, pool=None)
 STAGES = ("store", "instantiate", "init", "first call", "teardown", "fresh", "reused", "fresh - reused")
 

@@ -74,8 +74,7 @@ def engine_options_for(settings: ServerSettings, specs: list[PolicySpec]) -> Eng
     """Epoch interruption costs a little on every call, so it is on only when some timeout exists.
     Instances come from a pool of slots sized for the policies (kwserver/runtime/pooling.py)."""
     any_timeout = settings.global_timeout is not None or any(s.timeout_eval_seconds for s in specs)
-    pool = PoolSize.for_policies(len(specs), settings.policy_memory_limit_mib * 1024 * 1024,
-                                 keep_idle=not settings.fresh_instance_per_request)
+    pool = PoolSize.for_policies(len(specs), settings.policy_memory_limit_mib * 1024 * 1024)
     return EngineOptions(epoch_interruption=any_timeout, pool=pool)
 
 

@@ -18,10 +18,10 @@ LIMITS = InstanceLimits(memory_bytes=64 * MIB, timeout_seconds=None)
 ECHO = REPO / "policies" / "dist" / "echo.wasm"
 
 
-def test_slots_cover_an_idle_instance_per_policy_and_the_live_ones():
-    assert PoolSize.for_policies(61, 256 * MIB, keep_idle=True) == PoolSize(61 + LIVE_INSTANCES, 256 * MIB)
-    assert PoolSize.for_policies(61, 256 * MIB, keep_idle=False).slots == MIN_SLOTS
-    assert PoolSize.for_policies(1, 1 << 40, keep_idle=True).max_memory_bytes == MAX_MEMORY_BYTES
+def test_slots_cover_an_idle_instance_and_a_template_per_policy_and_the_live_ones():
+    assert PoolSize.for_policies(61, 256 * MIB) == PoolSize(2 * 61 + LIVE_INSTANCES, 256 * MIB)
+    assert PoolSize.for_policies(1, 256 * MIB).slots == MIN_SLOTS
+    assert PoolSize.for_policies(1, 1 << 40).max_memory_bytes == MAX_MEMORY_BYTES
 
 
 def _echo(engine) -> WapcModule:

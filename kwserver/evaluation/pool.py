@@ -133,8 +133,10 @@ class InstancePool:
 
     @contextmanager
     def instance(self, policy: LoadedPolicy) -> Iterator[PolicyInstance]:
+        """An instance for one evaluation. Reusing, it is one kept from earlier evaluations; otherwise a
+        new instance, or one put back into the state of a new instance after its last evaluation."""
         key = policy.instance_key
-        instance = self._take_idle(key) if self.reuse else None
+        instance = self._take_idle(key)
         if instance is not None and instance.memory_size > policy.limits.memory_bytes:
             # Grown by another policy of the module past what this one may use: not for this policy.
             self.discards += 1
@@ -155,13 +157,19 @@ class InstancePool:
             reusable = True
         finally:
             size = instance.memory_size
-            if self.reuse and reusable and not instance.broken and size <= self.keep_bytes:
+            if reusable and not instance.broken and size <= self.keep_bytes and (
+                    self.reuse or self._restored(instance)):
                 self._put_idle(key, instance, size)
             else:
                 self.discards += 1
                 if self.reuse:
                     self.observer.event("discard")
                 instance.close()
+
+    @staticmethod
+    def _restored(instance: PolicyInstance) -> bool:
+        restore = getattr(instance, "restore", None)
+        return restore is not None and restore()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

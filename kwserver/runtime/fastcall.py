@@ -84,6 +84,20 @@ def export(store: wasmtime.Store, instance: ffi.wasmtime_instance_t, name: bytes
     return None
 
 
+def global_get(store: wasmtime.Store, global_: wasmtime.Global) -> ffi.wasmtime_val_t:
+    """A global's value as wasmtime holds it (numbers only: nothing to unroot)."""
+    value = ffi.wasmtime_val_t()
+    ffi.wasmtime_global_get(store._context(), ctypes.byref(global_._global), ctypes.byref(value))
+    return value
+
+
+def global_set(store: wasmtime.Store, global_: wasmtime.Global, value: ffi.wasmtime_val_t) -> None:
+    """Set a global to a value read with `global_get` (same type)."""
+    error = ffi.wasmtime_global_set(store._context(), ctypes.byref(global_._global), ctypes.byref(value))
+    if error:
+        raise wasmtime.WasmtimeError._from_ptr(error)
+
+
 class I32Call:
     """Calls one exported function whose parameters and results are all i32."""
 

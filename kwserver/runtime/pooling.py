@@ -33,13 +33,6 @@ MAX_SLOTS = 4096
 # reserved address space only: 8 bytes per element per slot.
 TABLE_ELEMENTS = 1 << 17
 TABLES_PER_MODULE = 4
-# When an instance is dropped, the first bytes of its memory are reset in place (only the pages it
-# dirtied, restored from the image) instead of being unmapped, so the next instance of the module in
-# that slot does not take a page fault on every page it touches (measured: the first call on a fresh
-# pod-privileged instance ~60 µs → ~35 µs, the same as on a reused one). What stays resident is at
-# most this much per slot that served a module; a policy that grew its memory beyond gives the rest
-# back to the system.
-KEEP_RESIDENT_BYTES = 4 << 20
 # wasmtime's default memory reservation on 64-bit hosts, guard included, and what else a slot reserves
 # (vmctx, tables): the address space a pool needs is about slots x this.
 SLOT_RESERVATION = (4 << 30) + (32 << 20) + (1 << 20) + TABLES_PER_MODULE * TABLE_ELEMENTS * 8
@@ -56,11 +49,12 @@ class PoolSize:
     max_memory_bytes: int
 
     @classmethod
-    def for_policies(cls, policies: int, max_memory_bytes: int, *, keep_idle: bool) -> PoolSize:
-        """Slots for the idle instances a worker may keep (at most one per policy: a worker evaluates
-        one request at a time) and the live ones; the memory of a slot is the policy memory limit."""
-        idle = policies if keep_idle else 0
-        return cls(max(MIN_SLOTS, min(MAX_SLOTS, idle + LIVE_INSTANCES)), min(max_memory_bytes, MAX_MEMORY_BYTES))
+    def for_policies(cls, policies: int, max_memory_bytes: int) -> PoolSize:
+        """Slots for what a worker keeps per policy at most (it evaluates one request at a time): an idle
+        instance, and the untouched template that fresh instances are restored from
+        (kwserver/runtime/pristine.py); plus the live ones. A slot's memory is the policy memory limit."""
+        slots = 2 * policies + LIVE_INSTANCES
+        return cls(max(MIN_SLOTS, min(MAX_SLOTS, slots)), min(max_memory_bytes, MAX_MEMORY_BYTES))
 
 
 def reservable(size: PoolSize) -> bool:
@@ -107,8 +101,6 @@ def configure(config: wasmtime.Config, size: PoolSize) -> bool:
             ("max_memory_size", size.max_memory_bytes),
             ("max_tables_per_module", TABLES_PER_MODULE),
             ("table_elements", TABLE_ELEMENTS),
-            ("linear_memory_keep_resident", KEEP_RESIDENT_BYTES),
-            ("table_keep_resident", KEEP_RESIDENT_BYTES),
         ):
             getattr(bindings, f"wasmtime_pooling_allocation_config_{setter}_set")(pooling, value)
         bindings.wasmtime_pooling_allocation_strategy_set(config.ptr(), pooling)

@@ -37,7 +37,7 @@ PREINITIALISED_EXPORT = "kwserver:preinitialised"
 MEMORY_EXPORT = "kwserver:memory"
 GLOBAL_EXPORT = "kwserver:global:"
 # Part of the cache key of snapshots: bump when the snapshot changes for the same input.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 I32, I64, F32, F64 = 0x7F, 0x7E, 0x7D, 0x7C
 _CONST_OPCODE = {I32: 0x41, I64: 0x42, F32: 0x43, F64: 0x44}
@@ -363,12 +363,14 @@ def _exports(layout: ModuleLayout, extra: list[bytes]) -> bytes:
     return _vec([_export(*e) for e in layout.exports] + extra)
 
 
+def _global_exports(layout: ModuleLayout) -> list[bytes]:
+    return [_export(f"{GLOBAL_EXPORT}{i}".encode(), EXPORT_GLOBAL, layout.imported_globals + i)
+            for i, global_ in enumerate(layout.globals) if global_.mutable]
+
+
 def instrument(layout: ModuleLayout) -> bytes:
     """The module with its memory and every mutable global exported, for the start-up run."""
-    extra = [_export(MEMORY_EXPORT.encode(), EXPORT_MEMORY, 0)]
-    for i, global_ in enumerate(layout.globals):
-        if global_.mutable:
-            extra.append(_export(f"{GLOBAL_EXPORT}{i}".encode(), EXPORT_GLOBAL, layout.imported_globals + i))
+    extra = [_export(MEMORY_EXPORT.encode(), EXPORT_MEMORY, 0), *_global_exports(layout)]
     return _rewrite(layout, {SECTION_EXPORT: _exports(layout, extra)})
 
 
@@ -402,22 +404,18 @@ def _segments(memory: bytes) -> list[bytes]:
 
 
 def snapshot(layout: ModuleLayout, state: State) -> bytes:
-    """The module whose initial state is `state`: same code, same exports (plus the marker), its
-    memory defined with `state`'s contents as data, globals initialised to their values, and no
-    start function (it ran)."""
+    """The module whose initial state is `state`: same code, same exports (plus the marker and its
+    mutable globals, which kwserver/runtime/pristine.py resets), its memory defined with `state`'s
+    contents as data, globals initialised to their values, and no start function (it ran)."""
     pages = (len(state.memory) + WASM_PAGE - 1) // WASM_PAGE
-    if layout.memory_import is not None:
-        flags, maximum = 0, None
-        limits = _Reader(layout.memory_import[2]).limits()
-        flags, maximum = limits[0], limits[2]
-    else:
-        flags, _, maximum = _Reader(layout.memory_limits).limits()
+    declared = layout.memory_import[2] if layout.memory_import is not None else layout.memory_limits
+    flags, _, maximum = _Reader(declared).limits()
     limits = bytes([flags]) + _uleb(pages) + (_uleb(maximum) if maximum is not None else b"")
     globals_ = [
         bytes([g.valtype, int(g.mutable)]) + (_const(g.valtype, state.globals[i]) if g.mutable else g.init)
         for i, g in enumerate(layout.globals)
     ]
-    extra = [_export(PREINITIALISED_EXPORT.encode(), EXPORT_MEMORY, 0)]
+    extra = [_export(PREINITIALISED_EXPORT.encode(), EXPORT_MEMORY, 0), *_global_exports(layout)]
     if not any(kind == EXPORT_MEMORY for _, kind, _ in layout.exports):
         extra.append(_export(b"memory", EXPORT_MEMORY, 0))
     replace: dict[int, bytes | None] = {

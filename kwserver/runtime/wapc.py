@@ -8,6 +8,7 @@ linked once per module, so they find the instance they serve through `current_gu
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import wasmtime
@@ -30,7 +31,8 @@ from kwserver.runtime import (
     set_store_limits,
 )
 from kwserver.runtime.memory import GuestMemory, GuestMemoryError
-from kwserver.runtime.preinit import PREINITIALISED_EXPORT
+from kwserver.runtime.preinit import GLOBAL_EXPORT, PREINITIALISED_EXPORT
+from kwserver.runtime.pristine import Pristine
 from kwserver.runtime.wasi import WasiState, define_wasi
 
 log = logging.getLogger(__name__)
@@ -141,14 +143,26 @@ class WapcModule:
         self.has_memory = isinstance(exports.get("memory"), wasmtime.MemoryType)
         guest_call = exports.get("__guest_call")
         self.guest_call_shape = _shape(guest_call) if isinstance(guest_call, wasmtime.FuncType) else None
-        # A pre-initialised module (kwserver.runtime.preinit) starts in the state its init left.
-        self.initialisers = () if PREINITIALISED_EXPORT in exports else tuple(
+        # A pre-initialised module (kwserver.runtime.preinit) starts in the state its init left, and its
+        # instances can be put back into that state (kwserver.runtime.pristine).
+        self.preinitialised = PREINITIALISED_EXPORT in exports
+        self.initialisers = () if self.preinitialised else tuple(
             (name, _shape(exports[name])) for name in ("_start", "wapc_init")
             if isinstance(exports.get(name), wasmtime.FuncType))
+        self.snapshot_globals = [name.encode() for name in exports if name.startswith(GLOBAL_EXPORT)]
+        self._pristine: Pristine | None = None
 
     def instantiate(self, limits: InstanceLimits, host_call: HostCall | None = None,
                     label: str = "guest") -> WapcInstance:
         return WapcInstance(self, limits, host_call or no_host_callback, label)
+
+    def pristine(self, limits: InstanceLimits) -> Pristine | None:
+        """This process's untouched instance of a pre-initialised module (None for any other module)."""
+        if not self.preinitialised:
+            return None
+        if self._pristine is None or self._pristine.pid != os.getpid():  # made after the fork, in each worker
+            self._pristine = Pristine(self, limits)
+        return self._pristine
 
 
 def _shape(functype: wasmtime.FuncType) -> tuple[int, int] | None:
@@ -164,7 +178,7 @@ class WapcInstance:
 
     __slots__ = (
         "_guest_call", "broken", "guest_error", "guest_response", "host_call", "host_error", "host_response",
-        "instance", "label", "limits", "memory", "module", "op", "payload", "store", "wasi",
+        "instance", "label", "limits", "memory", "module", "op", "payload", "snapshot_globals", "store", "wasi",
     )
 
     def __init__(self, module: WapcModule, limits: InstanceLimits, host_call: HostCall, label: str):
@@ -180,6 +194,7 @@ class WapcInstance:
         self.host_response: bytes | None = None
         self.host_error: bytes | None = None
         self.wasi = WasiState(log_prefix=label)
+        self.snapshot_globals: list[wasmtime.Global] | None = None  # kwserver.runtime.pristine's
         self.store = new_store(module.engine, limits)
         with running(self):
             self._arm_deadline()
@@ -257,6 +272,12 @@ class WapcInstance:
         set_store_limits(self.store, self.limits, limits)
         self.limits, self.host_call, self.label = limits, host_call, label
         self.wasi.log_prefix = label
+
+    def restore(self) -> bool:
+        """Put the instance back into the state of a new one (a pre-initialised module's only); False
+        when it cannot be, and then it must be closed."""
+        pristine = self.module.pristine(self.limits)
+        return pristine is not None and pristine.restore(self)
 
     def close(self) -> None:
         self.store.close()
