@@ -168,9 +168,13 @@ class ServerSettings:
         512, "KWSERVER_WORKER_INSTANCE_BUDGET_MIB",
         "Memory of all idle instances kept by one worker; least recently used ones go first",
         parse=int, check=at_least(0))
-    fresh_instance_per_request: bool = setting(
-        False, "KWSERVER_FRESH_INSTANCE_PER_REQUEST",
-        "Never reuse instances: every evaluation gets a new one (strict isolation)", parse=parse_bool)
+    # Unset: every evaluation starts from a new instance's state where that is as cheap as reusing one
+    # (pre-initialised waPC modules, put back into that state after each evaluation); other instances are
+    # reused. True: fresh for every module; false: reuse everywhere (docs/operations.md, "Instances").
+    fresh_instance_per_request: bool | None = setting(
+        None, "KWSERVER_FRESH_INSTANCE_PER_REQUEST",
+        "Every evaluation starts from a new instance, for every module (default: where it is as cheap as reuse; "
+        "false: reuse instances everywhere)", parse=parse_bool)
     disable_preinitialisation: bool = setting(
         False, "KWSERVER_DISABLE_PREINITIALISATION",
         "Run every new instance's start-up (wapc_init, _start) instead of starting from a snapshot taken at boot",

@@ -41,7 +41,7 @@ class InstancePool:
     bounded by a byte budget over their linear memories; the least recently used go first.
     """
 
-    def __init__(self, registry: PolicyRegistry, *, reuse: bool, keep_bytes: int, budget_bytes: int,
+    def __init__(self, registry: PolicyRegistry, *, reuse: bool | None, keep_bytes: int, budget_bytes: int,
                  observer: PoolObserver | None = None):
         self.registry = registry
         self.observer = observer or PoolObserver()
@@ -133,8 +133,9 @@ class InstancePool:
 
     @contextmanager
     def instance(self, policy: LoadedPolicy) -> Iterator[PolicyInstance]:
-        """An instance for one evaluation. Reusing, it is one kept from earlier evaluations; otherwise a
-        new instance, or one put back into the state of a new instance after its last evaluation."""
+        """An instance for one evaluation: one kept from earlier evaluations (reusing), or one in the state of
+        a new instance (fresh: new, or put back into that state after its last evaluation). `reuse` None
+        is fresh for the instances that can be put back (kwserver/runtime/pristine.py), reuse for others."""
         key = policy.instance_key
         instance = self._take_idle(key)
         if instance is not None and instance.memory_size > policy.limits.memory_bytes:
@@ -157,19 +158,20 @@ class InstancePool:
             reusable = True
         finally:
             size = instance.memory_size
-            if reusable and not instance.broken and size <= self.keep_bytes and (
-                    self.reuse or self._restored(instance)):
+            if reusable and not instance.broken and size <= self.keep_bytes and self._keeps(instance):
                 self._put_idle(key, instance, size)
             else:
                 self.discards += 1
-                if self.reuse:
+                if self.reuse is not False:
                     self.observer.event("discard")
                 instance.close()
 
-    @staticmethod
-    def _restored(instance: PolicyInstance) -> bool:
-        restore = getattr(instance, "restore", None)
-        return restore is not None and restore()
+    def _keeps(self, instance: PolicyInstance) -> bool:
+        """Whether an instance may serve another evaluation: reused as it is, or fresh once put back."""
+        restorable = getattr(instance, "restorable", False)
+        if self.reuse or (self.reuse is None and not restorable):
+            return True
+        return restorable and instance.restore()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

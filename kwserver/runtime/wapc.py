@@ -27,6 +27,7 @@ from kwserver.runtime import (
     is_interrupt,
     new_store,
     no_host_callback,
+    pristine,
     running,
     set_store_limits,
 )
@@ -273,11 +274,16 @@ class WapcInstance:
         self.limits, self.host_call, self.label = limits, host_call, label
         self.wasi.log_prefix = label
 
+    @property
+    def restorable(self) -> bool:
+        """Whether `restore` can work here: a pre-initialised module, on a kernel that can scan pages."""
+        return self.module.preinitialised and pristine.scanner() is not None
+
     def restore(self) -> bool:
         """Put the instance back into the state of a new one (a pre-initialised module's only); False
         when it cannot be, and then it must be closed."""
-        pristine = self.module.pristine(self.limits)
-        return pristine is not None and pristine.restore(self)
+        template = self.module.pristine(self.limits)
+        return template is not None and template.restore(self)
 
     def close(self) -> None:
         self.store.close()
