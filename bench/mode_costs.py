@@ -12,8 +12,11 @@ Stages of a fresh waPC instance, each the difference of two medians: `store` (a 
 limits, then closed), `instantiate` (from the InstancePre, with the teardown of an untouched instance),
 `init` (`_start`/`wapc_init` and the instance's Python objects), `first call` (the first `validate`
 on the new instance minus one on a reused instance: page faults), `teardown` (closing the store after a
-call). `fresh` is the whole of it (new instance, one call, close) and `reused` one call on a reused
-instance: `fresh - reused` is what a fresh instance adds to an evaluation. WASI runs a fresh instance
+call). `new instance` is the whole of it (new instance, one call, close) and `reused` one call on a
+reused instance. `restore` puts an instance of a pre-initialised module back into the state of a new
+one after a call (kwserver/runtime/pristine.py), which is how the server gives such modules a fresh
+instance: `fresh - reused` is what a fresh instance adds to an evaluation, the cheaper of the two ways
+(`-`: no way). WASI runs a fresh instance
 per evaluation by design (one figure); OPA's `create` is store + memory + instantiate. A last table
 compares the ways of instantiating an OPA module, whose memory is imported so that no InstancePre can
 be built. Writes bench/results/mode_costs/{results.json,report.md}.
@@ -45,7 +48,8 @@ RESULTS = REPO / "bench" / "results" / "mode_costs"
 LIMITS = InstanceLimits(memory_bytes=256 << 20, timeout_seconds=2)
 AFTER = EngineOptions(epoch_interruption=True, pool=PoolSize.for_policies(10, LIMITS.memory_bytes))
 BEFORE = replace(AFTER, pool=None)
-STAGES = ("store", "instantiate", "init", "first call", "teardown", "fresh", "reused", "fresh - reused")
+STAGES = ("store", "instantiate", "init", "first call", "teardown", "new instance", "restore", "reused",
+          "fresh - reused")
 
 
 def median_us(func: Callable[[], object], rounds: int) -> float:
@@ -91,12 +95,21 @@ def wapc_stages(engine: wasmtime.Engine, wasm: bytes, payload: bytes, rounds: in
 
     reused_instance = linked.instantiate(LIMITS)
     reused = median_us(lambda: reused_instance.call("validate", payload), rounds)
+    restored = None
+    if reused_instance.restorable:
+        def restoring() -> float:
+            reused_instance.call("validate", payload)
+            started = time.perf_counter()
+            assert reused_instance.restore()
+            return time.perf_counter() - started
+        restored = statistics.median(restoring() for _ in range(rounds)) * 1e6
     reused_instance.close()
     store, inst, made, whole = (median_us(f, rounds) for f in (store_only, instantiate, create, fresh))
     closing = statistics.median(teardown() for _ in range(rounds)) * 1e6
     return {"store": store, "instantiate": inst - store, "init": made - inst,
-            "first call": whole - made - closing - reused, "teardown": closing, "fresh": whole,
-            "reused": reused, "fresh - reused": whole - reused}
+            "first call": whole - made - closing - reused, "teardown": closing, "new instance": whole,
+            "restore": restored, "reused": reused,
+            "fresh - reused": min(whole - reused, restored if restored is not None else whole)}
 
 
 def main() -> None:
@@ -214,7 +227,8 @@ def render(results: dict) -> str:
              "| waPC policy | engine | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
     for name, by_engine in results["wapc"].items():
         for label, stages in by_engine.items():
-            lines.append(f"| {name} | {label} | " + " | ".join(f"{stages[s]:.0f}" for s in STAGES) + " |")
+            lines.append(f"| {name} | {label} | " + " | ".join(
+                "-" if stages[s] is None else f"{stages[s]:.0f}" for s in STAGES) + " |")
     lines += ["", "| mode | policy | engine | create µs | evaluate µs |", "|---|---|---|---|---|"]
     for label, rows in results["modes"].items():
         for row in rows:
