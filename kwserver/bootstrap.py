@@ -72,9 +72,13 @@ class BootReport:
 
 def engine_options_for(settings: ServerSettings, specs: list[PolicySpec]) -> EngineOptions:
     """Epoch interruption costs a little on every call, so it is on only when some timeout exists.
-    Instances come from a pool of slots sized for the policies (kwserver/runtime/pooling.py)."""
+    When every evaluation of every module gets a new instance, instances come from a pool of slots sized
+    for the policies (kwserver/runtime/pooling.py): it makes them ~20 µs faster, for ~1 MiB more per
+    process, which is not worth it where instances are made rarely (docs/operations.md, "Instances")."""
     any_timeout = settings.global_timeout is not None or any(s.timeout_eval_seconds for s in specs)
-    pool = PoolSize.for_policies(len(specs), settings.policy_memory_limit_mib * 1024 * 1024)
+    pool = None
+    if settings.fresh_instance_per_request:
+        pool = PoolSize.for_policies(len(specs), settings.policy_memory_limit_mib * 1024 * 1024)
     return EngineOptions(epoch_interruption=any_timeout, pool=pool)
 
 
@@ -157,7 +161,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     # The master runs guests at boot (start-ups to snapshot, settings checks) on an engine of its own, so
     # the instance pool of the serving engine is still cold when the workers inherit it: a slot used here
     # would stay resident in the master and be copied into every worker that reuses it.
-    scratch = make_engine(replace(options, pool=None))
+    scratch = engine if options.pool is None else make_engine(replace(options, pool=None))
     known_modules = previous.modules if reuse else {}
     cache = CompileCache(settings.cache_dirs, options)
     memory_limit = settings.policy_memory_limit_mib * 1024 * 1024
@@ -228,6 +232,8 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
         )
 
     _check_all_policies(registry, options, report, scratch)
+    del scratch
+    malloc_trim()  # what the boot-time guests and their engine used, before the workers inherit it
     for name, group in registry.groups.items():
         if group.expression_error is not None:
             registry.init_errors[name] = f"{GROUP_EXPRESSION_ERROR}: {group.expression_error}"
