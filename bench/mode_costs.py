@@ -5,8 +5,9 @@
 Medians in µs, one process, epoch interruption on (as when any timeout is configured), two engines
 measured side by side:
 - `before`: wasmtime's on-demand allocator and the module as compiled (kwserver before issue 26);
-- `after`: the pooling allocator with copy-on-write memory images (kwserver/runtime/pooling.py) and,
-  for waPC, the pre-initialised module (kwserver/runtime/preinit.py): what the server runs now.
+- `after`: the pooling allocator with copy-on-write memory images (kwserver/runtime/pooling.py, as with
+  `--fresh-instance-per-request`) and, for waPC, the pre-initialised module (kwserver/runtime/preinit.py).
+  By default the server gives a pre-initialised module's evaluations a fresh instance by `restore`.
 
 Stages of a fresh waPC instance, each the difference of two medians: `store` (a new store with its
 limits, then closed), `instantiate` (from the InstancePre, with the teardown of an untouched instance),
@@ -223,7 +224,9 @@ def main() -> None:
 def render(results: dict) -> str:
     lines = ["# bench `mode_costs`: a fresh instance stage by stage, before and after (µs, medians)", "",
              f"{results['rounds']} rounds; `before`: on-demand allocator, module as compiled; `after`: pooling "
-             "allocator with copy-on-write images and the pre-initialised module. See bench/mode_costs.py.", "",
+             "allocator with copy-on-write images and the pre-initialised module; `restore`: an instance put back "
+             "into a new one's state after a call (the default for pre-initialised modules). See "
+             "bench/mode_costs.py.", "",
              "| waPC policy | engine | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
     for name, by_engine in results["wapc"].items():
         for label, stages in by_engine.items():
