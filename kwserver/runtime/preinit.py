@@ -9,11 +9,12 @@ instances begin where the start-up ended; wasmtime maps that memory copy-on-writ
 The new module exports `kwserver:preinitialised`, which tells the runtime not to run the start-up.
 
 Only what is safe to snapshot is: a module is left as it is (plain instantiation) when it imports
-globals or tables, has more than one memory or a shared/64-bit one, keeps passive data segments, uses
-instructions that change tables or data segments (a snapshot holds memory and globals only), holds a
-mutable global that is not a number, or when its start-up calls the host (`__host_call`: per-policy
-capabilities) or fails. What the start-up read from the clocks and the random source is frozen into
-the snapshot: every instance of the module starts with the same seed (a reused instance does too).
+its memory, globals or tables, has more than one memory or a shared/64-bit one, keeps passive data
+segments, uses instructions that change tables or data segments (a snapshot holds memory and globals
+only), holds a mutable global that is not a number, or when its start-up calls the host
+(`__host_call`: per-policy capabilities) or fails. What the start-up read from the clocks and the
+random source is frozen into the snapshot: every instance of the module starts with the same seed (a
+reused instance does too).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREINITIALISED_EXPORT = "kwserver:preinitialised"
-MEMORY_EXPORT = "kwserver:memory"
 GLOBAL_EXPORT = "kwserver:global:"
 # Part of the cache key of snapshots: bump when the snapshot changes for the same input.
 FORMAT_VERSION = 2
@@ -244,9 +244,7 @@ class ModuleLayout:
     """What a snapshot needs to know about a module; anything it cannot snapshot is refused."""
 
     sections: list[tuple[int, bytes]]
-    imported_globals: int
-    memory_import: tuple[bytes, bytes, bytes] | None  # (module, name, limits bytes) when imported
-    memory_limits: bytes | None  # the defined memory's limits
+    memory_limits: bytes  # the memory's limits, as declared
     globals: list[_Global]
     exports: list[tuple[bytes, int, int]]
 
@@ -263,8 +261,7 @@ def _sections(wasm: bytes) -> Iterator[tuple[int, bytes]]:
 def parse(wasm: bytes) -> ModuleLayout:
     """Read the module; raises NotPreinitialisable for anything a snapshot cannot hold."""
     sections = list(_sections(wasm))
-    imported_globals = 0
-    memory_import = memory_limits = None
+    memory_limits = b""
     memories = 0
     globals_: list[_Global] = []
     exports: list[tuple[bytes, int, int]] = []
@@ -272,16 +269,13 @@ def parse(wasm: bytes) -> ModuleLayout:
         reader = _Reader(payload)
         if section_id == SECTION_IMPORT:
             for _ in range(reader.leb()):
-                module, name, kind = reader.name(), reader.name(), reader.byte()
+                reader.name(), reader.name()
+                kind = reader.byte()
                 if kind == 0:
                     reader.skip_leb()
                 elif kind == 2:
-                    start = reader.pos
-                    _check_memory(reader.limits())
-                    memory_import = (module, name, payload[start:reader.pos])
-                    memories += 1
+                    raise NotPreinitialisable("it imports its memory")
                 elif kind == 3:
-                    imported_globals += 1
                     raise NotPreinitialisable("it imports globals")
                 else:
                     raise NotPreinitialisable("it imports tables or tags")
@@ -321,7 +315,7 @@ def parse(wasm: bytes) -> ModuleLayout:
             raise NotPreinitialisable("it uses exceptions")
     if memories != 1:
         raise NotPreinitialisable(f"it has {memories} memories (one is needed)")
-    return ModuleLayout(sections, imported_globals, memory_import, memory_limits, globals_, exports)
+    return ModuleLayout(sections, memory_limits, globals_, exports)
 
 
 def _check_memory(limits: tuple[int, int, int | None]) -> None:
@@ -364,14 +358,13 @@ def _exports(layout: ModuleLayout, extra: list[bytes]) -> bytes:
 
 
 def _global_exports(layout: ModuleLayout) -> list[bytes]:
-    return [_export(f"{GLOBAL_EXPORT}{i}".encode(), EXPORT_GLOBAL, layout.imported_globals + i)
+    return [_export(f"{GLOBAL_EXPORT}{i}".encode(), EXPORT_GLOBAL, i)
             for i, global_ in enumerate(layout.globals) if global_.mutable]
 
 
 def instrument(layout: ModuleLayout) -> bytes:
-    """The module with its memory and every mutable global exported, for the start-up run."""
-    extra = [_export(MEMORY_EXPORT.encode(), EXPORT_MEMORY, 0), *_global_exports(layout)]
-    return _rewrite(layout, {SECTION_EXPORT: _exports(layout, extra)})
+    """The module with every mutable global exported, for the start-up run."""
+    return _rewrite(layout, {SECTION_EXPORT: _exports(layout, _global_exports(layout))})
 
 
 @dataclass(frozen=True)
@@ -408,16 +401,13 @@ def snapshot(layout: ModuleLayout, state: State) -> bytes:
     mutable globals, which kwserver/runtime/pristine.py resets), its memory defined with `state`'s
     contents as data, globals initialised to their values, and no start function (it ran)."""
     pages = (len(state.memory) + WASM_PAGE - 1) // WASM_PAGE
-    declared = layout.memory_import[2] if layout.memory_import is not None else layout.memory_limits
-    flags, _, maximum = _Reader(declared).limits()
+    flags, _, maximum = _Reader(layout.memory_limits).limits()
     limits = bytes([flags]) + _uleb(pages) + (_uleb(maximum) if maximum is not None else b"")
     globals_ = [
         bytes([g.valtype, int(g.mutable)]) + (_const(g.valtype, state.globals[i]) if g.mutable else g.init)
         for i, g in enumerate(layout.globals)
     ]
     extra = [_export(PREINITIALISED_EXPORT.encode(), EXPORT_MEMORY, 0), *_global_exports(layout)]
-    if not any(kind == EXPORT_MEMORY for _, kind, _ in layout.exports):
-        extra.append(_export(b"memory", EXPORT_MEMORY, 0))
     replace: dict[int, bytes | None] = {
         SECTION_MEMORY: _vec([limits]),
         SECTION_EXPORT: _exports(layout, extra),
@@ -427,26 +417,7 @@ def snapshot(layout: ModuleLayout, state: State) -> bytes:
     }
     if layout.globals:
         replace[SECTION_GLOBAL] = _vec(globals_)
-    if layout.memory_import is not None:
-        replace[SECTION_IMPORT] = _imports_without_memory(layout)
     return _rewrite(layout, replace)
-
-
-def _imports_without_memory(layout: ModuleLayout) -> bytes:
-    payload = next(p for s, p in layout.sections if s == SECTION_IMPORT)
-    reader = _Reader(payload)
-    kept = []
-    for _ in range(reader.leb()):
-        start = reader.pos
-        reader.name(), reader.name()
-        kind = reader.byte()
-        if kind == 0:
-            reader.skip_leb()
-        else:
-            reader.limits()
-        if kind != 2:
-            kept.append(payload[start:reader.pos])
-    return _vec(kept)
 
 
 def preinitialise(wasm: bytes, run: Callable[[bytes], State]) -> bytes:

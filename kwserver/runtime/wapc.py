@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 
 import wasmtime
@@ -152,6 +153,7 @@ class WapcModule:
             if isinstance(exports.get(name), wasmtime.FuncType))
         self.snapshot_globals = [name.encode() for name in exports if name.startswith(GLOBAL_EXPORT)]
         self._pristine: Pristine | None = None
+        self._pristine_lock = threading.Lock()
 
     def instantiate(self, limits: InstanceLimits, host_call: HostCall | None = None,
                     label: str = "guest") -> WapcInstance:
@@ -161,9 +163,10 @@ class WapcModule:
         """This process's untouched instance of a pre-initialised module (None for any other module)."""
         if not self.preinitialised:
             return None
-        if self._pristine is None or self._pristine.pid != os.getpid():  # made after the fork, in each worker
-            self._pristine = Pristine(self, limits)
-        return self._pristine
+        with self._pristine_lock:
+            if self._pristine is None or self._pristine.pid != os.getpid():  # made after the fork, in each worker
+                self._pristine = Pristine(self, limits)
+            return self._pristine
 
 
 def _shape(functype: wasmtime.FuncType) -> tuple[int, int] | None:
