@@ -5,9 +5,9 @@ its tables cannot change (kwserver/runtime/preinit.py refuses modules with instr
 them, or that touch data and element segments). So a new instance is not needed to start the next
 evaluation from scratch: copying back the pages the evaluation wrote, from an untouched instance of
 the module (its `template`, whose pages are the module's copy-on-write image, never written), and
-resetting the globals gives exactly the state a new instance would have, for ~10 µs instead of the
-~35 µs of a new store, instance and teardown (bench/mode_costs.py), and with only the pages the
-guest really uses resident.
+resetting the globals gives exactly the state a new instance would have, for ~12 µs instead of the
+~50 µs that a new store, instance, first call's page faults and teardown add to an evaluation
+(bench/mode_costs.py), and with only the pages the guest really uses resident.
 
 The written pages are found with Linux's PAGEMAP_SCAN ioctl (Linux >= 6.7): pages present in the
 memory that are neither the image's file pages nor the shared zero page. Without it, or when the
@@ -16,7 +16,6 @@ guest grew its memory, a new instance is made as before.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -122,10 +121,6 @@ class Pristine:
         for global_, (_, value) in zip(instance.snapshot_globals, self.globals, strict=True):
             fastcall.global_set(store, global_, value)
         return True
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.template.close()
 
 
 def _global(store: wasmtime.Store, instance: WapcInstance, name: bytes) -> wasmtime.Global:
