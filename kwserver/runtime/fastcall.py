@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from typing import NoReturn
 
 import wasmtime
 from wasmtime import _ffi as ffi
@@ -44,6 +45,14 @@ def _raise_pending() -> None:
         raise pending
 
 
+def _raise_failure(error: object, trap: object) -> NoReturn:
+    """Raise what a call into wasm failed with: the host function's exception that caused it, if any,
+    else the wasmtime error or the trap."""
+    failure = wasmtime.WasmtimeError._from_ptr(error) if error else wasmtime.Trap._from_ptr(trap)
+    _raise_pending()
+    raise failure
+
+
 def i32_shape(functype: wasmtime.FuncType) -> tuple[int, int]:
     """(parameters, results) of a function I32Call can call; raises TypeError for any other."""
     if not _all_i32(functype) or len(functype.results) > 1:
@@ -57,14 +66,8 @@ def instantiate(pre: wasmtime.InstancePre, store: wasmtime.Store) -> ffi.wasmtim
     trap = ctypes.POINTER(ffi.wasm_trap_t)()
     error = ffi.wasmtime_instance_pre_instantiate(pre.ptr(), store._context(), ctypes.byref(instance),
                                                   ctypes.byref(trap))
-    if error:
-        failure = wasmtime.WasmtimeError._from_ptr(error)
-        _raise_pending()
-        raise failure
-    if trap:
-        trapped = wasmtime.Trap._from_ptr(trap)
-        _raise_pending()
-        raise trapped
+    if error or trap:
+        _raise_failure(error, trap)
     return instance
 
 
@@ -120,14 +123,8 @@ class I32Call:
         trap = ctypes.POINTER(ffi.wasm_trap_t)()
         error = ffi.wasmtime_func_call(self._store._context(), ctypes.byref(self._func._func), params,
                                        self._nparams, self._results, self._nresults, ctypes.byref(trap))
-        if error:
-            failure = wasmtime.WasmtimeError._from_ptr(error)
-            _raise_pending()
-            raise failure
-        if trap:
-            trapped = wasmtime.Trap._from_ptr(trap)
-            _raise_pending()
-            raise trapped
+        if error or trap:
+            _raise_failure(error, trap)
         return self._results[0].of.i32 if self._nresults else None
 
 
