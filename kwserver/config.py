@@ -233,10 +233,17 @@ class ServerSettings:
         512, "KWSERVER_WORKER_INSTANCE_BUDGET_MIB",
         "Memory of all idle instances kept by one worker; least recently used ones go first",
         parse=int, check=at_least(0), group="evaluation")
-    fresh_instance_per_request: bool = setting(
-        False, "KWSERVER_FRESH_INSTANCE_PER_REQUEST",
-        "Never reuse instances: every evaluation gets a new one (strict isolation)", parse=parse_bool,
-        group="evaluation")
+    # Unset: every evaluation starts from a new instance's state where that is as cheap as reusing one
+    # (pre-initialised waPC modules, put back into that state after each evaluation); other instances are
+    # reused. True: fresh for every module; false: reuse everywhere (docs/operations.md, "Instances").
+    fresh_instance_per_request: bool | None = setting(
+        None, "KWSERVER_FRESH_INSTANCE_PER_REQUEST",
+        "Every evaluation starts from a new instance, for every module (default: where it is as cheap as reuse; "
+        "false: reuse instances everywhere)", parse=parse_bool, group="evaluation")
+    disable_preinitialisation: bool = setting(
+        False, "KWSERVER_DISABLE_PREINITIALISATION",
+        "Run every new instance's start-up (wapc_init, _start) instead of starting from a snapshot taken at boot",
+        parse=parse_bool, group="evaluation")
     # What one client may cost a worker (kwserver/server/worker.py); none of it delays another client.
     header_timeout_seconds: float = setting(
         10.0, "KWSERVER_HEADER_TIMEOUT_SECONDS", "Answer 408 and close when request headers take longer than this",

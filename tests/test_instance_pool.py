@@ -62,8 +62,9 @@ GREEDY_WAT = """(module
 def test_growing_past_the_memory_limit_fails_that_evaluation_and_the_worker_keeps_serving(run_server, tmp_path):
     module = annotated(tmp_path, "greedy", wasmtime.wat2wasm(GREEDY_WAT), "kubewarden-wapc", policyType="raw",
                        protocolVersion="v1")
-    server = run_server({"greedy": {"module": module}}, env={
-        "KUBEWARDEN_WORKERS": "1", "KWSERVER_POLICY_MEMORY_LIMIT_MIB": "10", "KWSERVER_INSTANCE_KEEP_MEMORY_MIB": "64"})
+    server = run_server({"greedy": {"module": module}}, env={  # reused: its memory grows from one call to the next
+        "KUBEWARDEN_WORKERS": "1", "KWSERVER_POLICY_MEMORY_LIMIT_MIB": "10", "KWSERVER_INSTANCE_KEEP_MEMORY_MIB": "64",
+        "KWSERVER_FRESH_INSTANCE_PER_REQUEST": "false"})
     worker = psutil.Process(server.process.pid).children()[0].pid
     raw = {"request": {"uid": "u"}}
     answers = [server.post("/validate_raw/greedy", raw).json()["response"] for _ in range(4)]

@@ -182,8 +182,8 @@ def leaky_policy(tmp_path) -> str:
 
 
 def test_workers_over_the_memory_ceiling_are_recycled_without_failed_requests(run_server, leaky_policy):
-    server = run_server({"leaky": {"module": leaky_policy}}, env={
-        "KUBEWARDEN_WORKERS": "1", "KWSERVER_WORKER_MAX_USS_MIB": "80",
+    server = run_server({"leaky": {"module": leaky_policy}}, env={  # reused: a fresh instance would not leak
+        "KUBEWARDEN_WORKERS": "1", "KWSERVER_WORKER_MAX_USS_MIB": "80", "KWSERVER_FRESH_INSTANCE_PER_REQUEST": "false",
         "KWSERVER_INSTANCE_KEEP_MEMORY_MIB": "1024", "KWSERVER_POLICY_MEMORY_LIMIT_MIB": "1024"})
     first = workers_of(server)[0].pid
     session = requests.Session()

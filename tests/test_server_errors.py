@@ -59,7 +59,9 @@ def server(tmp_path_factory, compile_cache):
         "breaks-later": {"module": _module(tmp_path, "breaks-later", _wapc_wat(trap_later))},
         "too-deep": {"module": _module(tmp_path, "too-deep", _wapc_wat("", too_deep))},
         "pod-privileged": {"module": policy_path("pod-privileged")},
-    }, compile_cache, env={"KUBEWARDEN_WORKERS": "1"})
+    }, compile_cache, env={"KUBEWARDEN_WORKERS": "1",
+                           # breaks-later's start-up must run in every new instance, not once at boot
+                           "KWSERVER_DISABLE_PREINITIALISATION": "true"})
     assert time.time_ns() < broken_after_ns, "the server took too long to boot for this test"
     server.broken_after_ns = broken_after_ns
     yield server

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import orjson
@@ -25,7 +25,7 @@ from kwserver.evaluation.registry import LoadedPolicy, PolicyRegistry
 from kwserver.evaluation.settings_location import settings_path
 from kwserver.host_capabilities import PatternError, parse
 from kwserver.metadata import MetadataError
-from kwserver.runtime import InstanceLimits, RuntimeFailure
+from kwserver.runtime import InstanceLimits, RuntimeFailure, preinit
 from kwserver.runtime.engine import (
     CompileCache,
     CompiledModule,
@@ -34,6 +34,7 @@ from kwserver.runtime.engine import (
     make_engine,
     malloc_trim,
 )
+from kwserver.runtime.pooling import PoolSize
 from kwserver.sources.errors import ChecksumError, LocalModuleError, SourceError, TransportError, VerificationError
 from kwserver.sources.isolated import fetch_modules
 from kwserver.truncation import bounded
@@ -76,11 +77,17 @@ class BootReport:
         return f"{error} (in policies.yml: {owner}, {location})"
 
 
-def engine_options_for(settings: ServerSettings) -> EngineOptions:
+def engine_options_for(settings: ServerSettings, specs: list[PolicySpec]) -> EngineOptions:
     """Epoch interruption costs a little on every call, so it is on only when timeouts are: never with
     `--disable-timeout-protection`, which turns off the per-policy ones too (as the reference does
-    since its PR #1982)."""
-    return EngineOptions(epoch_interruption=settings.global_timeout is not None)
+    since its PR #1982).
+    When every evaluation of every module gets a new instance, instances come from a pool of slots sized
+    for the policies (kwserver/runtime/pooling.py): it makes them ~20 µs faster, for ~1 MiB more per
+    process, which is not worth it where instances are made rarely (docs/operations.md, "Instances")."""
+    pool = None
+    if settings.fresh_instance_per_request:
+        pool = PoolSize.for_policies(len(specs), settings.policy_memory_limit_mib * 1024 * 1024)
+    return EngineOptions(epoch_interruption=settings.global_timeout is not None, pool=pool)
 
 
 def policy_timeout(settings: ServerSettings, spec: PolicySpec) -> int | None:
@@ -134,8 +141,12 @@ def _download_name(spec: PolicySpec) -> str:
 
 
 def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, digest: str,
-                   source: str, report: BootReport, execution_mode: str | None = None) -> CompiledModule:
-    """`execution_mode`: the mode the caller requires (kwctl's `--execution-mode`); None: the metadata's."""
+                   source: str, report: BootReport, execution_mode: str | None = None,
+                   preinitialise_bytes: int | None = None, scratch: wasmtime.Engine | None = None) -> CompiledModule:
+    """`execution_mode`: the mode the caller requires (kwctl's `--execution-mode`); None: the metadata's.
+    `preinitialise_bytes`: run the module's start-up once here, under that memory limit, and serve the
+    pre-initialised module (kwserver/runtime/preinit.py), running it on `scratch` (default: `engine`);
+    None: serve the module as it is."""
     metadata = read_metadata(wasm)
     module, compiled_size = cache.load(engine, wasm, digest)
     exports = {e.name for e in module.exports}
@@ -148,6 +159,10 @@ def compile_module(engine: wasmtime.Engine, cache: CompileCache, wasm: bytes, di
         log.warning("%s", warning)
         report.warnings.append(warning)
     check_metadata(metadata)
+    startup = mode_named(metadata.execution_mode).startup
+    if preinitialise_bytes is not None and startup is not None:
+        module, compiled_size = preinit.load(engine, cache, wasm, digest, startup, preinitialise_bytes,
+                                             scratch or engine) or (module, compiled_size)
     return CompiledModule(digest=digest, module=module, metadata=metadata, size=len(wasm),
                           compiled_size=compiled_size, source=source)
 
@@ -185,9 +200,13 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     """Load `entries` (relative module paths are resolved against `base_dir`); see `build_registry`."""
     started = time.monotonic()
     specs = _all_specs(entries)
-    options = engine_options_for(settings)
+    options = engine_options_for(settings, specs)
     reuse = Reuse.of(previous, options)
     registry = PolicyRegistry(engine=reuse.engine or make_engine(options), engine_options=options)
+    # The master runs guests at boot (start-ups to snapshot, settings checks) on an engine of its own, so
+    # the instance pool of the serving engine is still cold when the workers inherit it: a slot used here
+    # would stay resident in the master and be copied into every worker that reuses it.
+    scratch = registry.engine if options.pool is None else make_engine(replace(options, pool=None))
     registry.groups = {n: e for n, e in entries.items() if isinstance(e, PolicyGroupSpec)}
     registry.specs = {n: e for n, e in entries.items() if isinstance(e, PolicySpec)}
     report = BootReport()
@@ -197,7 +216,7 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
     _ignored_timeouts(settings, specs, report)
 
     modules = load_modules(registry, reuse, settings, base_dir, [spec.module for spec in specs], report,
-                           execution_mode)
+                           execution_mode, scratch)
     registries = RegistryAccess.from_settings(settings)  # for the OCI and sigstore callbacks
     grants = host_capabilities(specs, settings, report)
     for spec in specs:
@@ -216,7 +235,9 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
                 log.warning("%s", warning)
                 report.warnings.append(warning)
 
-    _check_all_policies(registry, options, report)
+    _check_all_policies(registry, options, report, scratch)
+    del scratch
+    malloc_trim()  # what the boot-time guests and their engine used, before the workers inherit it
     for name, group in registry.groups.items():
         if group.expression_error is not None:
             registry.init_errors[name] = f"{GROUP_EXPRESSION_ERROR}: {group.expression_error}"
@@ -232,11 +253,13 @@ def assemble_registry(entries: dict[str, PolicySpec | PolicyGroupSpec], base_dir
 
 
 def load_modules(registry: PolicyRegistry, reuse: Reuse, settings: ServerSettings, base_dir: Path,
-                 references: list[str], report: BootReport,
-                 execution_mode: str | None = None) -> dict[str, CompiledModule | Exception]:
+                 references: list[str], report: BootReport, execution_mode: str | None = None,
+                 scratch: wasmtime.Engine | None = None) -> dict[str, CompiledModule | Exception]:
     """Every module reference fetched once (remote ones concurrently) and compiled once per unique digest
-    into `registry.modules`, reusing what `reuse` holds; what each reference loaded, or why it did not."""
+    into `registry.modules`, reusing what `reuse` holds; what each reference loaded, or why it did not.
+    Start-ups run for pre-initialisation on `scratch` (default: the registry's engine)."""
     cache = CompileCache(settings.cache_dirs, registry.engine_options)
+    preinitialise_bytes = None if settings.disable_preinitialisation else settings.policy_memory_limit_mib * 1024 * 1024
     fetched_modules = fetch_modules(settings, base_dir, references)
     by_reference: dict[str, CompiledModule | Exception] = {}
     for reference, fetched in fetched_modules.modules.items():
@@ -258,7 +281,7 @@ def load_modules(registry: PolicyRegistry, reuse: Reuse, settings: ServerSetting
         if compiled is None:
             try:
                 compiled = compile_module(registry.engine, cache, fetched.wasm, fetched.digest, str(fetched.path),
-                                          report, execution_mode)
+                                          report, execution_mode, preinitialise_bytes, scratch)
             except (MetadataError, wasmtime.WasmtimeError) as exc:
                 by_reference[reference] = exc
                 continue
@@ -296,15 +319,29 @@ def bind_policy(spec: PolicySpec, module: CompiledModule, settings: ServerSettin
     )
 
 
-def _check_all_policies(registry: PolicyRegistry, options: EngineOptions, report: BootReport) -> None:
+def _on_engine(registry: PolicyRegistry, engine: wasmtime.Engine) -> PolicyRegistry:
+    """The policies of `registry` with their modules loaded into `engine` (same code, another engine)."""
+    if engine is registry.engine:
+        return registry
+    modules = {digest: replace(m, module=wasmtime.Module.deserialize(engine, m.module.serialize()))
+               for digest, m in registry.modules.items()}
+    moved = PolicyRegistry(engine=engine, engine_options=registry.engine_options, modules=modules)
+    moved.policies = {name: replace(p, module=modules[p.module.digest]) for name, p in registry.policies.items()}
+    return moved
+
+
+def _check_all_policies(registry: PolicyRegistry, options: EngineOptions, report: BootReport,
+                        engine: wasmtime.Engine) -> None:
     """Check every policy once, here, so no request ever pays for it: its mode's boot checks, then
-    its settings, on an instance made for the purpose. A policy that fails is an init error."""
-    pool = InstancePool(registry, reuse=False, keep_bytes=0, budget_bytes=0)
-    ticker = EpochTicker(registry.engine)
+    its settings, on an instance made for the purpose (on `engine`). A policy that fails is an init error."""
+    checked = _on_engine(registry, engine)
+    pool = InstancePool(checked, reuse=False, keep_bytes=0, budget_bytes=0)
+    ticker = EpochTicker(engine)
     if options.epoch_interruption:
         ticker.start()
     try:
-        for name, policy in list(registry.policies.items()):
+        for name in list(registry.policies):
+            policy = checked.policies[name]
             try:
                 mode = mode_named(policy.module.execution_mode)
                 warning = mode.boot_warning(pool.linked(policy.module), policy)

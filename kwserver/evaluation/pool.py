@@ -18,7 +18,7 @@ from typing import Any
 
 from kwserver.evaluation.modes import mode_named
 from kwserver.evaluation.registry import LoadedPolicy, PolicyRegistry, instance_labels
-from kwserver.runtime import LinkedModule, PolicyInstance
+from kwserver.runtime import InstantiationFailure, LinkedModule, PolicyInstance, pooling
 from kwserver.runtime.engine import CompiledModule
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class InstancePool:
     bounded by a byte budget over their linear memories; the least recently used go first.
     """
 
-    def __init__(self, registry: PolicyRegistry, *, reuse: bool, keep_bytes: int, budget_bytes: int,
+    def __init__(self, registry: PolicyRegistry, *, reuse: bool | None, keep_bytes: int, budget_bytes: int,
                  observer: PoolObserver | None = None):
         self.registry = registry
         self.observer = observer or PoolObserver()
@@ -111,12 +111,35 @@ class InstancePool:
                            sum(self._idle[ident][2] for ident in ids))
 
     def new_instance(self, policy: LoadedPolicy) -> PolicyInstance:
-        return self.linked(policy.module).instantiate(policy.limits, policy.capabilities, label=policy.name)
+        linked = self.linked(policy.module)
+        while True:
+            try:
+                return linked.instantiate(policy.limits, policy.capabilities, label=policy.name)
+            except InstantiationFailure as exc:
+                # Every slot of the worker's instance pool is taken: idle instances make room.
+                if not (pooling.is_exhausted(exc) and self._evict_oldest()):
+                    raise
+
+    def _evict_oldest(self) -> bool:
+        with self._lock:
+            if not self._idle:
+                return False
+            ident, (key, instance, size) = self._idle.popitem(last=False)
+            self._by_key[key].remove(ident)
+            self._idle_bytes -= size
+            self.evictions += 1
+            self._idle_changed(key)
+        self.observer.event("eviction")
+        instance.close()
+        return True
 
     @contextmanager
     def instance(self, policy: LoadedPolicy) -> Iterator[PolicyInstance]:
+        """An instance for one evaluation: one kept from earlier evaluations (reusing), or one in the state of
+        a new instance (fresh: new, or put back into that state after its last evaluation). `reuse` None
+        is fresh for the instances that can be put back (kwserver/runtime/pristine.py), reuse for others."""
         key = policy.instance_key
-        instance = self._take_idle(key) if self.reuse else None
+        instance = self._take_idle(key)
         if instance is not None and instance.memory_size > policy.limits.memory_bytes:
             # Grown by another policy of the module past what this one may use: not for this policy.
             self.discards += 1
@@ -137,13 +160,20 @@ class InstancePool:
             reusable = True
         finally:
             size = instance.memory_size
-            if self.reuse and reusable and not instance.broken and size <= self.keep_bytes:
+            if reusable and not instance.broken and size <= self.keep_bytes and self._keeps(instance):
                 self._put_idle(key, instance, size)
             else:
                 self.discards += 1
-                if self.reuse:
+                if self.reuse is not False:
                     self.observer.event("discard")
                 instance.close()
+
+    def _keeps(self, instance: PolicyInstance) -> bool:
+        """Whether an instance may serve another evaluation: reused as it is, or fresh once put back."""
+        restorable = getattr(instance, "restorable", False)
+        if self.reuse or (self.reuse is None and not restorable):
+            return True
+        return restorable and instance.restore()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

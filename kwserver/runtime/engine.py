@@ -18,7 +18,7 @@ import platform
 import stat
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -26,6 +26,7 @@ from pathlib import Path
 import wasmtime
 
 from kwserver.metadata import PolicyMetadata
+from kwserver.runtime import pooling
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,12 @@ NO_DEADLINE_TICKS = 1 << 30
 @dataclass(frozen=True)
 class EngineOptions:
     epoch_interruption: bool
+    # None: wasmtime's on-demand allocator (every instance maps its own memory)
+    pool: pooling.PoolSize | None = None
 
     def fingerprint(self) -> str:
-        """Everything a compiled artifact depends on besides the wasm bytes."""
+        """Everything a compiled artifact depends on besides the wasm bytes (the allocator is not:
+        the same compiled code runs in pooled and on-demand instances)."""
         text = "|".join((
             WASMTIME_VERSION,
             platform.machine(),
@@ -59,6 +63,10 @@ def make_engine(options: EngineOptions) -> wasmtime.Engine:
     # Parallel compilation is fine in the master; workers never compile (see module docstring).
     config.parallel_compilation = True
     config.cranelift_opt_level = "speed"
+    # A module's initial memory is mapped from an image instead of copied (the default, stated).
+    config.memory_init_cow = True
+    if options.pool is not None:
+        pooling.configure(config, options.pool)  # else (or when it cannot) the on-demand allocator
     return wasmtime.Engine(config)
 
 
@@ -163,24 +171,42 @@ class CompileCache:
 
     def load(self, engine: wasmtime.Engine, wasm: bytes, digest: str) -> tuple[wasmtime.Module, int]:
         """Return the compiled module and the size of its native artifact."""
+        cached = self._cached(engine, digest)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        self.misses += 1
+        return self._compile(engine, wasm, digest)
+
+    def load_derived(self, engine: wasmtime.Engine, name: str,
+                     build: Callable[[], bytes | None]) -> tuple[wasmtime.Module, int] | None:
+        """A module made from another one (a pre-initialised snapshot) and cached under `name`: `build`
+        runs only when it is not cached; None when `build` gives nothing. Not counted in hits and misses,
+        which count the policies' own modules."""
+        cached = self._cached(engine, name)
+        if cached is not None:
+            return cached
+        wasm = build()
+        return None if wasm is None else self._compile(engine, wasm, name)
+
+    def _cached(self, engine: wasmtime.Engine, digest: str) -> tuple[wasmtime.Module, int] | None:
         for warmed in self.read_only:
             artifact = warmed / f"{digest}-{self.options.fingerprint()}.cwasm"
             if self._trusted(artifact):
                 try:
-                    module = wasmtime.Module.deserialize_file(engine, str(artifact))
-                    self.hits += 1
-                    return module, artifact.stat().st_size
+                    return wasmtime.Module.deserialize_file(engine, str(artifact)), artifact.stat().st_size
                 except wasmtime.WasmtimeError as exc:  # built for another CPU, for instance
                     log.warning("not using compiled module %s: %s", artifact, exc)
         path = self.path_for(digest)
         if path is not None and path.exists():
             try:
-                module = wasmtime.Module.deserialize_file(engine, str(path))
-                self.hits += 1
-                return module, path.stat().st_size
+                return wasmtime.Module.deserialize_file(engine, str(path)), path.stat().st_size
             except wasmtime.WasmtimeError as exc:
                 log.warning("discarding unusable compiled module %s: %s", path, exc)
-        self.misses += 1
+        return None
+
+    def _compile(self, engine: wasmtime.Engine, wasm: bytes, digest: str) -> tuple[wasmtime.Module, int]:
+        path = self.path_for(digest)
         module = wasmtime.Module(engine, wasm)
         if path is None:
             return module, len(module.serialize())

@@ -40,6 +40,10 @@ class GuestMemory:
     def size(self) -> int:
         return _memory_data_size(self._context, self._memory_ref)
 
+    def address(self, size: int) -> int:
+        """Where the memory starts in this process, given its current size (it moves only when it grows)."""
+        return self._address_of(size)
+
     def _address_of(self, size: int) -> int:
         if size != self._address_size:
             self._address = ctypes.cast(self.memory.data_ptr(self.store), ctypes.c_void_p).value

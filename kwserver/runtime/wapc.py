@@ -8,6 +8,8 @@ linked once per module, so they find the instance they serve through `current_gu
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable
 
 import wasmtime
@@ -27,10 +29,19 @@ from kwserver.runtime import (
     fastcall,
     new_store,
     no_host_callback,
+    pristine,
     running,
     set_store_limits,
 )
 from kwserver.runtime.memory import GuestMemory, GuestMemoryError
+from kwserver.runtime.preinit import (
+    GLOBAL_EXPORT,
+    PREINITIALISED_EXPORT,
+    STARTUP_TIMEOUT_SECONDS,
+    NotPreinitialisable,
+    State,
+)
+from kwserver.runtime.pristine import Pristine
 from kwserver.runtime.wasi import WasiState, define_wasi
 
 log = logging.getLogger(__name__)
@@ -136,10 +147,41 @@ class WapcModule:
             self.pre = linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise InstantiationFailure(failure_reason(exc)) from exc
+        # What every instance looks up, read once from the module's export types.
+        exports = {e.name: e.type for e in module.exports}
+        self.has_memory = isinstance(exports.get("memory"), wasmtime.MemoryType)
+        guest_call = exports.get("__guest_call")
+        self.guest_call_shape = _shape(guest_call) if isinstance(guest_call, wasmtime.FuncType) else None
+        # A pre-initialised module (kwserver.runtime.preinit) starts in the state its init left, and its
+        # instances can be put back into that state (kwserver.runtime.pristine).
+        self.preinitialised = PREINITIALISED_EXPORT in exports
+        self.initialisers = () if self.preinitialised else tuple(
+            (name, _shape(exports[name])) for name in ("_start", "wapc_init")
+            if isinstance(exports.get(name), wasmtime.FuncType))
+        self.snapshot_globals = [name.encode() for name in exports if name.startswith(GLOBAL_EXPORT)]
+        self._pristine: Pristine | None = None
+        self._pristine_lock = threading.Lock()
 
     def instantiate(self, limits: InstanceLimits, host_call: HostCall | None = None,
                     label: str = "guest") -> WapcInstance:
         return WapcInstance(self, limits, host_call or no_host_callback, label)
+
+    def pristine(self, limits: InstanceLimits) -> Pristine | None:
+        """This process's untouched instance of a pre-initialised module (None for any other module)."""
+        if not self.preinitialised:
+            return None
+        with self._pristine_lock:
+            if self._pristine is None or self._pristine.pid != os.getpid():  # made after the fork, in each worker
+                self._pristine = Pristine(self, limits)
+            return self._pristine
+
+
+def _shape(functype: wasmtime.FuncType) -> tuple[int, int] | None:
+    """The shape fastcall.I32Call needs, or None for a function it cannot call."""
+    try:
+        return fastcall.i32_shape(functype)
+    except TypeError:
+        return None
 
 
 class WapcInstance:
@@ -147,7 +189,7 @@ class WapcInstance:
 
     __slots__ = (
         "_guest_call", "broken", "guest_error", "guest_response", "host_call", "host_error", "host_response",
-        "label", "limits", "memory", "module", "op", "payload", "store", "wasi",
+        "instance", "label", "limits", "memory", "module", "op", "payload", "snapshot_globals", "store", "wasi",
     )
 
     def __init__(self, module: WapcModule, limits: InstanceLimits, host_call: HostCall, label: str):
@@ -163,35 +205,35 @@ class WapcInstance:
         self.host_response: bytes | None = None
         self.host_error: bytes | None = None
         self.wasi = WasiState(log_prefix=label)
+        self.snapshot_globals: list[wasmtime.Global] | None = None  # kwserver.runtime.pristine's
         self.store = new_store(module.engine, limits)
         with running(self):
             self._arm_deadline()
             try:
-                instance = module.pre.instantiate(self.store)
+                self.instance = instance = fastcall.instantiate(module.pre, self.store)
             except (wasmtime.WasmtimeError, wasmtime.Trap, GuestMemoryError, GuestTimeout) as exc:
                 raise InstantiationFailure(failure_reason(exc)) from exc
-            exports = instance.exports(self.store)
-            memory = exports.get("memory")
-            if not isinstance(memory, wasmtime.Memory):
+            if not module.has_memory:
                 raise InstantiationFailure("Cannot find 'mem' export")
-            self.memory = GuestMemory(self.store, memory)
+            self.memory = GuestMemory(self.store, fastcall.export(self.store, instance, b"memory"))
             self.wasi.memory = self.memory
-            guest_call = exports.get("__guest_call")
+            guest_call = fastcall.export(self.store, instance, b"__guest_call")
             if not isinstance(guest_call, wasmtime.Func):
                 raise InstantiationFailure("Guest call function (__guest_call) not exported by wasm module.")
-            self._guest_call = fastcall.I32Call(self.store, guest_call)
-            for init in ("_start", "wapc_init"):
-                func = exports.get(init)
-                if isinstance(func, wasmtime.Func):
-                    self._initialise(init, func)
+            self._guest_call = fastcall.I32Call(self.store, guest_call, module.guest_call_shape)
+            for init, shape in module.initialisers:
+                self._initialise(init, fastcall.export(self.store, instance, init.encode()), shape)
 
     def _arm_deadline(self) -> None:
         self.wasi.deadline_at = arm_deadline(self.store, self.limits, self.module.epoch_interruption)
 
-    def _initialise(self, name: str, func: wasmtime.Func) -> None:
+    def _initialise(self, name: str, func: wasmtime.Func, shape: tuple[int, int] | None) -> None:
         self._arm_deadline()
         try:
-            func(self.store)
+            if shape == (0, 0):
+                fastcall.I32Call(self.store, func, shape)()
+            else:
+                func(self.store)
         except ProcExit as exit_:
             if exit_.code != 0:  # TinyGo >= 0.35 leaves `main` with proc_exit(0)
                 raise InstantiationFailure(f"Initialization failed: {exit_}") from exit_
@@ -236,6 +278,62 @@ class WapcInstance:
         self.limits, self.host_call, self.label = limits, host_call, label
         self.wasi.log_prefix = label
 
+    @property
+    def restorable(self) -> bool:
+        """Whether `restore` can work here: a pre-initialised module, on a kernel that can scan pages."""
+        return self.module.preinitialised and pristine.scanner() is not None
+
+    def restore(self) -> bool:
+        """Put the instance back into the state of a new one (a pre-initialised module's only); False
+        when it cannot be, and then it must be closed."""
+        template = self.module.pristine(self.limits)
+        return template is not None and template.restore(self)
+
     def close(self) -> None:
         self.store.close()
 
+
+# --- pre-initialisation: the start-up run once at boot (kwserver/runtime/preinit.py) -------------------
+
+class _HostCalled(Exception):
+    pass
+
+
+def startup(engine: wasmtime.Engine, epoch_interruption: bool, memory_bytes: int) -> Callable[[bytes], State]:
+    """Runs a waPC module's start-up (`_start`, `wapc_init`) as a new instance would, under the policy
+    memory limit and with no host capabilities: a start-up that calls the host depends on the policy
+    and is refused."""
+    from kwserver.runtime.engine import EpochTicker
+
+    called: list[str] = []
+
+    def host_call(binding: str, namespace: str, operation: str, payload: bytes) -> bytes:
+        called.append(f"{binding}/{namespace}/{operation}")
+        raise _HostCalled("no host capabilities during pre-initialisation")
+
+    def run(instrumented: bytes) -> State:
+        module = wasmtime.Module(engine, instrumented)
+        linked = WapcModule(engine, module, epoch_interruption=epoch_interruption)
+        ticker = EpochTicker(engine)
+        if epoch_interruption:
+            ticker.start()
+        try:
+            instance = linked.instantiate(InstanceLimits(memory_bytes, STARTUP_TIMEOUT_SECONDS), host_call,
+                                          label="pre-initialisation")
+        except InstantiationFailure as exc:
+            raise NotPreinitialisable(f"its start-up failed: {exc}") from exc
+        finally:
+            ticker.stop()
+        try:
+            if called:
+                raise NotPreinitialisable(f"its start-up calls the host ({', '.join(called)})")
+            values = {}
+            for export in module.exports:
+                if export.name.startswith(GLOBAL_EXPORT):
+                    global_ = fastcall.export(instance.store, instance.instance, export.name.encode())
+                    values[int(export.name[len(GLOBAL_EXPORT):])] = global_.value(instance.store)
+            return State(instance.memory.read(0, instance.memory.size), values)
+        finally:
+            instance.close()
+
+    return run

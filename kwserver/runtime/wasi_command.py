@@ -151,10 +151,9 @@ class WasiCommandPolicy:
             exit_code, reason = 0, ""
             with running(run):
                 try:
-                    instance = self.module.pre.instantiate(store)
-                    exports = instance.exports(store)
-                    wasi.memory = GuestMemory(store, exports["memory"])
-                    exports["_start"](store)
+                    instance = fastcall.instantiate(self.module.pre, store)
+                    wasi.memory = GuestMemory(store, fastcall.export(store, instance, b"memory"))
+                    fastcall.export(store, instance, b"_start")(store)
                 except ProcExit as exit_:
                     exit_code = exit_.code
                     reason = f"the policy exited with code {exit_code}"

@@ -237,8 +237,9 @@ class Daemon:
     def _install(self, registry: PolicyRegistry, report: BootReport) -> Evaluator:
         settings = self.settings
         self.registry, self.boot_report = registry, report
+        fresh = settings.fresh_instance_per_request  # None: fresh where it is as cheap as reuse
         self.pool = InstancePool(
-            registry, reuse=not settings.fresh_instance_per_request,
+            registry, reuse=None if fresh is None else not fresh,
             keep_bytes=settings.instance_keep_memory_mib * MIB,
             budget_bytes=settings.worker_instance_budget_mib * MIB,
             observer=self.metrics,

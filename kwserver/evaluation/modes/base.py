@@ -11,6 +11,7 @@ from kwserver.admission import EvaluationRequest
 from kwserver.evaluation.registry import LoadedPolicy
 from kwserver.metadata import PolicyMetadata
 from kwserver.runtime import GuestCallFailure, GuestTimeout, LinkedModule
+from kwserver.runtime.preinit import Startup
 
 
 class ExecutionMode:
@@ -22,6 +23,9 @@ class ExecutionMode:
     rego: bool = False  # Rego compiled by OPA: kwctl checks a mode given on its command line against this
     protocol_version: str | None = None  # what a module without metadata is assumed to speak
     lists_inventory: bool = False  # the host lists a policy's `contextAwareResources` into its documents
+    # Its runtime's start-up, run once at boot to pre-initialise modules (kwserver/runtime/preinit.py);
+    # None: instances have no start-up worth skipping.
+    startup: Startup | None = None
 
     # --- modules: metadata and linking ---
     def recognises(self, exports: set[str], imports: set[str]) -> bool:

@@ -15,7 +15,7 @@ from kwserver.admission import EvaluationRequest
 from kwserver.evaluation.modes.base import ExecutionMode
 from kwserver.evaluation.registry import LoadedPolicy
 from kwserver.metadata import MetadataError, PolicyMetadata
-from kwserver.runtime import GuestCallFailure, GuestTimeout
+from kwserver.runtime import GuestCallFailure, GuestTimeout, wapc
 from kwserver.runtime.wapc import WapcInstance, WapcModule
 
 
@@ -43,6 +43,7 @@ class WapcMode(ExecutionMode):
     aliases = ("kubewarden",)
     runtime = WapcModule
     protocol_version = "v1"
+    startup = staticmethod(wapc.startup)
 
     def recognises(self, exports: set[str], imports: set[str]) -> bool:
         return "__guest_call" in exports
