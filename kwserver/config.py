@@ -185,9 +185,14 @@ class ServerSettings:
     tls_handshake_timeout_seconds: float = setting(
         10.0, "KWSERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS", "Close a connection whose TLS handshake takes longer than this",
         parse=float, check=above(0))
+    send_timeout_seconds: float = setting(
+        30.0, "KWSERVER_SEND_TIMEOUT_SECONDS",
+        "Close a connection whose client reads none of an answer for this long (its next requests wait unread)",
+        parse=float, check=above(0))
     max_connections_per_worker: int = setting(
         1024, "KWSERVER_MAX_CONNECTIONS_PER_WORKER",
-        "Open connections one worker keeps; beyond, new connections get 503 and are closed",
+        "Open connections one worker keeps (lowered to fit the open-files limit); beyond, the longest idle one "
+        "is closed, or the new one gets 503 when none is idle",
         parse=int, check=at_least(1))
     metrics_port: int = setting(9090, "KWSERVER_METRICS_PORT",
                                 "Port of the Prometheus /metrics and JSON /status endpoints (0: disabled)",
