@@ -35,7 +35,7 @@ from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
 from kwserver.evaluation.bootstrap import BootError, BootReport, build_registry
 from kwserver.logs import configure_logging
 from kwserver.observability import metrics, otlp
-from kwserver.observability.endpoints import EndpointServer, Readiness
+from kwserver.observability.endpoints import EndpointServer, LocalOnly, Readiness
 from kwserver.observability.status import LoadedFacts, StatusView
 from kwserver.runtime.engine import EpochTicker
 from kwserver.server.api import create_app
@@ -223,7 +223,8 @@ class Daemon:
             registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(status.snapshot)])
             routes[settings.metrics_port] = ({
                 "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics.render(registry)),
-                "/status": lambda: (200, "application/json", orjson.dumps(status.snapshot())),
+                # Process ids, titles, memory and policy names: for `kwserver top` on this host only.
+                "/status": LocalOnly(lambda: (200, "application/json", orjson.dumps(status.snapshot()))),
             }, "metrics")
         for port, (paths, name) in routes.items():
             try:
