@@ -197,6 +197,10 @@ class ServerSettings:
     metrics_port: int = setting(9090, "KWSERVER_METRICS_PORT",
                                 "Port of the Prometheus /metrics and JSON /status endpoints (0: disabled)",
                                 parse=int, check=port_number)
+    metric_series_limit: int = setting(
+        2000, "KWSERVER_METRIC_SERIES_LIMIT",
+        "Series per evaluation metric a worker keeps (labels come from requests); more are counted in one "
+        "overflow series, otel_metric_overflow=\"true\"", parse=int, check=at_least(2))
     min_workers: int | None = setting(None, "KWSERVER_MIN_WORKERS",
                                       "Fewest workers when the pool shrinks (default: --workers)",
                                       parse=int, check=at_least(1))

@@ -254,3 +254,18 @@ def test_workers_are_recycled_after_max_requests_without_failed_requests(run_ser
         assert reply.status_code == 200 and reply.json()["response"]["allowed"] is False
         pids.update(p.pid for p in workers_of(server))
     assert len(pids) >= 4, pids  # 100 requests, recycled every 20-22
+
+
+def test_labels_from_requests_are_bounded_by_an_overflow_series(run_server):
+    server = run_server({"pod-privileged": POD_PRIVILEGED},
+                        env={"KUBEWARDEN_WORKERS": "1", "KWSERVER_METRIC_SERIES_LIMIT": "20"})
+    for index in range(60):
+        review = {**PRIVILEGED, "request": {**PRIVILEGED["request"], "namespace": f"ns-{index}"}}
+        assert server.post("/validate/pod-privileged", review).status_code == 200
+    text = published_metrics(server, served=60)
+    series = [line for line in text.splitlines() if line.startswith("kubewarden_policy_evaluations_total{")]
+    assert len(series) == 20
+    assert sample(text, "kubewarden_policy_evaluations_total") == 60
+    overflow = sample(text, "kubewarden_policy_evaluations_total", otel_metric_overflow="true")
+    assert overflow == 60 - 19 and sample(text, "kubewarden_policy_evaluation_latency_milliseconds_count",
+                                          otel_metric_overflow="true") == overflow

@@ -126,7 +126,7 @@ class Daemon:
         """Build the registry and the WSGI app; runs in the master, before the fork."""
         # Before any metric value exists: prometheus-client picks its multiprocess value class here.
         self.metrics_dir = metrics.prepare_directory(None)
-        self.metrics = metrics.WorkerMetrics()
+        self.metrics = metrics.WorkerMetrics(self.settings.metric_series_limit)
         try:
             self._check_telemetry()
             registry, report = build_registry(self.settings)
@@ -312,7 +312,7 @@ class Daemon:
 
     def worker_exited(self, pid: int) -> None:
         if self.metrics_dir:
-            metrics.archive_dead_worker(self.metrics_dir, pid)
+            metrics.archive_dead_worker(self.metrics_dir, pid, self.settings.metric_series_limit)
 
     def on_exit(self) -> None:
         self.readiness.ready.clear()
