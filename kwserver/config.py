@@ -596,11 +596,19 @@ def parse_policies(doc: Any, *, tolerate_invalid_expressions: bool = False) -> d
     return entries
 
 
+NO_POLICIES = ("it holds no policy (an empty or truncated file would answer 404 to every request); "
+               "a server needs at least one")
+
+
 def load_policies(path: str | os.PathLike[str], *,
                   tolerate_invalid_expressions: bool = False) -> dict[str, PolicyEntry]:
+    """The policies of a policies.yml file; ConfigError when it cannot be used, an empty one included."""
     try:
         with open(path, encoding="utf-8") as stream:
             doc = yaml.safe_load(stream)
-        return parse_policies(doc, tolerate_invalid_expressions=tolerate_invalid_expressions)
+        entries = parse_policies(doc, tolerate_invalid_expressions=tolerate_invalid_expressions)
+        if not entries:
+            raise ConfigError(NO_POLICIES)
+        return entries
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as exc:
         raise ConfigError(f'error while loading policies from "{path}": {exc}') from exc

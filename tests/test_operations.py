@@ -269,3 +269,24 @@ def test_labels_from_requests_are_bounded_by_an_overflow_series(run_server):
     overflow = sample(text, "kubewarden_policy_evaluations_total", otel_metric_overflow="true")
     assert overflow == 60 - 19 and sample(text, "kubewarden_policy_evaluation_latency_milliseconds_count",
                                           otel_metric_overflow="true") == overflow
+
+
+@pytest.mark.parametrize("text", ["", "# every policy commented out\n", "{}\n", "---\n"])
+def test_a_policies_file_without_policies_is_refused_by_serve_check_and_reload(run_server, tmp_path, text):
+    from kwserver.config import NO_POLICIES
+    from tests.support.server import kwserver
+
+    empty = tmp_path / "empty.yml"
+    empty.write_text(text)
+    checked = kwserver("check", "--policies", str(empty), cwd=tmp_path)
+    assert checked.returncode == 1 and NO_POLICIES in checked.stderr
+    refused = run_server({"pod-privileged": POD_PRIVILEGED}, wait=False, args=["--policies", str(empty)])
+    assert refused.process.wait(timeout=60) == 1 and NO_POLICIES in refused.log()
+    # A reload with a truncated file keeps the running configuration (and readiness) in service.
+    server = run_server({"pod-privileged": POD_PRIVILEGED}, env={"KUBEWARDEN_WORKERS": "1"})
+    (Path(server.log_path).parent / "policies.yml").write_text(text)
+    os.kill(server.process.pid, signal.SIGHUP)
+    wait_for(lambda: "reload refused" in server.log() and NO_POLICIES in server.log())
+    time.sleep(1)  # a reload that had been accepted would have replaced the worker by now
+    assert server.post("/validate/pod-privileged", PRIVILEGED).json()["response"]["allowed"] is False
+    assert requests.get(f"http://127.0.0.1:{server.readiness_port}/readiness", timeout=5).status_code == 200
