@@ -80,3 +80,21 @@ def test_status_is_served_to_this_host_only(run_server):
             sock.connect(("127.0.0.1", server.metrics_port))
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert _read_all(sock).startswith(expected)
+
+
+def test_workers_forked_while_a_probe_is_open_boot_and_do_not_hold_it(run_server):
+    import signal
+
+    from tests.support.server import wait_for
+
+    server = run_server(POLICIES, env={"KUBEWARDEN_WORKERS": "1"})
+    master = psutil.Process(server.process.pid)
+    with socket.create_connection(("127.0.0.1", server.readiness_port), timeout=10) as probe:
+        probe.sendall(HALF_REQUEST)
+        time.sleep(0.3)
+        master.send_signal(signal.SIGTTIN)  # one more worker, forked with the probe's connection open
+        wait_for(lambda: len(master.children()) == 2, timeout=20)
+        probe.sendall(b"\r\n")
+        assert _read_all(probe).startswith(b"HTTP/1.1 200 ")  # closed by the master alone: no worker holds it
+    assert server.process.poll() is None
+    assert requests.get(f"http://127.0.0.1:{server.readiness_port}/readiness", timeout=2).status_code == 200

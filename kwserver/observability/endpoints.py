@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import selectors
 import socket
 import threading
@@ -71,7 +72,7 @@ class EndpointServer:
             raise
         self.socket.setblocking(False)
         self.open = 0
-        self.connections: set[socket.socket] = set()
+        self.connections: set[int] = set()  # descriptors of the open client connections
         # A selector of our own, so a forked worker can close every descriptor of this loop.
         self.selector = selectors.DefaultSelector()
         self.loop = asyncio.SelectorEventLoop(self.selector)
@@ -90,7 +91,7 @@ class EndpointServer:
         self.loop.run_forever()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = writer.get_extra_info("socket")
+        connection = writer.get_extra_info("socket").fileno()
         if self.open >= MAX_CONNECTIONS:
             writer.write(_response(503, "text/plain", b"too many connections\n"))
             writer.close()
@@ -131,9 +132,10 @@ class EndpointServer:
 
     def close_inherited(self) -> None:
         """In a forked worker: drop the copies of the master's listening socket, connections and selector."""
-        for sock in (self.socket, *self.connections):
+        self.socket.close()
+        for fd in self.connections:
             with contextlib.suppress(OSError):
-                sock.close()
+                os.close(fd)
         with contextlib.suppress(OSError, ValueError):
             self.selector.close()
 
