@@ -20,7 +20,7 @@ MIB = 1024 * 1024
 
 # Scenario order of `python -m bench all` and of the summary.
 ORDER = ("ceiling", "hostile", "instances", "naive", "workers", "policies", "seed", "pool", "startup", "soak", "mix",
-         "context", "telemetry")
+         "context", "telemetry", "chaos")
 
 
 # --- tables ----------------------------------------------------------------------------------------

@@ -845,4 +845,4 @@ scenario("context", "a context-aware policy served from the server's one cluster
 
 
 # Scenarios in modules of their own register themselves when imported.
-from bench import telemetry  # noqa: E402, F401
+from bench import chaos, telemetry  # noqa: E402, F401

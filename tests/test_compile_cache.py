@@ -219,3 +219,35 @@ def test_a_damaged_cache_neither_crashes_the_server_nor_check(tmp_path):
     _damage(artifact, "random bytes inside")
     checked = check_config(tmp_path, policy_path("pod-privileged"))  # reads the same cache
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.integration
+def test_a_cache_file_damaged_in_place_cannot_reach_a_running_server(tmp_path):
+    # Found by `python -m bench chaos`: code mapped from the cache file changed under every process when the
+    # file was rewritten in place, and the whole server died. What is loaded is now a sealed copy.
+    import signal
+
+    import psutil
+
+    from tests.support.paths import SERVER_FIXTURES, load_json
+    from tests.support.server import start_server, stop_server, wait_for
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    privileged = load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json")
+    server = start_server(tmp_path, {"pod-privileged": {"module": policy_path("pod-privileged")}}, cache,
+                          env={"KUBEWARDEN_WORKERS": "1"})
+    try:
+        (artifact,) = cache.glob("*.cwasm")
+        with open(artifact, "r+b") as stream:  # the same inode, as a disk or a careless `dd` would
+            stream.seek(0)
+            stream.write(os.urandom(artifact.stat().st_size))
+        psutil.Process(server.process.pid).send_signal(signal.SIGTTIN)  # a worker forked after the damage
+        wait_for(lambda: len(psutil.Process(server.process.pid).children()) == 2)
+        for _ in range(20):
+            reply = server.post("/validate/pod-privileged", privileged)
+            assert reply.status_code == 200 and reply.json()["response"]["allowed"] is False
+            server.session.close()
+        assert server.process.poll() is None
+    finally:
+        stop_server(server)
