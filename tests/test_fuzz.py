@@ -88,3 +88,19 @@ def test_verification_yml_findings(tmp_path, doc, message):
     with pytest.raises(ConfigError) as raised:
         load_verification(str(path))
     assert message in str(raised.value)
+
+
+def test_metric_labels_are_strings_whatever_a_record_holds():
+    # Found by fuzzing AdmissionReview bodies (issue 24): a list as requestKind.kind reached the metrics after
+    # the evaluation and the client got a 500 (`unhashable type`). Requests are now typed (422), and labels
+    # are made strings whatever reaches them.
+    from kwserver.admission import EvaluationRequest
+    from kwserver.observability.metrics import WorkerMetrics
+    from kwserver.server.service import EvaluationRecord
+
+    request = EvaluationRequest(uid="u", value={}, json=b"{}", base_object=None, has_base_object=False, raw=False,
+                                namespace=7, operation=["CREATE"], kind=["Pod"])  # type: ignore[arg-type]
+    metrics = WorkerMetrics()
+    metrics.observe(EvaluationRecord("p", "protect", "validate", request, True, False, 403, 0.001))
+    (labels,) = metrics._pending.evaluations
+    assert all(isinstance(value, str) for value in labels) and "['Pod']" in labels and "403" in labels

@@ -1,9 +1,10 @@
 """The wasmtime engine, the compiled-module cache and the epoch ticker.
 
 Compilation happens in the gunicorn master only, before it forks: wasmtime's compiler thread pool
-does not survive fork (a compile in a child deadlocks). Compiled code is written to a cache file and
-loaded back with `Module.deserialize_file`, so its pages are file-backed and shared by every worker
-through the page cache, and a restart with a warm cache skips compilation.
+does not survive fork (a compile in a child deadlocks). Compiled code is written to a cache file (its
+digest beside it, runtime/artifacts.py) and loaded back with `Module.deserialize_file` from a sealed
+in-memory copy of the checked bytes, so its pages are shared by every worker forked after, and a restart
+with a warm cache skips compilation.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class CompileCache:
         except OSError as exc:
             log.warning("could not write compiled module %s: %s", path, exc)
             return module, len(artifact)
-        # Reload from the file so the code pages are file-backed and shared across processes.
+        # Loaded back from the cache (as every later start will), so the code pages are shared with the workers.
         return self._deserialize(engine, path, "using the compiled module in memory") or (module, len(artifact))
 
     @staticmethod

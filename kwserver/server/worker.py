@@ -235,6 +235,8 @@ class Connection(asyncio.Protocol):
                     self._close()
                     return
                 self._feed(chunk)
+                if self.transport is None or self.transport.is_closing():
+                    return  # answered and closed (a bad request, say): the rest is not read
         except ssl.SSLWantReadError:
             pass  # the rest of a record is still on its way
         except ssl.SSLError as exc:
@@ -280,8 +282,9 @@ class Connection(asyncio.Protocol):
         return True
 
     def _flush_tls(self) -> None:
-        if self.tls is not None and self.outgoing.pending and self.transport is not None:
-            self.transport.write(self.outgoing.read())
+        transport = self.transport
+        if self.tls is not None and self.outgoing.pending and transport is not None and not transport.is_closing():
+            transport.write(self.outgoing.read())
 
     def _send(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -325,7 +328,7 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._reset_request()
         self.in_request = True
-        self.server.busy_with(self)
+        self.server.became_busy(self)
         if self.requests or self.timer_kind != "header":
             # A kept-alive connection's next request: its header time starts with its first byte. A new
             # connection's started when it connected.
@@ -440,7 +443,7 @@ class Connection(asyncio.Protocol):
         """All answers sent: the connection is idle until its next request begins."""
         if not self.in_request and not self.pending and not self.writing_paused:
             self._arm(self.server.limits.idle_timeout, "idle")
-            self.server.idle(self)
+            self.server.became_idle(self)
 
     # --- timers ---
     def _arm(self, seconds: float, kind: str) -> None:
@@ -652,10 +655,10 @@ class HttpServer:
         self._publish()
         self._check_drained()
 
-    def busy_with(self, connection: Connection) -> None:
+    def became_busy(self, connection: Connection) -> None:
         self.idle_connections.pop(connection, None)
 
-    def idle(self, connection: Connection) -> None:
+    def became_idle(self, connection: Connection) -> None:
         self.idle_connections.pop(connection, None)
         self.idle_connections[connection] = None  # now the most recently idle
 
