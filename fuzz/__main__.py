@@ -21,10 +21,16 @@ def main() -> None:
 
         sys.exit(f"usage: python -m fuzz TARGET [libFuzzer flags]; targets: {', '.join(TARGETS)}")
     name, flags = sys.argv[1], sys.argv[2:]
+    import importlib
+
     import atheris
 
+    # Everything the targets reach is imported here, so that atheris instruments it (coverage guidance).
     with atheris.instrument_imports(include=["kwserver", "fuzz"]):
         from fuzz import targets
+
+        for module in targets.MODULES:
+            importlib.import_module(module)
     if name not in targets.TARGETS:
         sys.exit(f"unknown target {name!r}; targets: {', '.join(targets.TARGETS)}")
     targets.environment()

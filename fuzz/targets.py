@@ -336,6 +336,11 @@ def module_metadata(data: bytes) -> None:
         parse_metadata(wasm)
 
 
+# The kwserver modules the targets exercise (imported under atheris's instrumentation by fuzz/__main__.py).
+MODULES = ("kwserver.admission", "kwserver.server.api", "kwserver.server.service", "kwserver.server.worker",
+           "kwserver.observability.metrics", "kwserver.config", "kwserver.expressions", "kwserver.sources.trust",
+           "kwserver.sources.verification", "kwserver.metadata", "kwserver.truncation")
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "admission_api": admission_api,
     "http_request": http_request,

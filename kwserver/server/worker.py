@@ -258,6 +258,9 @@ class Connection(asyncio.Protocol):
         self.writing_paused = False
         self._disarm()
         self._answer_pending()
+        if self.in_request and self.timer is None and not self.writing_paused:
+            # A request begun while the send timeout ran has had no timer of its own: it gets one now.
+            self._arm(self.server.limits.body_timeout, "body")
 
     # --- TLS ---
     def _handshake(self) -> bool:
