@@ -5,6 +5,7 @@ import requests
 
 from tests.support.certs import make_ca, make_cert
 from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
+from tests.support.server import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +68,7 @@ def test_a_refused_client_certificate_gets_an_alert_and_a_log_line(run_server, t
             pytest.raises(ssl.SSLError, match="ALERT_UNKNOWN_CA"):
         tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         tls.recv(1024)
-    assert "TLS handshake with 127.0.0.1 refused: CERTIFICATE_VERIFY_FAILED" in server.log()
+    wait_for(lambda: "TLS handshake with 127.0.0.1 refused: CERTIFICATE_VERIFY_FAILED" in server.log(), timeout=10)
 
 
 def test_tls_flags_must_come_together(run_server, tmp_path):
