@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import context_aware, host_caches, scenarios, telemetry
+from bench import chaos, context_aware, host_caches, scenarios, telemetry
 from bench.harness import RESULTS_DIR, Options
 from bench.report import write_summary
 from bench.steps import Scenario
@@ -23,7 +23,7 @@ log = logging.getLogger("bench")
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     scenarios.ceiling, scenarios.hostile, scenarios.instances, scenarios.naive, scenarios.workers,
     scenarios.policies, scenarios.seed, scenarios.pool, scenarios.startup, scenarios.soak, scenarios.mix,
-    context_aware.context, host_caches.caches, telemetry.telemetry,
+    context_aware.context, host_caches.caches, telemetry.telemetry, chaos.chaos,
 )}
 
 # A few seconds per scenario: keeps the harness working (tests/test_bench.py), measures nothing.

@@ -106,6 +106,35 @@ def _group_version(doc: dict[str, Any], key: str, fields: tuple[str, ...], where
     return {name: _require_str(obj, name, f"{where}{key}.") for name in fields}
 
 
+def _optional(doc: dict[str, Any], key: str, where: str, expected: str, valid: Any) -> None:
+    """An optional member (absent or null is fine) of the given JSON type."""
+    value = doc.get(key)
+    if value is not None and not valid(value):
+        raise RequestShapeError(f"{where}{key}: invalid type: {json_type(value)}, expected {expected}")
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _check_optional_members(req: dict[str, Any], where: str) -> None:
+    """The optional members of the reference's AdmissionRequest type, checked as serde checks them."""
+    for key in ("name", "namespace", "subResource", "requestSubResource"):
+        _optional(req, key, where, "a string", _is_str)
+    _optional(req, "dryRun", where, "a boolean", lambda value: isinstance(value, bool))
+    user_info = req["userInfo"]
+    inner = f"{where}userInfo."
+    for key in ("username", "uid"):
+        _optional(user_info, key, inner, "a string", _is_str)
+    _optional(user_info, "groups", inner, "a sequence of strings", _is_str_list)
+    _optional(user_info, "extra", inner, "a map of string sequences",
+              lambda value: isinstance(value, dict) and all(_is_str_list(item) for item in value.values()))
+
+
 def _request_envelope(doc: Any) -> Any:
     if not isinstance(doc, dict):
         raise RequestShapeError(f"invalid type: {json_type(doc)}, expected a map")
@@ -128,12 +157,13 @@ def parse_admission_review(doc: Any) -> EvaluationRequest:
     }
     user_info = _require_object(req, "userInfo", where)
     checked["userInfo"] = {k: user_info[k] for k in _USER_INFO_KEYS if user_info.get(k) is not None}
-    for key in ("name", "namespace", "subResource", "requestSubResource"):
-        if req.get(key) is not None and not isinstance(req[key], str):
-            raise RequestShapeError(f"{where}{key}: invalid type: {json_type(req[key])}, expected a string")
+    for key, fields in (("requestKind", _GVK), ("requestResource", _GVR)):
+        if req.get(key) is not None:  # re-serialised with its three members, as the reference does
+            checked[key] = _group_version(req, key, fields, where)
+    _check_optional_members(req, where)
     value = {key: checked.get(key, req.get(key)) for key in _REQUEST_KEYS}
     value = {key: v for key, v in value.items() if v is not None}
-    request_kind = req.get("requestKind")
+    request_kind = checked.get("requestKind")
     has_object = req.get("object") is not None
     return EvaluationRequest(
         uid=checked["uid"],
@@ -144,7 +174,7 @@ def parse_admission_review(doc: Any) -> EvaluationRequest:
         raw=False,
         namespace=req.get("namespace"),
         operation=checked["operation"],
-        kind=request_kind.get("kind", "") if isinstance(request_kind, dict) else "",
+        kind=request_kind["kind"] if request_kind is not None else "",
     )
 
 

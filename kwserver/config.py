@@ -258,9 +258,14 @@ class ServerSettings:
     tls_handshake_timeout_seconds: float = setting(
         10.0, "KWSERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS", "Close a connection whose TLS handshake takes longer than this",
         parse=float, check=above(0), group="connections")
+    send_timeout_seconds: float = setting(
+        30.0, "KWSERVER_SEND_TIMEOUT_SECONDS",
+        "Close a connection whose client reads none of an answer for this long (its next requests wait unread)",
+        parse=float, check=above(0), group="connections")
     max_connections_per_worker: int = setting(
         1024, "KWSERVER_MAX_CONNECTIONS_PER_WORKER",
-        "Open connections one worker keeps; beyond, new connections get 503 and are closed",
+        "Open connections one worker keeps (lowered to fit the open-files limit); beyond, the longest idle one "
+        "is closed, or the new one gets 503 when none is idle",
         parse=int, check=at_least(1), group="connections")
     # The reference binds only the webhook and readiness ports; under hostNetwork a third one would be a
     # port of the node. So metrics go on the readiness listener unless a port of their own is asked for.
@@ -268,6 +273,10 @@ class ServerSettings:
         0, "KWSERVER_METRICS_PORT",
         "Port of a listener of their own for Prometheus /metrics and JSON /status (0: on the readiness listener)",
         parse=int, check=port_number, group="listeners")
+    metric_series_limit: int = setting(
+        2000, "KWSERVER_METRIC_SERIES_LIMIT",
+        "Series per evaluation metric a worker keeps (labels come from requests); more are counted in one "
+        "overflow series, otel_metric_overflow=\"true\"", parse=int, check=at_least(2), group="telemetry")
     min_workers: int | None = setting(None, "KWSERVER_MIN_WORKERS",
                                       "Fewest workers when the pool shrinks (default: --workers or its default)",
                                       parse=int, check=at_least(1), group="workers")
@@ -716,11 +725,19 @@ def parse_policies(doc: Any, *, tolerate_invalid_expressions: bool = False) -> d
     return entries
 
 
+NO_POLICIES = ("it holds no policy (an empty or truncated file would answer 404 to every request); "
+               "a server needs at least one")
+
+
 def load_policies(path: str | os.PathLike[str], *,
                   tolerate_invalid_expressions: bool = False) -> dict[str, PolicyEntry]:
+    """The policies of a policies.yml file; ConfigError when it cannot be used, an empty one included."""
     try:
         with open(path, encoding="utf-8") as stream:
             doc = yaml.safe_load(stream)
-        return parse_policies(doc, tolerate_invalid_expressions=tolerate_invalid_expressions)
+        entries = parse_policies(doc, tolerate_invalid_expressions=tolerate_invalid_expressions)
+        if not entries:
+            raise ConfigError(NO_POLICIES)
+        return entries
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as exc:
         raise ConfigError(f'error while loading policies from "{path}": {exc}') from exc

@@ -198,7 +198,9 @@ def test_parsed_request_fields():
     assert json.loads(request.json) == request.value
     without_kind = admission.parse_admission_review(_review_with(lambda r: r.pop("requestKind")))
     assert without_kind.kind == ""
-    assert admission.parse_admission_review(_review_with(lambda r: r.__setitem__("requestKind", {}))).kind == ""
+    # Typed as the reference types it: a requestKind must be a whole GroupVersionKind (HTTP 422 otherwise).
+    with pytest.raises(admission.RequestShapeError, match=r"requestKind\.missing field `group`"):
+        admission.parse_admission_review(_review_with(lambda r: r.__setitem__("requestKind", {})))
     deleted = admission.parse_admission_review(_review_with(lambda r: r.__setitem__("object", None)))
     assert deleted.has_base_object is False and deleted.base_object is None
 

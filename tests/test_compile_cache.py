@@ -47,6 +47,40 @@ def test_a_corrupt_artifact_is_recompiled(tmp_path):
     assert _load(tmp_path).misses == 1
 
 
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "one flipped bit":
+        data[len(data) // 2] ^= 0x01
+    elif how == "random bytes inside":
+        data[len(data) // 3:len(data) // 3 + 4096] = os.urandom(4096)
+    elif how == "truncated":
+        del data[len(data) // 2:]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["one flipped bit", "random bytes inside", "truncated", "no digest"])
+def test_a_damaged_artifact_is_never_loaded_and_is_replaced(tmp_path, caplog, how):
+    cache = _load(tmp_path)
+    artifact = cache.path_for("digest")
+    good = artifact.read_bytes()
+    if how == "no digest":  # a cache written before digests were kept
+        artifact.with_name(artifact.name + ".sha256").unlink()
+    else:
+        _damage(artifact, how)
+    again = _load(tmp_path)
+    assert (again.hits, again.misses) == (0, 1)
+    assert "damaged compiled module in the cache, compiling again, replacing" in caplog.text
+    assert artifact.read_bytes() == good and _load(tmp_path).hits == 1
+
+
+def test_every_artifact_has_its_digest_beside_it(tmp_path):
+    import hashlib
+
+    artifact = _load(tmp_path).path_for("digest")
+    stored = artifact.with_name(artifact.name + ".sha256").read_text().strip()
+    assert stored == hashlib.sha256(artifact.read_bytes()).hexdigest()
+
+
 OTHER_UID = 65534  # nobody
 
 
@@ -157,3 +191,75 @@ def test_a_read_only_cache_others_could_write_is_not_read(tmp_path):
     warm.chmod(0o775)
     loaded = _load_read_only(warm, tmp_path / "spare")
     assert loaded["read_only"] == [] and loaded["hits"] == 0
+
+
+@pytest.mark.integration
+def test_a_damaged_cache_neither_crashes_the_server_nor_check(tmp_path):
+    from tests.support.paths import SERVER_FIXTURES, load_json
+    from tests.support.server import start_server, stop_server
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    policies = {"pod-privileged": {"module": policy_path("pod-privileged")}}
+    privileged = load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json")
+    (tmp_path / "first").mkdir()
+    stop_server(start_server(tmp_path / "first", policies, cache))  # the cache is warm
+    # The module as compiled, and the pre-initialised one the instances come from: either may be damaged.
+    for artifact in cache.glob("*.cwasm"):
+        _damaged_artifact_is_replaced(tmp_path, cache, policies, privileged, artifact)
+
+
+def _damaged_artifact_is_replaced(tmp_path, cache, policies, privileged, artifact):
+    from tests.support.server import check_config, start_server, stop_server
+
+    for round_, how in enumerate(("random bytes inside", "one flipped bit")):
+        _damage(artifact, how)
+        directory = tmp_path / f"again-{artifact.name}-{round_}"
+        directory.mkdir()
+        server = start_server(directory, policies, cache)
+        try:
+            reply = server.post("/validate/pod-privileged", privileged)
+            assert reply.status_code == 200 and reply.json()["response"]["allowed"] is False
+            assert "damaged compiled module in the cache, compiling again, replacing" in server.log()
+        finally:
+            stop_server(server)
+    _damage(artifact, "random bytes inside")
+    checked = check_config(tmp_path, policy_path("pod-privileged"))  # reads the same cache
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.integration
+def test_a_cache_file_damaged_in_place_cannot_reach_a_running_server(tmp_path):
+    # Found by `python -m bench chaos`: code mapped from the cache file changed under every process when the
+    # file was rewritten in place, and the whole server died. What is loaded is now a sealed copy.
+    import signal
+
+    import psutil
+
+    from tests.support.paths import SERVER_FIXTURES, load_json
+    from tests.support.server import start_server, stop_server, wait_for
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    privileged = load_json(SERVER_FIXTURES / "pod_with_privileged_containers.json")
+    server = start_server(tmp_path, {"pod-privileged": {"module": policy_path("pod-privileged")}}, cache,
+                          env={"KUBEWARDEN_WORKERS": "1"})
+    try:
+        # Every artifact the instances come from: the module as compiled and the pre-initialised one.
+        for artifact in cache.glob("*.cwasm"):
+            _damage_in_place(artifact)
+        psutil.Process(server.process.pid).send_signal(signal.SIGTTIN)  # a worker forked after the damage
+        wait_for(lambda: len(psutil.Process(server.process.pid).children()) == 2)
+        for _ in range(20):
+            reply = server.post("/validate/pod-privileged", privileged)
+            assert reply.status_code == 200 and reply.json()["response"]["allowed"] is False
+            server.session.close()
+        assert server.process.poll() is None
+    finally:
+        stop_server(server)
+
+
+def _damage_in_place(artifact):
+    with open(artifact, "r+b") as stream:  # the same inode, as a disk or a careless `dd` would
+        stream.seek(0)
+        stream.write(os.urandom(artifact.stat().st_size))

@@ -275,6 +275,36 @@ def test_bad_input_is_answered_precisely_and_never_kills_a_worker(server, body, 
     assert server.process.poll() is None
 
 
+def _privileged_with(**members) -> bytes:
+    return json.dumps({**PRIVILEGED, "request": {**PRIVILEGED["request"], **members}}).encode()
+
+
+def _privileged_user_with(**members) -> bytes:
+    return _privileged_with(userInfo={**PRIVILEGED["request"]["userInfo"], **members})
+
+
+@pytest.mark.parametrize("body,message", [
+    # Found by fuzzing AdmissionReview bodies: a list as requestKind.kind was evaluated, then broke the metrics (500).
+    (_privileged_with(requestKind={"group": "", "version": "v1", "kind": ["Pod"]}),
+     "request.requestKind.kind: invalid type: sequence, expected a string"),
+    (_privileged_with(requestKind=["Pod"]), "request.requestKind: invalid type: sequence, expected a map"),
+    (_privileged_with(requestResource={"group": "", "version": "v1", "resource": 7}),
+     "request.requestResource.resource: invalid type: integer `7`, expected a string"),
+    (_privileged_with(dryRun="no"), 'request.dryRun: invalid type: string "no", expected a boolean'),
+    (_privileged_with(namespace={"name": "x"}), "request.namespace: invalid type: map, expected a string"),
+    (_privileged_user_with(groups="system:masters"),
+     'request.userInfo.groups: invalid type: string "system:masters", expected a sequence of strings'),
+    (_privileged_user_with(extra={"scopes": "x"}),
+     "request.userInfo.extra: invalid type: map, expected a map of string sequences"),
+    (_privileged_user_with(username=1), "request.userInfo.username: invalid type: integer `1`, expected a string"),
+])
+def test_a_request_member_of_the_wrong_type_is_422_as_the_reference_types_it(server, body, message):
+    validate, audit = (server.post(route, data=body) for route in ("/validate/pod-privileged", "/audit/pod-privileged"))
+    assert validate.status_code == audit.status_code == 422, audit.text
+    assert validate.json()["message"].startswith(WRONG_SHAPE + message) and audit.text.startswith(WRONG_SHAPE + message)
+    assert response_of(server.post("/validate/pod-privileged", PRIVILEGED))["allowed"] is False
+
+
 def _raw_http(server, head: bytes, body_chunks=(), chunk: bytes = b"") -> tuple[bytes, bool]:
     """Send `head`, then up to `body_chunks` copies of `chunk`; what came back, and whether the server
     closed the connection before everything was sent."""

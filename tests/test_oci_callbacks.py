@@ -220,6 +220,23 @@ def test_a_hanging_registry_costs_the_policy_its_timeout_not_more(run_server, tm
         hole.stop()
 
 
+def test_a_wait_that_ends_at_the_deadline_is_a_timeout_whichever_side_gives_up_first():
+    import time
+
+    from kwserver.capabilities.waiting import until_deadline
+    from kwserver.runtime import GuestTimeout
+
+    def gives_up_late():  # the request's own timeout, cut to the time left, fires just after the deadline
+        time.sleep(0.15)
+        raise OSError("read timed out")
+
+    for work in (gives_up_late, lambda: time.sleep(1)):
+        with pytest.raises(GuestTimeout):
+            until_deadline(time.monotonic() + 0.1, work, "manifest digest example.com/app")
+    with pytest.raises(OSError, match="refused"):  # before the deadline, a failure is the guest's to read
+        until_deadline(time.monotonic() + 5, lambda: (_ for _ in ()).throw(OSError("refused")), "x")
+
+
 # --- sigstore -------------------------------------------------------------------------------------
 
 def test_public_key_signatures_are_verified(run_server, registry, tmp_path):

@@ -251,3 +251,39 @@ def test_workers_are_recycled_after_max_requests_without_failed_requests(run_ser
         assert reply.status_code == 200 and reply.json()["response"]["allowed"] is False
         pids.update(p.pid for p in workers_of(server))
     assert len(pids) >= 4, pids  # 100 requests, recycled every 20-22
+
+
+def test_labels_from_requests_are_bounded_by_an_overflow_series(run_server):
+    server = run_server({"pod-privileged": POD_PRIVILEGED},
+                        env={"KUBEWARDEN_WORKERS": "1", "KWSERVER_METRIC_SERIES_LIMIT": "20"})
+    for index in range(60):
+        review = {**PRIVILEGED, "request": {**PRIVILEGED["request"], "namespace": f"ns-{index}"}}
+        assert server.post("/validate/pod-privileged", review).status_code == 200
+    text = published_metrics(server, served=60)
+    series = [line for line in text.splitlines() if line.startswith("kubewarden_policy_evaluations_total{")]
+    assert len(series) == 20
+    assert sample(text, "kubewarden_policy_evaluations_total") == 60
+    overflow = sample(text, "kubewarden_policy_evaluations_total", otel_metric_overflow="true")
+    assert overflow == 60 - 19 and sample(text, "kubewarden_policy_evaluation_latency_milliseconds_count",
+                                          otel_metric_overflow="true") == overflow
+
+
+@pytest.mark.parametrize("text", ["", "# every policy commented out\n", "{}\n", "---\n"])
+def test_a_policies_file_without_policies_is_refused_by_serve_check_and_reload(run_server, tmp_path, text):
+    from kwserver.config import NO_POLICIES
+    from tests.support.server import kwserver
+
+    empty = tmp_path / "empty.yml"
+    empty.write_text(text)
+    checked = kwserver("check", "--policies", str(empty), cwd=tmp_path)
+    assert checked.returncode == 1 and NO_POLICIES in checked.stderr
+    refused = run_server({"pod-privileged": POD_PRIVILEGED}, wait=False, args=["--policies", str(empty)])
+    assert refused.process.wait(timeout=60) == 1 and NO_POLICIES in refused.log()
+    # A reload with a truncated file keeps the running configuration (and readiness) in service.
+    server = run_server({"pod-privileged": POD_PRIVILEGED}, env={"KUBEWARDEN_WORKERS": "1"})
+    (Path(server.log_path).parent / "policies.yml").write_text(text)
+    os.kill(server.process.pid, signal.SIGHUP)
+    wait_for(lambda: "reload refused" in server.log() and NO_POLICIES in server.log())
+    time.sleep(1)  # a reload that had been accepted would have replaced the worker by now
+    assert server.post("/validate/pod-privileged", PRIVILEGED).json()["response"]["allowed"] is False
+    assert requests.get(f"http://127.0.0.1:{server.readiness_port}/readiness", timeout=5).status_code == 200

@@ -194,3 +194,10 @@ def test_an_unknown_protocol_is_refused_at_startup(run_server):
                         env=telemetry_env("http://127.0.0.1:1", "http/json"))
     assert server.process.wait(timeout=60) == 1
     assert "OTLP protocol 'http/json' is not supported" in server.log()
+
+
+def test_the_overflow_series_is_sent_with_the_sdks_overflow_attribute_only():
+    from kwserver.observability.metrics import EVALUATION_LABELS, OVERFLOW
+    from kwserver.observability.otlp_metrics import evaluation_attributes
+
+    assert evaluation_attributes(dict(zip(EVALUATION_LABELS, OVERFLOW, strict=True))) == {"otel.metric.overflow": True}

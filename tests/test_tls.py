@@ -7,6 +7,7 @@ import requests
 
 from tests.support.certs import as_controller_v132_wrote_it, make_ca, make_cert
 from tests.support.paths import SERVER_FIXTURES, load_json, policy_path
+from tests.support.server import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +49,28 @@ def test_mutual_tls_with_three_client_cas(run_server, tmp_path):
         with pytest.raises(requests.exceptions.RequestException):
             requests.post(server.url + "/validate/pod-privileged", json=UNPRIVILEGED, verify=str(ca.cert),
                           cert=cert, timeout=5)
+
+
+def test_a_refused_client_certificate_gets_an_alert_and_a_log_line(run_server, tmp_path):
+    import socket
+    import ssl
+
+    ca = make_ca(tmp_path, "ca")
+    server_cert = make_cert(tmp_path, "server", ca)
+    server = run_server(POLICIES, scheme="https", args=[
+        "--cert-file", str(server_cert.cert), "--key-file", str(server_cert.key),
+        "--client-ca-file", str(make_ca(tmp_path, "client-ca").cert)])
+    stranger = make_cert(tmp_path, "stranger", make_ca(tmp_path, "unknown-ca"), san="DNS:client")
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    context.load_cert_chain(str(stranger.cert), str(stranger.key))
+    # TLS 1.3: the client's side of the handshake ends before the server has checked its certificate, so
+    # the refusal arrives as an alert on the first read, instead of a bare close.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls, \
+            pytest.raises(ssl.SSLError, match="ALERT_UNKNOWN_CA"):
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        tls.recv(1024)
+    wait_for(lambda: "TLS handshake with 127.0.0.1 refused: CERTIFICATE_VERIFY_FAILED" in server.log(), timeout=10)
 
 
 def test_tls_flags_must_come_together(run_server, tmp_path):

@@ -2,7 +2,9 @@
 
 A host call cannot be interrupted like wasm code, so a call that waits on a registry runs in a helper
 thread and the guest stops waiting when the evaluation's deadline passes; the helper's requests have no
-longer timeouts than the time that was left, so it ends soon after.
+longer timeouts than the time that was left, so it ends soon after. A call that gave up because the
+deadline passed (or failed after it) ends the evaluation as a timeout, as the reference's does when its
+epoch interrupt stops the guest: the guest never gets to answer with the callback's error instead.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
-from kwserver.capabilities.callback_requests import HostCallError
+from kwserver.runtime import GuestTimeout
 
 T = TypeVar("T")
 # The reference hands a failed callback to the guest with this prefix.
@@ -51,7 +53,7 @@ def time_left(deadline: float | None, longest: float) -> float:
 
 
 def until_deadline(deadline: float | None, work: Callable[[], T], what: str) -> T:
-    """`work()`'s result, or a host error once the evaluation's deadline has passed."""
+    """`work()`'s result; GuestTimeout (the evaluation is out of time) once the deadline has passed."""
     if deadline is None:
         return work()
     future = _pool.get().submit(work)
@@ -59,5 +61,8 @@ def until_deadline(deadline: float | None, work: Callable[[], T], what: str) -> 
         return future.result(timeout=max(_MIN_WAIT_SECONDS, deadline - time.monotonic()))
     except FutureTimeout:
         future.cancel()
-        raise HostCallError(CALLBACK_FAILURE.format(
-            f"{what}: no answer before the policy's evaluation deadline")) from None
+        raise GuestTimeout(f"{what}: no answer before the policy's evaluation deadline") from None
+    except Exception as exc:
+        if time.monotonic() >= deadline:  # its own timeout, cut to the time that was left
+            raise GuestTimeout(f"{what}: {exc}") from exc
+        raise

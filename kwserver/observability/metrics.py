@@ -12,6 +12,11 @@ at scrape time.
 Metric names and labels of the reference server (`kubewarden_policy_evaluations_total`,
 `kubewarden_policy_evaluation_latency_milliseconds`) are kept. Its attribute sets vary by request
 kind; Prometheus treats an empty label as an absent one, so absent attributes are empty strings.
+
+Some labels come from the requests (namespace, kind, operation) and from what policies answer (error
+code), so their number of series is bounded as OpenTelemetry's SDK bounds it: past `--metric-series-limit`
+series, a worker counts new label sets in one overflow series whose only label is
+`otel_metric_overflow="true"`. Label values are always strings.
 """
 
 from __future__ import annotations
@@ -40,10 +45,13 @@ from kwserver.observability.cache_metrics import CacheMetrics
 from kwserver.server.service import EvaluationRecord
 
 LATENCY_BUCKETS_MS = (0, 5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000)
+OVERFLOW_LABEL = "otel_metric_overflow"
 EVALUATION_LABELS = (
     "policy_name", "policy_mode", "resource_kind", "resource_request_operation", "accepted", "mutated",
-    "request_origin", "resource_namespace", "error_code", "initialization_error",
+    "request_origin", "resource_namespace", "error_code", "initialization_error", OVERFLOW_LABEL,
 )
+OVERFLOW = ("",) * (len(EVALUATION_LABELS) - 1) + ("true",)
+DEFAULT_SERIES_LIMIT = 2000  # OpenTelemetry's default cardinality limit
 ARCHIVE_ID = "archive"
 EVALUATIONS_METRIC = "kubewarden_policy_evaluations"
 LATENCY_METRIC = "kubewarden_policy_evaluation_latency_milliseconds"
@@ -75,8 +83,8 @@ class WorkerMetrics(PoolObserver):
     without exiting loses at most its last second of counts; totals still never go backwards.
     """
 
-    def __init__(self) -> None:
-        self.totals = EvaluationTotals()
+    def __init__(self, series_limit: int = DEFAULT_SERIES_LIMIT) -> None:
+        self.totals = EvaluationTotals(series_limit)
         self.requests = Counter("kwserver_worker_requests", "Admission requests served", registry=None)
         self.busy = Counter("kwserver_worker_busy_seconds", "Time spent serving admission requests",
                             registry=None)
@@ -99,17 +107,21 @@ class WorkerMetrics(PoolObserver):
     def observe(self, record: EvaluationRecord) -> None:
         request = record.request
         labels = (
-            record.policy_id, record.policy_mode,
-            "" if request.raw else request.kind,
-            "" if request.raw else (request.operation or ""),
+            _text(record.policy_id), _text(record.policy_mode),
+            "" if request.raw else _text(request.kind),
+            "" if request.raw else _text(request.operation),
             "true" if record.accepted else "false",
             "true" if record.mutated else "false",
-            "" if request.raw else record.origin,
-            (request.namespace or "") if not request.raw else "",
-            "" if record.error_code is None else str(record.error_code),
-            record.initialization_error or "",
+            "" if request.raw else _text(record.origin),
+            "" if request.raw else _text(request.namespace),
+            _text(record.error_code),
+            _text(record.initialization_error),
+            "",
         )
         pending = self._pending
+        if (labels not in pending.evaluations and labels not in self.totals.evaluations
+                and len(pending.evaluations) + len(self.totals.evaluations) >= self.totals.limit - 1):
+            labels = OVERFLOW
         pending.evaluations[labels] = pending.evaluations.get(labels, 0) + 1
         if record.seconds is not None:
             milliseconds = int(record.seconds * 1000)
@@ -153,6 +165,13 @@ class WorkerMetrics(PoolObserver):
         self.caches.publish()
 
 
+def _text(value: Any) -> str:
+    """A label value: always a string, whatever a request or a policy put there."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
 class PendingCounts:
     """What a worker counted since its last flush."""
 
@@ -171,16 +190,24 @@ class EvaluationTotals:
     """Evaluation counts and latency histograms by label values: {labels: count} and {labels: [per-bucket
     counts (not cumulative), +Inf, sum of milliseconds]}."""
 
-    __slots__ = ("evaluations", "latency")
+    __slots__ = ("evaluations", "latency", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         self.evaluations: dict[tuple[str, ...], int] = {}
         self.latency: dict[tuple[str, ...], list[int]] = {}
+        self.limit = limit or 1 << 62  # series, the overflow series included
+
+    def _admit(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if labels in self.evaluations or len(self.evaluations) < self.limit - 1:
+            return labels
+        return OVERFLOW
 
     def add(self, evaluations: dict[tuple[str, ...], int], latency: dict[tuple[str, ...], list[int]]) -> None:
         for labels, count in evaluations.items():
+            labels = self._admit(labels)
             self.evaluations[labels] = self.evaluations.get(labels, 0) + count
         for labels, counts in latency.items():
+            labels = labels if labels in self.evaluations else OVERFLOW
             current = self.latency.get(labels)
             if current is None:
                 self.latency[labels] = list(counts)
@@ -198,16 +225,20 @@ class EvaluationTotals:
         os.replace(temporary, path)
 
     @classmethod
-    def read(cls, path: str) -> EvaluationTotals:
-        totals = cls()
+    def read(cls, path: str, limit: int | None = None) -> EvaluationTotals:
+        totals = cls(limit)
         try:
             with open(path, "rb") as f:
                 doc = orjson.loads(f.read())
         except (OSError, orjson.JSONDecodeError):
             return totals
-        totals.add({tuple(row[:-1]): row[-1] for row in doc.get("evaluations", [])},
-                   {tuple(row[:-1]): row[-1] for row in doc.get("latency", [])})
+        totals.add({_labels(row[:-1]): row[-1] for row in doc.get("evaluations", [])},
+                   {_labels(row[:-1]): row[-1] for row in doc.get("latency", [])})
         return totals
+
+
+def _labels(values: list[Any]) -> tuple[str, ...]:
+    return tuple(_text(value) for value in values)
 
 
 def evaluations_path(directory: str, pid: int | str) -> str:
@@ -247,17 +278,17 @@ class EvaluationCollector:
         yield latency
 
 
-def archive_dead_worker(directory: str, pid: int) -> None:
-    """Fold a dead worker's counts into the archive files, then delete its files."""
+def archive_dead_worker(directory: str, pid: int, series_limit: int = DEFAULT_SERIES_LIMIT) -> None:
+    """Fold a dead worker's counts into the archive files (within the series limit), then delete its files."""
     with ARCHIVE_LOCK:
-        _archive(directory, pid)
+        _archive(directory, pid, series_limit)
 
 
-def _archive(directory: str, pid: int) -> None:
+def _archive(directory: str, pid: int, series_limit: int) -> None:
     path = evaluations_path(directory, pid)
     if os.path.exists(path):
         archive = evaluations_path(directory, ARCHIVE_ID)
-        totals = EvaluationTotals.read(archive)
+        totals = EvaluationTotals.read(archive, series_limit)
         dead = EvaluationTotals.read(path)
         totals.add(dead.evaluations, dead.latency)
         totals.write(archive)

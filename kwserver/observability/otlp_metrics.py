@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kwserver.observability import otlp
-from kwserver.observability.metrics import ARCHIVE_LOCK, LATENCY_BUCKETS_MS, EvaluationCollector
+from kwserver.observability.metrics import ARCHIVE_LOCK, LATENCY_BUCKETS_MS, OVERFLOW_LABEL, EvaluationCollector
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ Attributes = dict[str, str | bool | int]
 
 def evaluation_attributes(labels: Mapping[str, str]) -> Attributes:
     """The reference's attributes for one labelled series of the Prometheus metrics."""
+    if labels.get(OVERFLOW_LABEL):
+        return {"otel.metric.overflow": True}
     if labels.get("initialization_error"):
         return {"policy_name": labels["policy_name"], "initialization_error": labels["initialization_error"]}
     attributes: Attributes = {"policy_name": labels["policy_name"], "policy_mode": labels["policy_mode"]}

@@ -1,9 +1,10 @@
 """The wasmtime engine, the compiled-module cache and the epoch ticker.
 
 Compilation happens in the gunicorn master only, before it forks: wasmtime's compiler thread pool
-does not survive fork (a compile in a child deadlocks). Compiled code is written to a cache file and
-loaded back with `Module.deserialize_file`, so its pages are file-backed and shared by every worker
-through the page cache, and a restart with a warm cache skips compilation.
+does not survive fork (a compile in a child deadlocks). Compiled code is written to a cache file (its
+digest beside it, runtime/artifacts.py) and loaded back with `Module.deserialize_file` from a sealed
+in-memory copy of the checked bytes, so its pages are shared by every worker forked after, and a restart
+with a warm cache skips compilation.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import os
 import platform
 import stat
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from pathlib import Path
 import wasmtime
 
 from kwserver.metadata import PolicyMetadata
-from kwserver.runtime import pooling
+from kwserver.runtime import artifacts, pooling
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ class CompileCache:
     """Compiled artifacts on disk, keyed by module digest and engine fingerprint.
 
     A `.cwasm` file is native code that wasmtime loads without further checks, so the cache is only
-    used from a directory that belongs to this user and that nobody else can write to.
+    used from a directory that belongs to this user and that nobody else can write to, and each file is
+    checked against the digest stored beside it before it is loaded (damage, not malice).
     """
 
     def __init__(self, directory: Path | Sequence[Path] | None, options: EngineOptions):
@@ -170,7 +171,11 @@ class CompileCache:
         return self.directory / f"{digest}-{self.options.fingerprint()}.cwasm"
 
     def load(self, engine: wasmtime.Engine, wasm: bytes, digest: str) -> tuple[wasmtime.Module, int]:
-        """Return the compiled module and the size of its native artifact."""
+        """Return the compiled module and the size of its native artifact.
+
+        Every artifact is checked against the digest stored beside it before wasmtime sees it
+        (runtime/artifacts.py); a damaged one is compiled again and replaced, with a warning.
+        """
         cached = self._cached(engine, digest)
         if cached is not None:
             self.hits += 1
@@ -193,35 +198,38 @@ class CompileCache:
         for warmed in self.read_only:
             artifact = warmed / f"{digest}-{self.options.fingerprint()}.cwasm"
             if self._trusted(artifact):
-                try:
-                    return wasmtime.Module.deserialize_file(engine, str(artifact)), artifact.stat().st_size
-                except wasmtime.WasmtimeError as exc:  # built for another CPU, for instance
-                    log.warning("not using compiled module %s: %s", artifact, exc)
+                loaded = self._deserialize(engine, artifact, "not using")
+                if loaded is not None:
+                    return loaded
         path = self.path_for(digest)
-        if path is not None and path.exists():
-            try:
-                return wasmtime.Module.deserialize_file(engine, str(path)), path.stat().st_size
-            except wasmtime.WasmtimeError as exc:
-                log.warning("discarding unusable compiled module %s: %s", path, exc)
-        return None
+        return None if path is None else self._deserialize(engine, path, "compiling again, replacing")
 
     def _compile(self, engine: wasmtime.Engine, wasm: bytes, digest: str) -> tuple[wasmtime.Module, int]:
         path = self.path_for(digest)
         module = wasmtime.Module(engine, wasm)
-        if path is None:
-            return module, len(module.serialize())
         artifact = module.serialize()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".cwasm")
+        if path is None:
+            return module, len(artifact)
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(artifact)
-            os.replace(tmp, path)
+            artifacts.store(path, artifact)
         except OSError as exc:
             log.warning("could not write compiled module %s: %s", path, exc)
-            os.unlink(tmp)
             return module, len(artifact)
-        # Reload from the file so the code pages are file-backed and shared across processes.
-        return wasmtime.Module.deserialize_file(engine, str(path)), len(artifact)
+        # Loaded back from the cache (as every later start will), so the code pages are shared with the workers.
+        return self._deserialize(engine, path, "using the compiled module in memory") or (module, len(artifact))
+
+    @staticmethod
+    def _deserialize(engine: wasmtime.Engine, path: Path, otherwise: str) -> tuple[wasmtime.Module, int] | None:
+        try:
+            with artifacts.verified(path) as checked:
+                return wasmtime.Module.deserialize_file(engine, checked), path.stat().st_size
+        except FileNotFoundError:
+            return None
+        except artifacts.DamagedArtifact as exc:
+            log.warning("damaged compiled module in the cache, %s: %s", otherwise, exc)
+        except (OSError, wasmtime.WasmtimeError) as exc:  # built for another CPU, for instance
+            log.warning("unusable compiled module %s, %s: %s", path, otherwise, exc)
+        return None
 
 
 class EpochTicker:

@@ -76,6 +76,8 @@ def __host_call(bd_ptr: int, bd_len: int, ns_ptr: int, ns_len: int, op_ptr: int,
     try:
         guest.host_response = guest.host_call(binding, namespace, operation, payload)
         return 1
+    except GuestTimeout:
+        raise  # the deadline passed while the host waited: the evaluation is out of time
     except Exception as exc:  # a failed callback is reported to the guest, never a trap
         guest.host_error = str(exc).encode()
         return 0

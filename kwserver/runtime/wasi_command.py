@@ -74,6 +74,8 @@ def _host_call(bd_ptr: int, bd_len: int, ns_ptr: int, ns_len: int, op_ptr: int, 
         bd_ptr, bd_len, ns_ptr, ns_len, op_ptr, op_len, ptr, length)
     try:
         answer, status = run.host_call(binding, namespace, operation, payload), 0
+    except GuestTimeout:
+        raise  # the deadline passed while the host waited: the evaluation is out of time
     except Exception as exc:  # a failed callback is reported to the guest, never a trap
         answer, status = str(exc).encode(), 1
     run.wasi.stdin += answer

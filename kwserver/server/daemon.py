@@ -39,7 +39,7 @@ from kwserver.evaluation import Evaluator, InstancePool, PolicyRegistry
 from kwserver.evaluation.bootstrap import BootError, BootReport, build_registry
 from kwserver.logs import configure_logging
 from kwserver.observability import discovery, memory, metrics, otlp
-from kwserver.observability.endpoints import EndpointServer, Readiness
+from kwserver.observability.endpoints import EndpointServer, LocalOnly, Readiness
 from kwserver.observability.status import LoadedFacts, StatusView
 from kwserver.runtime.engine import EpochTicker
 from kwserver.server.api import create_app
@@ -168,7 +168,7 @@ class Daemon:
             exit_if_taken(listeners)
         # Before any metric value exists: prometheus-client picks its multiprocess value class here.
         self.metrics_dir = metrics.prepare_directory(None)
-        self.metrics = metrics.WorkerMetrics()
+        self.metrics = metrics.WorkerMetrics(self.settings.metric_series_limit)
         try:
             self._check_telemetry()
             if self.settings.tls:  # a pair that cannot serve fails the start, naming the file
@@ -324,7 +324,8 @@ class Daemon:
         registry = metrics.master_registry(self.metrics_dir, [metrics.MasterCollector(status.snapshot)])
         routes.setdefault(settings.metrics_listener_port, ({}, "metrics"))[0].update({
             "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics.render(registry)),
-            "/status": lambda: (200, "application/json", orjson.dumps(status.snapshot())),
+            # Process ids, titles, memory and policy names: for `kwserver top` on this host only.
+            "/status": LocalOnly(lambda: (200, "application/json", orjson.dumps(status.snapshot()))),
         })
         endpoints = []
         for port, (paths, name) in routes.items():
@@ -424,7 +425,7 @@ class Daemon:
 
     def worker_exited(self, pid: int) -> None:
         if self.metrics_dir:
-            metrics.archive_dead_worker(self.metrics_dir, pid)
+            metrics.archive_dead_worker(self.metrics_dir, pid, self.settings.metric_series_limit)
         self.services.worker_exited(pid)
 
     def on_exit(self) -> None:

@@ -8,12 +8,23 @@ and timeouts, and only a request that has fully arrived reaches the app, which r
 in the loop's thread (evaluations stay one at a time per worker; timeouts stay epoch interrupts).
 A stalled client costs a file descriptor and a timer, never another client's evaluation.
 
+What a client may cost is bounded the way hyper, Go's net/http and nginx bound it:
+- back-pressure: while an answer is unsent (the client does not read), the connection's pipelined
+  requests wait unread and unanswered; a client that reads nothing for `send_timeout` is cut off;
+- a new connection must send its first request's headers within `header_timeout` of connecting;
+- at the connection cap, the longest-idle keep-alive connection is closed to make room; only when
+  every connection is mid-request is a new one refused (503);
+- the cap stays below the file-descriptor limit, and a worker out of descriptors refuses the waiting
+  client with a 503 (from a descriptor kept in reserve) and pauses accepting, instead of spinning;
+- TLS is layered here over the plain transport (`ssl.SSLObject`), so a refused handshake sends its
+  alert (an unknown client CA, say) before the connection closes, and is logged.
+
 Also measured cheaper: the loop replaces gunicorn's pure-Python parser and per-request heartbeat
 (see docs/operations.md for the comparison with uvicorn's worker and gthread).
 
-Connections spread over the workers: each worker accepts one connection per loop iteration, so a
-burst of keep-alive connections is shared by the workers that are woken for it instead of piling
-onto the first one.
+Connections spread over the workers: every worker is woken for a pending connection, and one that
+holds more connections than an idle worker passes it over for a moment so the idle one takes it;
+accepting itself never waits on a timer.
 """
 
 from __future__ import annotations
@@ -21,10 +32,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import io
 import logging
 import mmap
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -50,13 +63,19 @@ log = logging.getLogger(__name__)
 MAX_DISCARDED_BYTES = 16 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 HEARTBEAT_SECONDS = 1.0
-# How long a worker with more connections than the others lets a pending connection wait for them.
-BALANCE_WAIT_SECONDS = 0.02
+# A worker with more connections than an idle one passes a pending connection over for at most this
+# long (it is woken again and again meanwhile: no timer), then takes it itself.
+DEFER_SECONDS = 0.002
 STOP_KEEPALIVE_LINGER_SECONDS = 2.0
-# A TLS close waits for the client's close_notify; a client that never sends it must not hold a
-# stopping worker for asyncio's default 30 s.
-TLS_SHUTDOWN_TIMEOUT_SECONDS = 2.0
+# Descriptors a worker keeps for everything but client connections (policy callbacks, metrics files,
+# the cluster cache), on top of those open when it starts.
+SPARE_DESCRIPTORS = 64
+# Out of descriptors: accepting pauses this long, doubling up to the maximum while it lasts (as Go's
+# net/http backs off on temporary accept errors).
+ACCEPT_BACKOFF_SECONDS = (0.005, 1.0)
+_OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_TLS_READ_BYTES = 256 * 1024
 
 
 def _closing_response(status: str, text: str = "") -> bytes:
@@ -74,24 +93,28 @@ _HEADERS_TOO_LARGE = _closing_response("431 Request Header Fields Too Large")
 
 
 class ConnectionTable:
-    """Open connections of every worker, in memory shared by all of them.
+    """Open connections of every worker, whether it is evaluating, and its last heartbeat, in memory
+    shared by all of them.
 
     A keep-alive connection stays with the worker that accepted it, and the worker that wakes first
     for a burst of connections would take nearly all of them (measured 13 of 16 on one of two
-    workers). With this table a worker that holds more connections than the least loaded one lets
-    the listener wait a moment before accepting, so the others get theirs first. Made in the master
-    (anonymous shared memory, inherited by every fork); a worker writes its own slot.
+    workers). Every worker is woken for a pending connection (they all watch the listening socket);
+    with this table one that holds more connections than an idle worker lets that one take it. Made
+    in the master (anonymous shared memory, inherited by every fork); a worker writes its own slot.
     """
 
     SLOTS = 1024
+    STALE_SECONDS = 3  # a worker that has not beaten for this long (killed, stuck) is not waited for
 
     def __init__(self) -> None:
-        self._memory = mmap.mmap(-1, self.SLOTS * 8)
+        self._memory = mmap.mmap(-1, self.SLOTS * 4 * 4)
         view = memoryview(self._memory).cast("i")
-        self.pids, self.counts = view[:self.SLOTS], view[self.SLOTS:]
+        n = self.SLOTS
+        self.pids, self.counts, self.busy, self.beats = view[:n], view[n:2 * n], view[2 * n:3 * n], view[3 * n:]
 
     def join(self, slot: int) -> None:
-        self.counts[slot] = 0
+        self.counts[slot] = self.busy[slot] = 0
+        self.beat(slot)
         self.pids[slot] = os.getpid()
 
     def leave(self, slot: int) -> None:
@@ -101,36 +124,44 @@ class ConnectionTable:
         """The pids of the workers that joined (they serve) and have not left."""
         return {pid for pid in self.pids if pid}
 
-    def should_wait(self, slot: int, mine: int) -> bool:
-        """More connections here than in the least loaded other live worker, plus one."""
-        fewest = None
+    def beat(self, slot: int) -> None:
+        self.beats[slot] = int(time.monotonic())  # CLOCK_MONOTONIC is one clock for every process
+
+    def should_defer(self, slot: int, mine: int) -> bool:
+        """Another live worker, idle (so awake to accept), holds fewer connections than `mine` less one."""
+        now = int(time.monotonic())
         for i, pid in enumerate(self.pids):
-            if pid and i != slot and _alive(pid):
-                count = self.counts[i]
-                fewest = count if fewest is None else min(fewest, count)
-        return fewest is not None and mine > fewest + 1
-
-
-def _alive(pid: int) -> bool:
-    # A killed worker never cleared its slot; it must not make the others wait.
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+            if (pid and i != slot and not self.busy[i] and self.counts[i] + 1 < mine
+                    and now - self.beats[i] <= self.STALE_SECONDS):
+                return True
         return False
-    except PermissionError:
-        return True
-    return True
+
+
+def connection_cap(configured: int, descriptor_limit: int, descriptors_in_use: int) -> int:
+    """Connections a worker may hold: the configured cap, lowered to fit under the descriptor limit."""
+    return max(1, min(configured, descriptor_limit - descriptors_in_use - SPARE_DESCRIPTORS))
+
+
+def descriptors() -> tuple[int, int]:
+    """This process's soft limit on open files and how many it has open."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = SPARE_DESCRIPTORS
+    return (soft if soft != resource.RLIM_INFINITY else 1 << 20), in_use
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
     """What one client may cost a worker (kwserver's settings: see kwserver/config.py)."""
 
-    header_timeout: float  # from the first byte of a request to the end of its headers
+    header_timeout: float  # from connecting (a new connection) or the first byte of a request to the end of its headers
     body_timeout: float  # from the end of the headers to the end of the body
     idle_timeout: float  # a keep-alive connection with no request in progress
     handshake_timeout: float  # TLS handshake
-    max_connections: int  # open connections per worker; beyond, new ones are refused with 503
+    max_connections: int  # open connections per worker; beyond, idle ones are closed, else new ones get 503
+    send_timeout: float = 30.0  # an answer the client reads none of for this long: the connection is cut
     max_body_bytes: int = MAX_REQUEST_BODY_BYTES
     max_header_bytes: int = MAX_HEADER_BYTES
 
@@ -139,24 +170,44 @@ class ConnectionLimits:
         return cls(header_timeout=settings.header_timeout_seconds, body_timeout=settings.body_timeout_seconds,
                    idle_timeout=settings.keepalive_timeout_seconds,
                    handshake_timeout=settings.tls_handshake_timeout_seconds,
-                   max_connections=settings.max_connections_per_worker)
+                   max_connections=settings.max_connections_per_worker, send_timeout=settings.send_timeout_seconds)
+
+
+@dataclass
+class _Request:
+    """A request that has arrived (or whose 413 is decided), waiting for its answer."""
+
+    environ: dict[str, Any]
+    keep_alive: bool
+    http_10: bool
+    too_large: bool = False
 
 
 class Connection(asyncio.Protocol):
-    """One client connection: parses requests, enforces the limits, hands complete requests to the app."""
+    """One client connection: TLS, parsing, the limits, complete requests handed to the app in order."""
 
     __slots__ = (
-        "body", "body_size", "discarded", "environ_base", "header_bytes", "headers", "in_request",
-        "keep_alive", "parser", "server", "timer", "too_large", "transport", "url",
+        "body", "body_size", "discarded", "environ_base", "handshaken", "header_bytes", "headers", "in_request",
+        "incoming", "outgoing", "parser", "pending", "requests", "server", "timer", "timer_kind", "tls",
+        "too_large", "transport", "url", "writing_paused",
     )
 
-    def __init__(self, server: HttpServer):
+    def __init__(self, server: HttpServer, tls: ssl.SSLContext | None = None):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_kind = ""
         self.environ_base: dict[str, Any] = {}
         self.in_request = False
+        self.requests = 0  # answered on this connection
+        self.pending: list[_Request] = []  # arrived while an earlier answer was unsent
+        self.writing_paused = False
+        self.tls: ssl.SSLObject | None = None
+        self.handshaken = tls is None
+        if tls is not None:
+            self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = tls.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -167,21 +218,122 @@ class Connection(asyncio.Protocol):
         self.body_size = 0
         self.too_large = False
         self.discarded = 0
-        self.keep_alive = True
 
     # --- transport events ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.server.connections.add(self)
-        self.environ_base = self.server.environ_for(transport)
-        self._arm(self.server.limits.idle_timeout)
+        self.server.connection_made(self)
+        self.environ_base = self.server.environ_for(transport, secure=self.tls is not None)
+        if self.tls is not None:
+            self._arm(self.server.limits.handshake_timeout, "handshake")
+        else:
+            self._arm(self.server.limits.header_timeout, "header")  # from connecting: silence is not free
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
         self._disarm()
-        self.server.connection_closed()
+        self.pending.clear()
+        self.server.connection_lost(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.tls is None:
+            self._feed(data)
+            return
+        self.incoming.write(data)
+        if not self.handshaken and not self._handshake():
+            return
+        try:
+            while self.incoming.pending or self.tls.pending():
+                chunk = self.tls.read(_TLS_READ_BYTES)
+                if not chunk:  # the client's close_notify
+                    self._close()
+                    return
+                self._feed(chunk)
+                if self.transport is None or self.transport.is_closing():
+                    return  # answered and closed (a bad request, say): the rest is not read
+        except ssl.SSLWantReadError:
+            pass  # the rest of a record is still on its way
+        except ssl.SSLError as exc:
+            log.info("TLS error from %s: %s", self.environ_base.get("REMOTE_ADDR"), exc)
+            self._abort()
+        self._flush_tls()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def pause_writing(self) -> None:
+        # The client is not reading what we send: stop reading what it sends, and give it `send_timeout`.
+        self.writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._arm(self.server.limits.send_timeout, "send")
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._disarm()
+        self._answer_pending()
+        if self.in_request and self.timer is None and not self.writing_paused:
+            # A request begun while the send timeout ran has had no timer of its own: it gets one now.
+            self._arm(self.server.limits.body_timeout, "body")
+
+    # --- TLS ---
+    def _handshake(self) -> bool:
+        """Go on with the handshake; True once it is done. A refused one sends its alert, then closes."""
+        if self.transport is None or self.transport.is_closing():
+            return False
+        try:
+            self.tls.do_handshake()  # type: ignore[union-attr]
+        except ssl.SSLWantReadError:
+            self._flush_tls()
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            self._flush_tls()  # the alert that says why (an unknown client CA, say)
+            log.info("TLS handshake with %s refused: %s", self.environ_base.get("REMOTE_ADDR"),
+                     getattr(exc, "reason", None) or exc)
+            if self.transport is not None:
+                self.transport.close()  # after the alert in its buffer is sent
+            return False
+        self.handshaken = True
+        self._flush_tls()
+        self._arm(self.server.limits.header_timeout, "header")
+        return True
+
+    def _flush_tls(self) -> None:
+        transport = self.transport
+        if self.tls is not None and self.outgoing.pending and transport is not None and not transport.is_closing():
+            transport.write(self.outgoing.read())
+
+    def _send(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.tls is None:
+            self.transport.write(data)
+            return
+        try:
+            self.tls.write(data)
+        except ssl.SSLError as exc:  # a renegotiation attempt, for instance
+            log.info("TLS error to %s: %s", self.environ_base.get("REMOTE_ADDR"), exc)
+            self._abort()
+            return
+        self._flush_tls()
+
+    def _close(self) -> None:
+        """Close after what was written is sent (with TLS, after our close_notify)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.tls is not None and self.handshaken:
+            with contextlib.suppress(ssl.SSLError):
+                self.tls.unwrap()  # our close_notify; the client's is not waited for
+            self._flush_tls()
+        transport.close()
+
+    def _abort(self) -> None:
+        """Close now, dropping what is unsent."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- parser ---
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -189,14 +341,14 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail(_BAD_REQUEST)
 
-    def eof_received(self) -> bool | None:
-        return None  # close our side too
-
-    # --- parser callbacks ---
     def on_message_begin(self) -> None:
         self._reset_request()
         self.in_request = True
-        self._arm(self.server.limits.header_timeout)
+        self.server.became_busy(self)
+        if self.requests or self.timer_kind != "header":
+            # A kept-alive connection's next request: its header time starts with its first byte. A new
+            # connection's started when it connected.
+            self._arm(self.server.limits.header_timeout, "header")
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -212,22 +364,21 @@ class Connection(asyncio.Protocol):
             self._fail(_HEADERS_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
-        self.keep_alive = self.parser.should_keep_alive()
-        self._arm(self.server.limits.body_timeout)
+        self._arm(self.server.limits.body_timeout, "body")
         length = self._header(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.server.limits.max_body_bytes:
             self._too_large(int(length))
             return
         expect = self._header(b"expect")
-        if expect is not None and expect.lower() == b"100-continue" and self.transport is not None:
-            self.transport.write(_CONTINUE)
+        if expect is not None and expect.lower() == b"100-continue" and not self.pending:
+            self._send(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         if self.too_large:
             # Read and dropped, so the client sees the 413 rather than a reset; up to a bound.
             self.discarded += len(body)
-            if self.discarded > MAX_DISCARDED_BYTES and self.transport is not None:
-                self.transport.close()
+            if self.discarded > MAX_DISCARDED_BYTES:
+                self._abort()
             return
         self.body_size += len(body)
         if self.body_size > self.server.limits.max_body_bytes:
@@ -236,12 +387,13 @@ class Connection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        self.in_request = False
         if self.too_large:
-            if self.transport is not None:
-                self.transport.close()
+            if not self.pending:
+                self._close()  # its 413 was sent; else the 413 still waiting closes it once sent
             return
         self._disarm()
-        self._respond()
+        self._submit(self._request())
 
     # --- requests ---
     def _header(self, name: bytes) -> bytes | None:
@@ -250,60 +402,101 @@ class Connection(asyncio.Protocol):
                 return value
         return None
 
+    def _request(self, content_length: int | None = None) -> _Request:
+        parser = self.parser
+        return _Request(self.server.environ(self, b"".join(self.body), content_length),
+                        keep_alive=parser.should_keep_alive(), http_10=parser.get_http_version() == "1.0",
+                        too_large=content_length is not None)
+
     def _too_large(self, size: int) -> None:
         """Answer now, without keeping a body the app would refuse: the app gets the request with its
         length and no body, and answers 413 in its route's format. The connection closes once the rest
         of the body has been read and dropped (or is too long to drain, or the body timeout passes)."""
         self.too_large = True
         self.body = []
-        self._respond(content_length=size)
+        self._submit(self._request(content_length=size))
 
-    def _respond(self, content_length: int | None = None) -> None:
+    def _submit(self, request: _Request) -> None:
+        """Answer now, or after the answers before it have been sent (pipelining, back-pressure)."""
+        if self.pending or self.writing_paused:
+            self.pending.append(request)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self._answer(request)
+
+    def _answer_pending(self) -> None:
+        while self.pending and not self.writing_paused:
+            self._answer(self.pending.pop(0))
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and not self.writing_paused:
+            transport.resume_reading()
+            self._wait_for_next()
+
+    def _answer(self, request: _Request) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        body = b"".join(self.body)
-        environ = self.server.environ(self, body, content_length)
-        response, close = self.server.call_app(environ)
-        close = close or self.too_large or not self.keep_alive or not self.server.accepting
+        response, close = self.server.call_app(request.environ)
+        close = close or request.too_large or not request.keep_alive or not self.server.accepting
         if close:
             response = response.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
-        transport.write(response)
-        self.in_request = False
-        if self.too_large:
-            pass  # closed when the body ends, is too long to drain, or its timer fires
-        elif close:
-            transport.close()
-        else:
-            self._arm(self.server.limits.idle_timeout)
+        elif request.http_10:
+            response = response.replace(b"\r\n\r\n", b"\r\nconnection: keep-alive\r\n\r\n", 1)
+        self.requests += 1
+        self._send(response)
         self.server.request_done()
+        if request.too_large:
+            if not self.in_request:  # its body has been read (or dropped) already
+                self._close()
+            return  # else closed when the body ends, is too long to drain, or its timer fires
+        if close:
+            self.pending.clear()
+            self._close()
+        else:
+            self._wait_for_next()
+
+    def _wait_for_next(self) -> None:
+        """All answers sent: the connection is idle until its next request begins."""
+        if not self.in_request and not self.pending and not self.writing_paused:
+            self._arm(self.server.limits.idle_timeout, "idle")
+            self.server.became_idle(self)
 
     # --- timers ---
-    def _arm(self, seconds: float) -> None:
+    def _arm(self, seconds: float, kind: str) -> None:
+        if self.writing_paused and kind != "send":
+            return  # while an answer is unsent, only the send timeout runs
         if self.timer is not None:
             self.timer.cancel()
+        self.timer_kind = kind
         self.timer = self.server.loop.call_later(seconds, self._timed_out)
 
     def _disarm(self) -> None:
-        if self.timer is not None:
+        if self.timer is not None and not self.writing_paused:
             self.timer.cancel()
             self.timer = None
 
     def _timed_out(self) -> None:
         self.timer = None
-        if self.in_request and not self.too_large:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.timer_kind in ("send", "handshake") or transport.get_write_buffer_size():
+            self._abort()  # what the client does not read is not kept for it
+        elif self.in_request and not self.too_large:
             self._fail(_TIMED_OUT)  # a request that stopped half-way is told why
-        elif self.transport is not None:
-            self.transport.close()  # an idle keep-alive connection, or a refused body that never ended
+        else:
+            self._close()  # silent since it connected, idle between requests, or a refused body that never ended
 
     def _fail(self, response: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(response)
-            self.transport.close()
+            self.pending.clear()
+            self._send(response)
+            self._close()
 
     @property
     def idle(self) -> bool:
-        return not self.in_request
+        return not self.in_request and not self.pending and not self.writing_paused
 
 
 def _wsgi_path(url: bytes) -> tuple[str, str]:
@@ -313,7 +506,7 @@ def _wsgi_path(url: bytes) -> tuple[str, str]:
 
 
 class HttpServer:
-    """The listening side of one worker: accepting, TLS, the WSGI calls, the connection count."""
+    """The listening side of one worker: accepting, the connection count, idle connections, the WSGI calls."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, app: Callable, limits: ConnectionLimits,
                  ssl_context: Callable[[], ssl.SSLContext] | None, on_request: Callable[[], None],
@@ -326,10 +519,16 @@ class HttpServer:
         self.ssl_context = ssl_context
         self.on_request = on_request
         self.connections: set[Connection] = set()
-        self.pending_handshakes = 0
+        # Connections with no request in progress, longest idle first: the ones closed to make room.
+        self.idle_connections: dict[Connection, None] = {}
+        self.pending_connections = 0  # accepted, not yet made into a Connection
         self.listeners: list[socket.socket] = []
         self.accepting = False
         self.drained = asyncio.Event()
+        self.deferring_since = 0.0
+        self.backoff = 0.0
+        # Kept free, so that a worker out of descriptors can still accept a client to tell it 503.
+        self.reserve: int | None = self._reserve()
 
     # --- accepting ---
     def start(self, listeners: Iterable[Any]) -> None:
@@ -338,55 +537,110 @@ class HttpServer:
             sock.setblocking(False)
             self.listeners.append(sock)
         self.accepting = True
+        self._watch_listeners()
+
+    def _watch_listeners(self) -> None:
         for sock in self.listeners:
             self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _unwatch_listeners(self) -> None:
+        for sock in self.listeners:
+            self.loop.remove_reader(sock.fileno())
 
     def stop_accepting(self) -> None:
         if not self.accepting:
             return
         self.accepting = False
-        for sock in self.listeners:
-            self.loop.remove_reader(sock.fileno())
+        if self.table is not None:
+            self.table.leave(self.slot)
+        self._unwatch_listeners()
         # Kept-alive connections linger a little: a request a client is already sending on one is
         # answered (with `connection: close`) instead of being dropped.
         for connection in list(self.connections):
             if connection.idle:
-                connection._arm(min(STOP_KEEPALIVE_LINGER_SECONDS, self.limits.idle_timeout))
-        self.connection_closed()
+                connection._arm(min(STOP_KEEPALIVE_LINGER_SECONDS, self.limits.idle_timeout), "idle")
+        self._check_drained()
 
     @property
     def open_connections(self) -> int:
-        return len(self.connections) + self.pending_handshakes
+        return len(self.connections) + self.pending_connections
 
-    def _accept(self, listener: socket.socket, waited: bool = False) -> None:
-        # One connection per readiness event, and a short wait when the other workers hold fewer.
-        if not waited and self.table is not None and self.table.should_wait(self.slot, self.open_connections):
-            self.loop.remove_reader(listener.fileno())
-            self.loop.call_later(BALANCE_WAIT_SECONDS, self._resume_accepting, listener)
+    def _accept(self, listener: socket.socket) -> None:
+        # One connection per readiness event (every worker is woken for it), passed over for a moment
+        # when an idle worker holds fewer.
+        if self._defer():
             return
         try:
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            self.deferring_since = 0.0  # another worker took it
             return
-        except OSError as exc:  # EMFILE and friends: keep serving the connections we have
-            log.warning("accept failed: %s", exc)
+        except OSError as exc:
+            if exc.errno in _OUT_OF_DESCRIPTORS:
+                self._out_of_descriptors(listener, exc)
+            else:
+                log.warning("accept failed: %s", exc)
             return
+        self.deferring_since = 0.0
+        self.backoff = 0.0
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.open_connections >= self.limits.max_connections:
-            with contextlib.suppress(OSError):
-                sock.send(_REFUSED)
-            sock.close()
+        if self.open_connections >= self.limits.max_connections and not self._close_longest_idle():
+            _refuse(sock)
             return
-        self.pending_handshakes += 1
+        self.pending_connections += 1
         self._publish()
         self.loop.create_task(self._connect(sock))
 
-    def _resume_accepting(self, listener: socket.socket) -> None:
+    def _defer(self) -> bool:
+        if self.table is None or not self.table.should_defer(self.slot, self.open_connections):
+            self.deferring_since = 0.0
+            return False
+        now = time.monotonic()
+        if not self.deferring_since or now - self.deferring_since > 25 * DEFER_SECONDS:
+            self.deferring_since = now  # a new pending connection (the last one was taken elsewhere)
+        return now - self.deferring_since < DEFER_SECONDS
+
+    def _close_longest_idle(self) -> bool:
+        """Make room for a new connection by closing the longest-idle one (as nginx reuses its idle
+        keep-alive connections); False when every connection is mid-request."""
+        for connection in self.idle_connections:
+            self.idle_connections.pop(connection)
+            connection._close()
+            self.connections.discard(connection)  # counted out now; its connection_lost comes later
+            return True
+        return False
+
+    def _out_of_descriptors(self, listener: socket.socket, exc: OSError) -> None:
+        """Refuse the waiting client with the reserved descriptor, then pause accepting (no spinning)."""
+        if self.reserve is not None:
+            os.close(self.reserve)
+            self.reserve = None
+            with contextlib.suppress(OSError):
+                sock, _ = listener.accept()
+                _refuse(sock)
+            self.reserve = self._reserve()
+        first = not self.backoff
+        low, high = ACCEPT_BACKOFF_SECONDS
+        self.backoff = min(high, self.backoff * 2 or low)
+        if first or self.backoff == high:
+            log.warning("cannot accept connections: %s (%d open here); refusing new ones and pausing "
+                        "accepting for up to %.0f ms at a time", exc.strerror or exc, self.open_connections,
+                        high * 1000)
+        self._unwatch_listeners()
+        self.loop.call_later(self.backoff, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
         if self.accepting:
-            self.loop.add_reader(listener.fileno(), self._accept, listener)
-            self._accept(listener, waited=True)
+            self._watch_listeners()
+
+    @staticmethod
+    def _reserve() -> int | None:
+        try:
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
 
     def _publish(self) -> None:
         if self.table is not None:
@@ -395,23 +649,37 @@ class HttpServer:
     async def _connect(self, sock: socket.socket) -> None:
         try:
             context = self.ssl_context() if self.ssl_context else None
-            kwargs: dict[str, Any] = {}
-            if context is not None:
-                kwargs = {"ssl": context, "ssl_handshake_timeout": self.limits.handshake_timeout,
-                          "ssl_shutdown_timeout": TLS_SHUTDOWN_TIMEOUT_SECONDS}
-            await self.loop.connect_accepted_socket(lambda: Connection(self), sock, **kwargs)
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            await self.loop.connect_accepted_socket(lambda: Connection(self, context), sock)
+            return
+        except OSError as exc:
             log.debug("connection failed before its first request: %s", exc)
-            sock.close()
         except Exception:  # a broken certificate file, for instance: this client fails, the worker lives
             log.exception("cannot set up a client connection")
-            sock.close()
-        finally:
-            self.pending_handshakes -= 1
-            self.connection_closed()
-
-    def connection_closed(self) -> None:
+        sock.close()
+        self.pending_connections -= 1
         self._publish()
+        self._check_drained()
+
+    # --- connection bookkeeping ---
+    def connection_made(self, connection: Connection) -> None:
+        self.pending_connections -= 1
+        self.connections.add(connection)
+        self.idle_connections[connection] = None
+
+    def connection_lost(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        self.idle_connections.pop(connection, None)
+        self._publish()
+        self._check_drained()
+
+    def became_busy(self, connection: Connection) -> None:
+        self.idle_connections.pop(connection, None)
+
+    def became_idle(self, connection: Connection) -> None:
+        self.idle_connections.pop(connection, None)
+        self.idle_connections[connection] = None  # now the most recently idle
+
+    def _check_drained(self) -> None:
         if not self.accepting and self.open_connections == 0:
             self.drained.set()
 
@@ -419,10 +687,9 @@ class HttpServer:
         self.on_request()
 
     # --- WSGI ---
-    def environ_for(self, transport: asyncio.BaseTransport) -> dict[str, Any]:
+    def environ_for(self, transport: asyncio.BaseTransport, secure: bool) -> dict[str, Any]:
         sockname = transport.get_extra_info("sockname")
         peername = transport.get_extra_info("peername")
-        secure = transport.get_extra_info("sslcontext") is not None
         server = sockname if isinstance(sockname, tuple) else ("localhost", 0)
         return {
             "SCRIPT_NAME": "",
@@ -467,6 +734,9 @@ class HttpServer:
             started[:] = [status, headers]
             return lambda data: None
 
+        table = self.table
+        if table is not None:
+            table.busy[self.slot] = 1  # other workers take new connections meanwhile
         try:
             chunks = self.app(environ, start_response)
             try:
@@ -479,6 +749,9 @@ class HttpServer:
         except Exception:  # the app renders its own errors; this is the last line of defence
             log.exception("the application failed on %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             return (b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n", True)
+        finally:
+            if table is not None:
+                table.busy[self.slot] = 0
         lines = [f"HTTP/1.1 {status}\r\n".encode("latin-1")]
         has_length = close_requested = False
         for name, value in headers:
@@ -496,6 +769,12 @@ class HttpServer:
         lines.append(b"\r\n")
         lines.append(body)
         return b"".join(lines), close_requested
+
+
+def _refuse(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.send(_REFUSED)
+    sock.close()
 
 
 class EventLoopWorker(Worker):
@@ -539,8 +818,14 @@ class EventLoopWorker(Worker):
 
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
         limits = self.limits or ConnectionLimits.from_settings(ServerSettings())
+        limit, in_use = descriptors()
+        max_connections = connection_cap(limits.max_connections, limit, in_use)
+        if max_connections < limits.max_connections and self.age == 1:  # once, not per fork
+            log.warning("at most %d connections per worker (not %d): this process may open %d files "
+                        "(ulimit -n) and keeps %d for other uses", max_connections,
+                        limits.max_connections, limit, limit - max_connections)
         # Idle keep-alive connections follow gunicorn's `keepalive`, which a gunicorn config file may tune.
-        limits = dataclasses.replace(limits, idle_timeout=self.cfg.keepalive)
+        limits = dataclasses.replace(limits, idle_timeout=self.cfg.keepalive, max_connections=max_connections)
         ssl_context = self._ssl_context if self.cfg.is_ssl else None
         self.requests = 0
         self.table.join(self.slot)
@@ -590,6 +875,7 @@ class EventLoopWorker(Worker):
         # an evaluation longer than gunicorn's `timeout` is replaced.
         while True:
             self.notify()
+            self.table.beat(self.slot)
             if self.every_second is not None:
                 self.every_second()
             if self.ppid != os.getppid():

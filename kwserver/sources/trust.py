@@ -106,13 +106,16 @@ def _authority_bytes(host: str, entry: Any, base_dir: Path) -> bytes:
         raise ConfigError(f"source_authorities.{host}: each entry needs `type: Path` or `type: Data`")
     kind = entry["type"]
     key = kind.lower()
-    unknown = sorted(set(entry) - {"type", key})
+    unknown = sorted(map(str, set(entry) - {"type", key}))
     if unknown or key not in entry:
         raise ConfigError(f"source_authorities.{host}: a `{kind}` entry has exactly the key `{key}` "
-                          f"(found {sorted(entry)})")
+                          f"(found {sorted(map(str, entry))})")
     if kind == "Data":
         data = entry["data"]
         if isinstance(data, list):  # DER bytes written as a list of integers
+            if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in data):
+                raise ConfigError(f"source_authorities.{host}: `data` as a list holds the bytes of a DER "
+                                  "certificate: integers from 0 to 255")
             return bytes(data)
         return str(data).encode()
     path = Path(str(entry["path"]))
@@ -128,7 +131,7 @@ def parse_sources(doc: Any, base_dir: Path, bundle_dir: Path | None = None) -> S
         return Sources()
     if not isinstance(doc, dict):
         raise ConfigError("the top level must be a map with `insecure_sources` and/or `source_authorities`")
-    unknown = sorted(set(doc) - _KEYS)
+    unknown = sorted(map(str, set(doc) - _KEYS))
     if unknown:
         raise ConfigError(f"unknown field(s) {unknown}, expected `insecure_sources`, `source_authorities` or "
                           "`proxies`")

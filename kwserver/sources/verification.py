@@ -198,11 +198,11 @@ def _generic_issuer(doc: dict[str, Any], where: str, annotations: dict[str, str]
 
 
 def _signature(doc: Any, where: str) -> Constraint:
-    if not isinstance(doc, dict) or doc.get("kind") not in _SIGNATURE_KEYS:
+    if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str) or doc["kind"] not in _SIGNATURE_KEYS:
         raise ConfigError(f"{where}: unknown variant, expected `kind` to be one of pubKey, genericIssuer, githubAction")
     kind = doc["kind"]
     required, optional = _SIGNATURE_KEYS[kind]
-    unknown = sorted(set(doc) - required - optional - {"kind"})
+    unknown = sorted(map(str, set(doc) - required - optional - {"kind"}))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown} in a `{kind}` entry")
     missing = sorted(required - set(doc))
@@ -229,7 +229,7 @@ def parse_verification(doc: Any) -> VerificationConfig:
         raise ConfigError("Not a valid configuration file: the top level must be a map")
     if doc.get("apiVersion") != "v1":
         raise ConfigError(f"Not a supported configuration version: {doc.get('apiVersion')!r}")
-    unknown = sorted(set(doc) - {"apiVersion", "allOf", "anyOf"})
+    unknown = sorted(map(str, set(doc) - {"apiVersion", "allOf", "anyOf"}))
     if unknown:
         raise ConfigError(f"Not a valid configuration file: unknown field(s) {unknown}")
     all_of, any_of = doc.get("allOf"), doc.get("anyOf")
@@ -241,7 +241,7 @@ def parse_verification(doc: Any) -> VerificationConfig:
     if any_of is not None:
         if not isinstance(any_of, dict) or not isinstance(any_of.get("signatures"), list):
             raise ConfigError("Not a valid configuration file: anyOf needs a `signatures` list")
-        extra = sorted(set(any_of) - {"signatures", "minimumMatches"})
+        extra = sorted(map(str, set(any_of) - {"signatures", "minimumMatches"}))
         if extra:
             raise ConfigError(f"Not a valid configuration file: unknown field(s) {extra} in anyOf")
         minimum = any_of.get("minimumMatches", 1)

@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing of kwserver's parsers with atheris: `python -m fuzz TARGET [libFuzzer flags]`."""
