@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import sampler as sampling
-from bench.servers import Server, Tls, make_tls, start_gunicorn_app, start_kwserver
+from bench.servers import REPO, Server, Tls, make_tls, start_gunicorn_app, start_kwserver
 from bench.workloads import Workload, classify
 from bench.wrk import WrkAborted, WrkCommand, WrkResult, run_wrk
 
@@ -241,6 +241,18 @@ class ScenarioRun:
         server = start_kwserver(name, config, workers=workers or self.options.workers, work_dir=self.work,
                                 cache_dir=cache_dir or self.cache_dir, tls=self.tls if tls else None, env=env)
         return self._register(server, config=str(config), env=env or {})
+
+    def checkout(self, commit: str) -> Path | None:
+        """An older commit's kwserver package, extracted from git, for a server started with it on
+        PYTHONPATH (`env={"PYTHONPATH": str(path)}`); None when this checkout's history lacks the commit."""
+        target = self.work / f"kwserver-{commit}"
+        if not target.exists():
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "kwserver"], capture_output=True)
+            if archive.returncode != 0:
+                return None
+            target.mkdir(parents=True)
+            subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+        return target
 
     def compile_ahead(self, config: Path) -> None:
         """Fill the run's compile cache for `config` (`kwserver check`), so that no measured server compiles:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import yaml
 
 from bench.context_aware import _wat, pss_mib
 from bench.harness import ScenarioRun
-from bench.servers import REPO, Server, free_port
+from bench.servers import Server, free_port
 from bench.stats import fmt
 from bench.steps import scenario
 
@@ -145,17 +144,6 @@ def answers_cached(metrics_port: int) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def base_checkout(run: ScenarioRun) -> Path | None:
-    """The base commit's kwserver package, extracted from git (None when the history does not have it)."""
-    target = run.work / f"kwserver-{BASE_COMMIT}"
-    target.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", BASE_COMMIT, "kwserver"], capture_output=True)
-    if archive.returncode != 0:
-        return None
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
-    return target
-
-
 def flood(run: ScenarioRun, name: str, config: Path, env: dict[str, str]) -> dict[str, Any]:
     metrics_port = free_port()
     server = run.kwserver(name, config, workers=2, env={**env, "KWSERVER_METRICS_PORT": str(metrics_port)})
@@ -252,7 +240,7 @@ def caches(run: ScenarioRun) -> None:
         masks: dict[str, Any] = {}
         run.data["caches"] = {"lookups": LOOKUPS, "objects": OBJECTS, "floods": floods, "masks": masks}
         floods["this build"] = flood(run, "lookups", config, env)
-        base = base_checkout(run)
+        base = run.checkout(BASE_COMMIT)
         if base is None:
             run.notes.append(f"The base commit {BASE_COMMIT} is not in this checkout's history: no baseline.")
         else:

@@ -42,6 +42,8 @@ KIB = 1024
 CANNED = "canned (ceiling)"  # the canned app on kwserver's own HTTP stack
 CANNED_GTHREAD = "canned on gthread (before)"
 CANNED_UVICORN = "canned on uvicorn-worker"
+CEILING_BEFORE_COMMIT = "4ecc251"
+KWSERVER_BEFORE = f"kwserver accept at {CEILING_BEFORE_COMMIT}"
 
 
 @scenario("ceiling", "kwserver vs the HTTP ceiling",
@@ -52,7 +54,8 @@ CANNED_UVICORN = "canned on uvicorn-worker"
           "uvicorn-worker (the candidate measured beside it; left out when uvicorn-worker is not installed). "
           "kwserver serves `/validate/pod-privileged` (tests/policies/pod-privileged.wasm) with the ~5 KB pods "
           "of the reference server's tests: one accepted (no privileged container), one rejected. Plain HTTP "
-          "and TLS with keep-alive.")
+          f"and TLS with keep-alive. Beside them, kwserver as of commit {CEILING_BEFORE_COMMIT} (the server the "
+          "issue of the leaner request path measured, run from a `git archive` of it) on the accepted pod.")
 def ceiling(run: ScenarioRun) -> None:
     o = run.options
     config = single_config(run)
@@ -63,6 +66,9 @@ def ceiling(run: ScenarioRun) -> None:
     else:
         run.notes.append("uvicorn-worker is not installed (pip install -e '.[bench]'): its stack was not measured.")
     run.data["baselines"] = {}
+    before = run.checkout(CEILING_BEFORE_COMMIT)
+    if before is None:
+        run.notes.append(f"The commit {CEILING_BEFORE_COMMIT} is not in this checkout's history: not measured.")
     for transport in o.transports:
         tls = transport == "https"
         canned = {label: run.canned(f"canned-{stack}-{transport}", tls=tls, stack=stack)
@@ -72,12 +78,21 @@ def ceiling(run: ScenarioRun) -> None:
         check_outcomes(run, kw, reject, "reject")
         plan = [*((server, reject, label, transport) for label, server in canned.items()),
                 (kw, accept, "kwserver accept", transport), (kw, reject, "kwserver reject", transport)]
+        servers = [*canned.values(), kw]
+        if before is not None:
+            kw_before = run.kwserver(f"kwserver-before-{transport}", config, tls=tls, env={"PYTHONPATH": str(before)})
+            check_outcomes(run, kw_before, accept, "accept")
+            plan.append((kw_before, accept, KWSERVER_BEFORE, transport))
+            servers.append(kw_before)
         for server, workload, _, _ in plan:
             run.warmup(server, workload)
         run.data["baselines"][transport] = CANNED
         interleaved(run, plan, o.repeats)
-        for server in (*canned.values(), kw):
+        for server in servers:
             run.stop(server)
+        if before is not None:
+            ratio_headline(run, f"{transport}, accept: kwserver / kwserver at {CEILING_BEFORE_COMMIT}", transport,
+                           "kwserver accept", KWSERVER_BEFORE, transport=transport, outcome="accept")
         for outcome in ("accept", "reject"):
             ratio_headline(run, f"ceiling ratio, {transport}, {outcome} (kwserver / canned)", transport,
                            f"kwserver {outcome}", CANNED, transport=transport, outcome=outcome)
