@@ -12,7 +12,8 @@ setting kwserver uses is declared once with the reason for its value:
 - worker_class: kwserver's event-loop worker (kwserver/server/worker.py, uvloop + httptools): each request
   is read whole before it is evaluated, so stalled clients never hold an evaluation. Its limits:
   KWSERVER_HEADER_TIMEOUT_SECONDS (10), KWSERVER_BODY_TIMEOUT_SECONDS (30),
-  KWSERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS (10), KWSERVER_MAX_CONNECTIONS_PER_WORKER (1024).
+  KWSERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS (10), KWSERVER_SEND_TIMEOUT_SECONDS (30),
+  KWSERVER_MAX_CONNECTIONS_PER_WORKER (1024, lowered to fit the open-files limit).
 - keepalive: KWSERVER_KEEPALIVE_TIMEOUT_SECONDS (75): idle keep-alive connections (the API server
   reuses its TLS connections to webhooks) are closed after this.
 - graceful_timeout: retired workers (reload, shrink, recycling, shutdown) finish in-flight requests.

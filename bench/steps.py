@@ -43,16 +43,16 @@ def config_dir(run: ScenarioRun) -> Path:
 
 
 def ten_policy_config(run: ScenarioRun) -> wl.ConfigChoice:
-    choice = wl.choose_config(run.options.ten_policy_config, wl.DEFAULT_CONFIG_10, 10, config_dir(run))
-    run.configs["ten"] = choice.to_json()
-    if choice.fallback:
-        run.notes.append(f"Measured on the {choice.label}: the policy library's config did not exist yet.")
-    return choice
+    return _policy_config(run, "ten", run.options.ten_policy_config, wl.DEFAULT_CONFIG_10, 10)
 
 
 def sixty_one_policy_config(run: ScenarioRun) -> wl.ConfigChoice:
-    choice = wl.choose_config(run.options.sixty_one_policy_config, wl.DEFAULT_CONFIG_61, 61, config_dir(run))
-    run.configs["sixty-one"] = choice.to_json()
+    return _policy_config(run, "sixty-one", run.options.sixty_one_policy_config, wl.DEFAULT_CONFIG_61, 61)
+
+
+def _policy_config(run: ScenarioRun, key: str, given: str | None, default: Path, count: int) -> wl.ConfigChoice:
+    choice = wl.choose_config(given, default, count, config_dir(run))
+    run.configs[key] = choice.to_json()
     if choice.fallback:
         run.notes.append(f"Measured on the {choice.label}: the policy library's config did not exist yet.")
     return choice

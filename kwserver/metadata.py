@@ -119,7 +119,8 @@ def _read_leb128(data: bytes, pos: int) -> tuple[int, int]:
             raise WasmFormatError("LEB128 integer too long")
 
 
-def _leb128(value: int) -> bytes:
+def uleb128(value: int) -> bytes:
+    """`value` in unsigned LEB128, as the Wasm binary format writes sizes and indexes."""
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -175,8 +176,8 @@ def embed_custom_section(wasm: bytes, data: bytes, name: str = SECTION_NAME) -> 
             continue
         kept += wasm[header:end]
     encoded_name = name.encode()
-    body = _leb128(len(encoded_name)) + encoded_name + data
-    return bytes(kept) + b"\x00" + _leb128(len(body)) + body
+    body = uleb128(len(encoded_name)) + encoded_name + data
+    return bytes(kept) + b"\x00" + uleb128(len(body)) + body
 
 
 # --- reading and checking ----------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_declared_host_capabilities_are_kept():
     assert parse_metadata(annotate(EMPTY_MODULE, {**METADATA, "hostCapabilities": declared})).host_capabilities \
         == declared
     with pytest.raises(MetadataError, match="`hostCapabilities`, expected a sequence of strings"):
-        PolicyMetadata.from_json({**METADATA, "hostCapabilities": "oci/*"})
+        PolicyMetadata.from_json({**METADATA, "hostCapabilities": "oci/*"}, MODES)
 
 
 def test_annotated_module_still_compiles():

@@ -219,7 +219,8 @@ def test_the_pool_never_grows_past_what_the_memory_limit_holds(run_server, cgrou
     server = run_server(policies, command=cgroup.wrap(SERVE), env={
         "KUBEWARDEN_WORKERS": "1", "KWSERVER_MAX_WORKERS": "3", "KWSERVER_SCALE_UP_AFTER_SECONDS": "1",
         "KWSERVER_INSTANCE_KEEP_MEMORY_MIB": "1024", "KWSERVER_POLICY_MEMORY_LIMIT_MIB": "1024",
-        "KWSERVER_WORKER_INSTANCE_BUDGET_MIB": "1024"})
+        "KWSERVER_WORKER_INSTANCE_BUDGET_MIB": "1024",
+        "KWSERVER_FRESH_INSTANCE_PER_REQUEST": "false"})  # reused, the leaking instance keeps what it took
     session = requests.Session()
     for _ in range(20):  # the worker holds 80 MiB of instance memory of its own
         assert session.post(server.url + "/validate_raw/leaky", json=RAW_REVIEW, timeout=30).status_code == 200

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import wasmtime
 
+from kwserver.metadata import uleb128
+
 if TYPE_CHECKING:
     from kwserver.runtime.engine import CompileCache
 
@@ -117,18 +119,6 @@ class _Reader:
         return self.data[start:self.pos]
 
 
-def _uleb(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
 def _sleb(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -141,11 +131,11 @@ def _sleb(value: int) -> bytes:
 
 
 def _vec(items: list[bytes]) -> bytes:
-    return _uleb(len(items)) + b"".join(items)
+    return uleb128(len(items)) + b"".join(items)
 
 
 def _section(section_id: int, payload: bytes) -> bytes:
-    return bytes([section_id]) + _uleb(len(payload)) + payload
+    return bytes([section_id]) + uleb128(len(payload)) + payload
 
 
 # Instructions by immediate: what the code scan needs to step over them. Anything not listed is
@@ -326,7 +316,7 @@ def _check_memory(limits: tuple[int, int, int | None]) -> None:
 # --- writing ---------------------------------------------------------------------------------------
 
 def _export(name: bytes, kind: int, index: int) -> bytes:
-    return _uleb(len(name)) + name + bytes([kind]) + _uleb(index)
+    return uleb128(len(name)) + name + bytes([kind]) + uleb128(index)
 
 
 def _rewrite(layout: ModuleLayout, replace: dict[int, bytes | None]) -> bytes:
@@ -392,7 +382,7 @@ def _segments(memory: bytes) -> list[bytes]:
     for match in _SEGMENT.finditer(memory):
         offset = match.start()
         signed = offset - (1 << 32) if offset >= 1 << 31 else offset
-        segments.append(b"\x00\x41" + _sleb(signed) + b"\x0b" + _uleb(len(match.group())) + match.group())
+        segments.append(b"\x00\x41" + _sleb(signed) + b"\x0b" + uleb128(len(match.group())) + match.group())
     return segments
 
 
@@ -402,7 +392,7 @@ def snapshot(layout: ModuleLayout, state: State) -> bytes:
     contents as data, globals initialised to their values, and no start function (it ran)."""
     pages = (len(state.memory) + WASM_PAGE - 1) // WASM_PAGE
     flags, _, maximum = _Reader(layout.memory_limits).limits()
-    limits = bytes([flags]) + _uleb(pages) + (_uleb(maximum) if maximum is not None else b"")
+    limits = bytes([flags]) + uleb128(pages) + (uleb128(maximum) if maximum is not None else b"")
     globals_ = [
         bytes([g.valtype, int(g.mutable)]) + (_const(g.valtype, state.globals[i]) if g.mutable else g.init)
         for i, g in enumerate(layout.globals)

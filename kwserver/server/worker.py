@@ -63,9 +63,11 @@ log = logging.getLogger(__name__)
 MAX_DISCARDED_BYTES = 16 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 HEARTBEAT_SECONDS = 1.0
-# A worker with more connections than an idle one passes a pending connection over for at most this
-# long (it is woken again and again meanwhile: no timer), then takes it itself.
-DEFER_SECONDS = 0.002
+# A worker with more connections than another one passes a pending connection over for at most this
+# long, then takes it itself. Meanwhile it stops watching the listener and looks again every
+# DEFER_POLL_SECONDS: spinning on the readiness event would take the CPU the other worker needs.
+DEFER_SECONDS = 0.01
+DEFER_POLL_SECONDS = 0.0005
 STOP_KEEPALIVE_LINGER_SECONDS = 2.0
 # uvloop's timers count in milliseconds: one may fire up to this much before its time.
 TIMER_RESOLUTION_SECONDS = 0.001
@@ -95,27 +97,33 @@ _HEADERS_TOO_LARGE = _closing_response("431 Request Header Fields Too Large")
 
 
 class ConnectionTable:
-    """Open connections of every worker, whether it is evaluating, and its last heartbeat, in memory
-    shared by all of them.
+    """Open connections of every worker, since when it is evaluating, and its last heartbeat, in
+    memory shared by all of them.
 
     A keep-alive connection stays with the worker that accepted it, and the worker that wakes first
     for a burst of connections would take nearly all of them (measured 13 of 16 on one of two
     workers). Every worker is woken for a pending connection (they all watch the listening socket);
-    with this table one that holds more connections than an idle worker lets that one take it. Made
-    in the master (anonymous shared memory, inherited by every fork); a worker writes its own slot.
+    with this table one that holds more connections than another lets that one take it. The other
+    may be evaluating: it accepts when the evaluation ends (waiting only for idle workers, one of
+    two still took 14 of 16 of a burst of 100 ms evaluations), unless it has been evaluating for
+    longer than LONG_EVALUATION_MS (a 3 s evaluation must not slow every accept of the others).
+    Made in the master (anonymous shared memory, inherited by every fork); a worker writes its own slot.
     """
 
     SLOTS = 1024
     STALE_SECONDS = 3  # a worker that has not beaten for this long (killed, stuck) is not waited for
+    LONG_EVALUATION_MS = 250
 
     def __init__(self) -> None:
-        self._memory = mmap.mmap(-1, self.SLOTS * 4 * 4)
-        view = memoryview(self._memory).cast("i")
         n = self.SLOTS
-        self.pids, self.counts, self.busy, self.beats = view[:n], view[n:2 * n], view[2 * n:3 * n], view[3 * n:]
+        self._memory = mmap.mmap(-1, n * (3 * 4 + 8))
+        view = memoryview(self._memory)
+        ints = view[:n * 3 * 4].cast("i")
+        self.pids, self.counts, self.beats = ints[:n], ints[n:2 * n], ints[2 * n:]
+        self.evaluating_since = view[n * 3 * 4:].cast("q")  # CLOCK_MONOTONIC milliseconds, 0: not evaluating
 
     def join(self, slot: int) -> None:
-        self.counts[slot] = self.busy[slot] = 0
+        self.counts[slot] = self.evaluating_since[slot] = 0
         self.beat(slot)
         self.pids[slot] = os.getpid()
 
@@ -127,16 +135,24 @@ class ConnectionTable:
         return {pid for pid in self.pids if pid}
 
     def beat(self, slot: int) -> None:
-        self.beats[slot] = int(time.monotonic())  # CLOCK_MONOTONIC is one clock for every process
+        self.beats[slot] = _monotonic_ms() // 1000  # CLOCK_MONOTONIC is one clock for every process
+
+    def evaluating(self, slot: int, now: bool) -> None:
+        self.evaluating_since[slot] = _monotonic_ms() if now else 0
 
     def should_defer(self, slot: int, mine: int) -> bool:
-        """Another live worker, idle (so awake to accept), holds fewer connections than `mine` less one."""
-        now = int(time.monotonic())
+        """Another live worker, not stuck in a long evaluation, holds fewer connections than `mine` less one."""
+        now_ms = _monotonic_ms()
+        now = now_ms // 1000
         for i, pid in enumerate(self.pids):
-            if (pid and i != slot and not self.busy[i] and self.counts[i] + 1 < mine
-                    and now - self.beats[i] <= self.STALE_SECONDS):
+            if (pid and i != slot and self.counts[i] + 1 < mine and now - self.beats[i] <= self.STALE_SECONDS
+                    and now_ms - (self.evaluating_since[i] or now_ms) < self.LONG_EVALUATION_MS):
                 return True
         return False
+
+
+def _monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
 
 
 def connection_cap(configured: int, descriptor_limit: int, descriptors_in_use: int) -> int:
@@ -622,8 +638,10 @@ class HttpServer:
 
     def _accept(self, listener: socket.socket) -> None:
         # One connection per readiness event (every worker is woken for it), passed over for a moment
-        # when an idle worker holds fewer.
+        # when another worker holds fewer.
         if self._defer():
+            self._unwatch_listeners()
+            self.loop.call_later(DEFER_POLL_SECONDS, self._resume_accepting)
             return
         try:
             sock, _ = listener.accept()
@@ -782,7 +800,7 @@ class HttpServer:
         """Run the app on one request: the response bytes, and whether to close the connection after."""
         table = self.table
         if table is not None:
-            table.busy[self.slot] = 1  # other workers take new connections meanwhile
+            table.evaluating(self.slot, True)
         self.started = None
         try:
             chunks = self.app(environ, self._start_response)
@@ -798,7 +816,7 @@ class HttpServer:
             return (b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n", True)
         finally:
             if table is not None:
-                table.busy[self.slot] = 0
+                table.evaluating(self.slot, False)
         head = [f"HTTP/1.1 {status}\r\n"]
         has_length = close_requested = False
         for name, value in headers:
