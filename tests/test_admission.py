@@ -3,6 +3,8 @@ import json
 
 import jsonpatch
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kwserver import admission
 from kwserver.admission import RequestShapeError
@@ -203,6 +205,55 @@ def test_parsed_request_fields():
         admission.parse_admission_review(_review_with(lambda r: r.__setitem__("requestKind", {})))
     deleted = admission.parse_admission_review(_review_with(lambda r: r.__setitem__("object", None)))
     assert deleted.has_base_object is False and deleted.base_object is None
+
+
+# Members of an AdmissionRequest and of its userInfo, and values of every JSON type to put there.
+_MEMBERS = [("uid",), ("kind",), ("kind", "version"), ("resource",), ("resource", "group"), ("subResource",),
+            ("requestKind",), ("requestKind", "kind"), ("requestResource",), ("requestResource", "resource"),
+            ("requestSubResource",), ("name",), ("namespace",), ("operation",), ("userInfo",),
+            ("userInfo", "username"), ("userInfo", "uid"), ("userInfo", "groups"), ("userInfo", "extra"),
+            ("object",), ("oldObject",), ("dryRun",), ("options",), ("unknown",)]
+_ABSENT = object()
+_JSON = st.one_of(st.just(_ABSENT), st.none(), st.booleans(), st.integers(-2, 2), st.just("s"),
+                  st.lists(st.sampled_from(["a", 1]), max_size=2),
+                  st.dictionaries(st.sampled_from(["group", "version", "kind", "resource", "k"]),
+                                  st.one_of(st.just("v"), st.lists(st.just("x"), max_size=1), st.just(1)), max_size=4))
+
+
+@settings(max_examples=400, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(_MEMBERS), _JSON, max_size=4))
+def test_every_request_is_typed_or_refused_naming_a_member(changes):
+    """The inlined checks every request goes through agree with the checks that name what is wrong."""
+    doc = json.loads(json.dumps(POD_REVIEW))
+    for path, value in sorted(changes.items(), key=lambda item: len(item[0])):
+        parent = doc["request"]
+        for key in path[:-1]:
+            parent = parent.get(key)
+        if not isinstance(parent, dict):
+            continue
+        if value is _ABSENT:
+            parent.pop(path[-1], None)
+        else:
+            parent[path[-1]] = value
+    req = doc["request"]
+    try:
+        request = admission.parse_admission_review(doc)
+    except RequestShapeError:
+        return  # and `_shape_error` found what (it raises AssertionError when it finds nothing)
+    with pytest.raises(AssertionError):
+        admission._shape_error(req)
+    order = ["uid", "kind", "resource", "subResource", "requestKind", "requestResource", "requestSubResource",
+             "name", "namespace", "operation", "userInfo", "object", "oldObject", "dryRun", "options"]
+    fields = {"kind": ("group", "version", "kind"), "requestKind": ("group", "version", "kind"),
+              "resource": ("group", "version", "resource"), "requestResource": ("group", "version", "resource")}
+    expected = {key: req[key] for key in order if req.get(key) is not None}
+    for key, names in fields.items():
+        if key in expected:
+            expected[key] = {name: req[key][name] for name in names}
+    expected["userInfo"] = {k: v for k, v in req["userInfo"].items()
+                            if k in ("username", "uid", "groups", "extra") and v is not None}
+    assert request.value == expected and list(request.value) == list(expected)
+    assert json.loads(request.json) == expected
 
 
 def test_envelopes_and_canned_answers():

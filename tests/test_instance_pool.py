@@ -93,20 +93,6 @@ def evaluator_parts(tmp_path_factory):
 REQUEST = parse_admission_review(PRIVILEGED)
 
 
-class RecordingObserver:
-    """What the metrics see of a pool (kwserver.observability.metrics.WorkerMetrics implements the same)."""
-
-    def __init__(self):
-        self.events: dict[str, int] = {}
-        self.idle_by_label: dict[str, tuple[int, int]] = {}
-
-    def event(self, name: str, count: int = 1) -> None:
-        self.events[name] = self.events.get(name, 0) + count
-
-    def idle(self, label: str, count: int, memory_bytes: int) -> None:
-        self.idle_by_label[label] = (count, memory_bytes)
-
-
 @settings(max_examples=40, deadline=None)
 @given(budget=st.integers(0, 4 * MIB), order=st.lists(st.sampled_from("abc"), min_size=1, max_size=12))
 def test_pool_bookkeeping_under_any_sequence_of_evaluations(evaluator_parts, budget, order):
@@ -117,8 +103,7 @@ def test_pool_bookkeeping_under_any_sequence_of_evaluations(evaluator_parts, bud
     assert {registry.policies[name].instance_key: label for name, label in (("a", "a, b"), ("c", "c"))} == \
         instance_labels(registry.policies.values())
     labels = instance_labels(registry.policies.values())
-    observer = RecordingObserver()
-    pool = InstancePool(registry, reuse=True, keep_bytes=32 * MIB, budget_bytes=budget, observer=observer)
+    pool = InstancePool(registry, reuse=True, keep_bytes=32 * MIB, budget_bytes=budget)
     evaluator = Evaluator(registry, pool)
     sizes: dict[str, int] = {}  # memory of each module's instance, as last reported while idle alone
     try:
@@ -136,7 +121,8 @@ def test_pool_bookkeeping_under_any_sequence_of_evaluations(evaluator_parts, bud
             # Least recently used first: if the instance just returned was evicted, so was every other.
             assert key in stats["per_key"] or stats["idle_instances"] == 0
             # ... and it is evicted only when it alone is over the budget.
-            count, memory = observer.idle_by_label[labels[key]]
+            report = pool.report()  # what the metrics publish
+            count, memory = report.idle[labels[key]]
             if count:
                 sizes[key] = memory
             elif key in sizes:
@@ -147,11 +133,11 @@ def test_pool_bookkeeping_under_any_sequence_of_evaluations(evaluator_parts, bud
             assert stats["discards"] == 0
             assert stats["evictions"] == stats["misses"] - stats["idle_instances"]
             # The metrics see the same: per policy, the idle count and memory; the events, counted.
-            reported = {label: entry for label, entry in observer.idle_by_label.items() if entry[0]}
+            reported = {label: entry for label, entry in report.idle.items() if entry[0]}
             assert {label: entry[0] for label, entry in reported.items()} == {
                 labels[key]: count for key, count in stats["per_key"].items()}
             assert sum(entry[1] for entry in reported.values()) == stats["idle_bytes"]
-            assert {event: observer.events.get(event, 0) for event in ("hit", "miss", "eviction")} == {
+            assert {event: report.events[event] for event in ("hit", "miss", "eviction")} == {
                 "hit": stats["hits"], "miss": stats["misses"], "eviction": stats["evictions"]}
         assert stats["linked_modules"] == len({registry.policies[name].module.digest for name in set(order)})
     finally:

@@ -8,11 +8,11 @@ with the execution mode of each policy (`modes`).
 
 from kwserver.evaluation.evaluator import GROUP_EXPRESSION_ERROR, EvaluationError, Evaluator
 from kwserver.evaluation.modes import MODES, ExecutionMode
-from kwserver.evaluation.pool import InstancePool, PoolObserver
+from kwserver.evaluation.pool import InstancePool, PoolReport
 from kwserver.evaluation.registry import LoadedPolicy, PolicyRegistry, UnknownPolicy
 
 __all__ = [
     "GROUP_EXPRESSION_ERROR", "MODES",
     "EvaluationError", "Evaluator", "ExecutionMode", "InstancePool", "LoadedPolicy", "PolicyRegistry",
-    "PoolObserver", "UnknownPolicy",
+    "PoolReport", "UnknownPolicy",
 ]

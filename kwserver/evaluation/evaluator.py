@@ -39,9 +39,16 @@ class Evaluator:
         refusal = mode.refusal(policy, request)
         if refusal is not None:
             return refusal
+        pool = self.pool
         try:
-            with self.pool.instance(policy) as instance:
-                return mode.evaluate(instance, policy, request)
+            instance = pool.acquire(policy)
+            try:
+                answer = mode.evaluate(instance, policy, request)
+            except BaseException:
+                pool.release(policy, instance, reusable=False)
+                raise
+            pool.release(policy, instance, reusable=True)
+            return answer
         except GuestTimeout as exc:
             log.warning("policy %s: evaluation interrupted, execution deadline exceeded", policy.name)
             return mode.timed_out(request, exc)

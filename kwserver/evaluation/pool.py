@@ -5,6 +5,9 @@ budget, and throws away any instance that trapped, timed out or grew too large. 
 module share its instances (one evaluation at a time): before each evaluation the instance is bound
 to the calling policy, its limits, host capabilities and name, so host calls, allow-lists and logs
 always name that policy. A policy with `ownInstance: true` keeps instances of its own.
+
+The pool counts what it does in plain integers; the metrics read them once a second (`report`), so an
+evaluation pays for no metric update.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from kwserver.evaluation.modes import mode_named
@@ -24,14 +28,13 @@ from kwserver.runtime.engine import CompiledModule
 log = logging.getLogger(__name__)
 
 
-class PoolObserver:
-    """Where an InstancePool reports what it does (metrics); the default ignores it."""
+@dataclass(frozen=True)
+class PoolReport:
+    """What the metrics publish of a pool: its events so far, and per instance label (the policies using
+    the instances, `instance_labels`) the idle instances and their linear memory."""
 
-    def event(self, name: str, count: int = 1) -> None:
-        pass
-
-    def idle(self, label: str, count: int, memory_bytes: int) -> None:
-        """`label`: the policies using the instances (`instance_labels`)."""
+    events: dict[str, int]  # hit, miss, eviction, discard: totals since the pool was made
+    idle: dict[str, tuple[int, int]]  # label: (instances, bytes), for every label that has had idle ones
 
 
 class InstancePool:
@@ -41,20 +44,21 @@ class InstancePool:
     bounded by a byte budget over their linear memories; the least recently used go first.
     """
 
-    def __init__(self, registry: PolicyRegistry, *, reuse: bool | None, keep_bytes: int, budget_bytes: int,
-                 observer: PoolObserver | None = None):
+    def __init__(self, registry: PolicyRegistry, *, reuse: bool | None, keep_bytes: int, budget_bytes: int):
         self.registry = registry
-        self.observer = observer or PoolObserver()
         self.reuse = reuse
         self.keep_bytes = keep_bytes
         self.budget_bytes = budget_bytes
         self._linked: dict[str, LinkedModule] = {}
-        self._idle: OrderedDict[int, tuple[str, PolicyInstance, int]] = OrderedDict()
+        # id(instance): (instance key, instance, linear memory bytes, the policy it is bound to)
+        self._idle: OrderedDict[int, tuple[str, PolicyInstance, int, LoadedPolicy]] = OrderedDict()
         self._by_key: dict[str, list[int]] = {}
         self._idle_bytes = 0
         self._labels = instance_labels(registry.policies.values())
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = self.discards = 0
+        # Instances closed after an evaluation when every evaluation gets a new one: not reported.
+        self._routine_discards = 0
 
     def linked(self, module: CompiledModule) -> LinkedModule:
         linked = self._linked.get(module.digest)
@@ -73,43 +77,6 @@ class InstancePool:
             except Exception:
                 log.debug("module %s is linked at its first use", module.digest, exc_info=True)
 
-    def _take_idle(self, instance_key: str) -> PolicyInstance | None:
-        with self._lock:
-            ids = self._by_key.get(instance_key)
-            if not ids:
-                return None
-            _, instance, size = self._idle.pop(ids.pop())
-            self._idle_bytes -= size
-            self._idle_changed(instance_key)
-            return instance
-
-    def _put_idle(self, instance_key: str, instance: PolicyInstance, size: int) -> None:
-        evicted = []
-        with self._lock:
-            ident = id(instance)
-            self._idle[ident] = (instance_key, instance, size)
-            self._by_key.setdefault(instance_key, []).append(ident)
-            self._idle_bytes += size
-            changed = {instance_key}
-            while self._idle_bytes > self.budget_bytes and self._idle:
-                old_ident, (old_key, old_instance, old_size) = self._idle.popitem(last=False)
-                self._by_key[old_key].remove(old_ident)
-                self._idle_bytes -= old_size
-                evicted.append(old_instance)
-                changed.add(old_key)
-            self.evictions += len(evicted)
-            for name in changed:
-                self._idle_changed(name)
-        if evicted:
-            self.observer.event("eviction", len(evicted))
-        for old in evicted:
-            old.close()
-
-    def _idle_changed(self, instance_key: str) -> None:
-        ids = self._by_key.get(instance_key, [])
-        self.observer.idle(self._labels.get(instance_key, instance_key), len(ids),
-                           sum(self._idle[ident][2] for ident in ids))
-
     def new_instance(self, policy: LoadedPolicy) -> PolicyInstance:
         linked = self.linked(policy.module)
         while True:
@@ -124,56 +91,96 @@ class InstancePool:
         with self._lock:
             if not self._idle:
                 return False
-            ident, (key, instance, size) = self._idle.popitem(last=False)
+            ident, (key, instance, size, _) = self._idle.popitem(last=False)
             self._by_key[key].remove(ident)
             self._idle_bytes -= size
             self.evictions += 1
-            self._idle_changed(key)
-        self.observer.event("eviction")
         instance.close()
         return True
+
+    def acquire(self, policy: LoadedPolicy) -> PolicyInstance:
+        """An instance for one evaluation, bound to `policy`: one kept from earlier evaluations, else a new
+        one (raises InstantiationFailure). Give it back with `release`."""
+        key = policy.instance_key
+        with self._lock:
+            ids = self._by_key.get(key)
+            if ids:
+                _, instance, size, bound = self._idle.pop(ids.pop())
+                self._idle_bytes -= size
+            else:
+                instance = None
+        if instance is not None:
+            if size <= policy.limits.memory_bytes:
+                self.hits += 1
+                if bound is not policy:
+                    instance.bind(policy.limits, policy.capabilities, policy.name)
+                return instance
+            # Grown by another policy of the module past what this one may use: not for this policy.
+            self.discards += 1
+            instance.close()
+        self.misses += 1
+        return self.new_instance(policy)
+
+    def release(self, policy: LoadedPolicy, instance: PolicyInstance, reusable: bool) -> None:
+        """Take back an instance after its evaluation: kept for the next one when it may serve again
+        (`reusable`: the evaluation ended normally), else closed."""
+        size = instance.memory_size
+        if reusable and not instance.broken and size <= self.keep_bytes and self._keeps(instance):
+            self._put_idle(policy, instance, size)
+            return
+        self.discards += 1
+        if self.reuse is False:
+            self._routine_discards += 1
+        instance.close()
 
     @contextmanager
     def instance(self, policy: LoadedPolicy) -> Iterator[PolicyInstance]:
         """An instance for one evaluation: one kept from earlier evaluations (reusing), or one in the state of
         a new instance (fresh: new, or put back into that state after its last evaluation). `reuse` None
         is fresh for the instances that can be put back (kwserver/runtime/pristine.py), reuse for others."""
-        key = policy.instance_key
-        instance = self._take_idle(key)
-        if instance is not None and instance.memory_size > policy.limits.memory_bytes:
-            # Grown by another policy of the module past what this one may use: not for this policy.
-            self.discards += 1
-            self.observer.event("discard")
-            instance.close()
-            instance = None
-        if instance is None:
-            self.misses += 1
-            self.observer.event("miss")
-            instance = self.new_instance(policy)
-        else:
-            self.hits += 1
-            self.observer.event("hit")
-            instance.bind(policy.limits, policy.capabilities, policy.name)
+        instance = self.acquire(policy)
         reusable = False
         try:
             yield instance
             reusable = True
         finally:
-            size = instance.memory_size
-            if reusable and not instance.broken and size <= self.keep_bytes and self._keeps(instance):
-                self._put_idle(key, instance, size)
-            else:
-                self.discards += 1
-                if self.reuse is not False:
-                    self.observer.event("discard")
-                instance.close()
+            self.release(policy, instance, reusable)
+
+    def _put_idle(self, policy: LoadedPolicy, instance: PolicyInstance, size: int) -> None:
+        key = policy.instance_key
+        evicted = []
+        with self._lock:
+            ident = id(instance)
+            self._idle[ident] = (key, instance, size, policy)
+            ids = self._by_key.get(key)
+            if ids is None:
+                ids = self._by_key[key] = []
+            ids.append(ident)
+            self._idle_bytes += size
+            while self._idle_bytes > self.budget_bytes and self._idle:
+                old_ident, (old_key, old_instance, old_size, _) = self._idle.popitem(last=False)
+                self._by_key[old_key].remove(old_ident)
+                self._idle_bytes -= old_size
+                evicted.append(old_instance)
+            self.evictions += len(evicted)
+        for old in evicted:
+            old.close()
 
     def _keeps(self, instance: PolicyInstance) -> bool:
         """Whether an instance may serve another evaluation: reused as it is, or fresh once put back."""
+        if self.reuse:
+            return True
         restorable = getattr(instance, "restorable", False)
-        if self.reuse or (self.reuse is None and not restorable):
+        if self.reuse is None and not restorable:
             return True
         return restorable and instance.restore()
+
+    def report(self) -> PoolReport:
+        with self._lock:
+            idle = {self._labels.get(key, key): (len(ids), sum(self._idle[ident][2] for ident in ids))
+                    for key, ids in self._by_key.items()}
+        return PoolReport({"hit": self.hits, "miss": self.misses, "eviction": self.evictions,
+                           "discard": self.discards - self._routine_discards}, idle)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -186,7 +193,7 @@ class InstancePool:
 
     def clear(self) -> None:
         with self._lock:
-            idle = [instance for _, instance, _ in self._idle.values()]
+            idle = [instance for _, instance, _, _ in self._idle.values()]
             self._idle.clear()
             self._by_key.clear()
             self._idle_bytes = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import wasmtime
 
@@ -36,7 +37,7 @@ class LoadedPolicy:
     def name(self) -> str:
         return self.spec.name
 
-    @property
+    @cached_property
     def instance_key(self) -> str:
         """Which idle instances this policy may take: its module's, or (`ownInstance`) its own."""
         return f"policy:{self.name}" if self.spec.own_instance else f"module:{self.module.digest}"

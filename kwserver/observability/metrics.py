@@ -40,7 +40,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from kwserver.capabilities import DENIALS
-from kwserver.evaluation import PoolObserver
+from kwserver.evaluation import InstancePool
 from kwserver.observability.cache_metrics import CacheMetrics
 from kwserver.server.service import EvaluationRecord
 
@@ -74,7 +74,7 @@ def prepare_directory(directory: str | None) -> str:
     return path
 
 
-class WorkerMetrics(PoolObserver):
+class WorkerMetrics:
     """What workers count. Created in the master (no values yet), used in the workers.
 
     Counting goes into plain dicts in the worker; `flush` publishes to the multiprocess files. A
@@ -103,6 +103,8 @@ class WorkerMetrics(PoolObserver):
                                ["policy_name", "capability"], registry=None)
         self.caches = CacheMetrics()
         self._pending = PendingCounts()
+        self.pool: InstancePool | None = None  # the worker's instance pool, read at each flush
+        self._pool_events: tuple[InstancePool | None, dict[str, int]] = (None, {})  # as last published
 
     def observe(self, record: EvaluationRecord) -> None:
         request = record.request
@@ -137,13 +139,6 @@ class WorkerMetrics(PoolObserver):
         pending.requests += 1
         pending.busy_seconds += seconds
 
-    def event(self, name: str, count: int = 1) -> None:
-        events = self._pending.events
-        events[name] = events.get(name, 0) + count
-
-    def idle(self, label: str, count: int, memory_bytes: int) -> None:
-        self._pending.idle[label] = (count, memory_bytes)
-
     def flush(self) -> None:
         """Publish what was counted since the last flush to this process's multiprocess files."""
         pending, self._pending = self._pending, PendingCounts()
@@ -155,14 +150,24 @@ class WorkerMetrics(PoolObserver):
         if pending.requests:
             self.requests.inc(pending.requests)
             self.busy.inc(pending.busy_seconds)
-        for name, count in pending.events.items():
-            self.instance_events.labels(name).inc(count)
-        for label, (count, memory_bytes) in pending.idle.items():
-            self.instances.labels(label).set(count)
-            self.instance_memory.labels(label).set(memory_bytes)
+        if self.pool is not None:
+            self._publish_pool(self.pool)
         for key in list(DENIALS):  # counted on this thread by the policies' host calls
             self.denials.labels(*key).inc(DENIALS.pop(key))
         self.caches.publish()
+
+    def _publish_pool(self, pool: InstancePool) -> None:
+        report = pool.report()
+        seen, published = self._pool_events
+        if seen is not pool:  # a pool of a new configuration counts from zero
+            published = {}
+        for name, total in report.events.items():
+            if total > published.get(name, 0):
+                self.instance_events.labels(name).inc(total - published.get(name, 0))
+        self._pool_events = (pool, report.events)
+        for label, (count, memory_bytes) in report.idle.items():
+            self.instances.labels(label).set(count)
+            self.instance_memory.labels(label).set(memory_bytes)
 
 
 def _text(value: Any) -> str:
@@ -175,15 +180,13 @@ def _text(value: Any) -> str:
 class PendingCounts:
     """What a worker counted since its last flush."""
 
-    __slots__ = ("busy_seconds", "evaluations", "events", "idle", "latency", "requests")
+    __slots__ = ("busy_seconds", "evaluations", "latency", "requests")
 
     def __init__(self) -> None:
         self.evaluations: dict[tuple[str, ...], int] = {}
         self.latency: dict[tuple[str, ...], list[int]] = {}
         self.requests = 0
         self.busy_seconds = 0.0
-        self.events: dict[str, int] = {}
-        self.idle: dict[str, tuple[int, int]] = {}
 
 
 class EvaluationTotals:

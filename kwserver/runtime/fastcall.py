@@ -15,10 +15,12 @@ through the public API.
 from __future__ import annotations
 
 import ctypes
+import struct
 from collections.abc import Callable
 from typing import NoReturn
 
 import wasmtime
+from wasmtime import _bindings
 from wasmtime import _ffi as ffi
 from wasmtime import _func as wasmtime_func
 
@@ -101,48 +103,86 @@ def global_set(store: wasmtime.Store, global_: wasmtime.Global, value: ffi.wasmt
         raise wasmtime.WasmtimeError._from_ptr(error)
 
 
+# Values cross the C API as `wasmtime_val_t` (32 bytes: a kind byte, the value at offset 8). They are read
+# and written here as bytes with `struct`, not through ctypes structures, which build several Python
+# objects for every value.
+_VAL_SIZE = ctypes.sizeof(ffi.wasmtime_val_t)
+_VAL_OFFSET = ffi.wasmtime_val_t.of.offset
+assert _I32_KIND == 0, "i32 values are written with a zero kind byte"
+
+
+def _i32_values(count: int) -> struct.Struct:
+    """`count` i32 values as wasmtime_val_t: packed unsigned, read unsigned (pointers and lengths)."""
+    tail = _VAL_SIZE - _VAL_OFFSET - 4
+    return struct.Struct("<" + f"{_VAL_OFFSET}xI{tail}x" * count)
+
+
+_call = _bindings._wasmtime_func_call  # the ctypes function itself, without wasmtime-py's wrapper
+
+
 class I32Call:
     """Calls one exported function whose parameters and results are all i32."""
 
-    __slots__ = ("_func", "_nparams", "_nresults", "_params", "_results", "_store")
+    __slots__ = ("_context", "_func", "_func_ref", "_nparams", "_nresults", "_pack", "_params", "_params_view",
+                 "_result", "_results", "_results_view", "_store", "_trap", "_trap_ref")
 
     def __init__(self, store: wasmtime.Store, func: wasmtime.Func, shape: tuple[int, int] | None = None):
         """`shape`: the function's (parameters, results) when known already (see `i32_shape`)."""
         self._store = store
         self._func = func
         self._nparams, self._nresults = shape or i32_shape(func.type(store))
+        # Held for the life of the store, which outlives every call made through this object.
+        self._context = store._context()
+        self._func_ref = ctypes.byref(func._func)
         self._params = (ffi.wasmtime_val_t * max(1, self._nparams))()
-        for i in range(self._nparams):
-            self._params[i].kind = _I32_KIND
+        self._params_view = memoryview(self._params).cast("B")
+        self._pack = _i32_values(self._nparams).pack_into
         self._results = (ffi.wasmtime_val_t * max(1, self._nresults))()
+        self._results_view = memoryview(self._results).cast("B")
+        self._result = _i32_values(1).unpack_from
+        self._new_trap()
+
+    def _new_trap(self) -> None:
+        self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        self._trap_ref = ctypes.byref(self._trap)
 
     def __call__(self, *args: int) -> int | None:
-        params = self._params
-        for i, value in enumerate(args):
-            params[i].of.i32 = value
-        trap = ctypes.POINTER(ffi.wasm_trap_t)()
-        error = ffi.wasmtime_func_call(self._store._context(), ctypes.byref(self._func._func), params,
-                                       self._nparams, self._results, self._nresults, ctypes.byref(trap))
-        if error or trap:
+        self._pack(self._params_view, 0, *[value & _U32 for value in args])
+        error = _call(self._context, self._func_ref, self._params, self._nparams, self._results, self._nresults,
+                      self._trap_ref)
+        if error or self._trap:
+            trap = self._trap
+            self._new_trap()  # the failure takes this one over
             _raise_failure(error, trap)
-        return self._results[0].of.i32 if self._nresults else None
+        if not self._nresults:
+            return None
+        value = self._result(self._results_view)[0]
+        return value - (1 << 32) if value & 0x80000000 else value  # an i32, as the guest returned it
 
 
 def _callback(func: Callable[..., int | None], nparams: int, nresults: int) -> object:
-    def callback(env: int, caller: object, params: ctypes.Array, nargs: int, results: ctypes.Array,
-                 nres: int) -> int:
+    read = _i32_values(nparams).unpack
+    size = nparams * _VAL_SIZE
+    result = struct.Struct(f"<B{_VAL_OFFSET - 1}xI")
+
+    def callback(env: int, caller: int, params: int, nargs: int, results: int, nres: int) -> int:
         try:
-            result = func(*[params[i].of.i32 & _U32 for i in range(nparams)])
+            value = func(*read(ctypes.string_at(params, size))) if nparams else func()
             if nresults:
-                results[0].kind = _I32_KIND
-                results[0].of.i32 = result
+                ctypes.memmove(results, result.pack(_I32_KIND, value & _U32), result.size)
             return 0
         except BaseException as exc:  # handed back to the caller of the guest, like wasmtime-py does
             wasmtime_func.LAST_EXCEPTION = exc
             trap = wasmtime.Trap("python exception")._consume()
             return ctypes.cast(trap, ctypes.c_void_p).value
 
-    return ffi.wasmtime_func_callback_t(callback)
+    # Pointers arrive as plain integers: ctypes builds no pointer objects for each call.
+    raw = _RAW_CALLBACK(callback)
+    return raw, ctypes.cast(raw, ffi.wasmtime_func_callback_t)
+
+
+_RAW_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                 ctypes.c_void_p, ctypes.c_size_t)
 
 
 def define(linker: wasmtime.Linker, module: str, name: str, functype: wasmtime.FuncType,
@@ -159,6 +199,7 @@ def define(linker: wasmtime.Linker, module: str, name: str, functype: wasmtime.F
     callback = _CALLBACKS.get(key)
     if callback is None:
         callback = _CALLBACKS[key] = _callback(*key)
+    _, callback = callback
     module_bytes, name_bytes = module.encode(), name.encode()
     error = ffi.wasmtime_linker_define_func(
         linker.ptr(), ctypes.create_string_buffer(module_bytes), len(module_bytes),

@@ -242,8 +242,8 @@ class Daemon:
             registry, reuse=None if fresh is None else not fresh,
             keep_bytes=settings.instance_keep_memory_mib * MIB,
             budget_bytes=settings.worker_instance_budget_mib * MIB,
-            observer=self.metrics,
         )
+        self.metrics.pool = self.pool
         self.pool.link_all()
         compiled = sum(m.compiled_size for m in registry.modules.values())
         log.info(

@@ -69,6 +69,8 @@ HEARTBEAT_SECONDS = 1.0
 DEFER_SECONDS = 0.01
 DEFER_POLL_SECONDS = 0.0005
 STOP_KEEPALIVE_LINGER_SECONDS = 2.0
+# uvloop's timers count in milliseconds: one may fire up to this much before its time.
+TIMER_RESOLUTION_SECONDS = 0.001
 # Descriptors a worker keeps for everything but client connections (policy callbacks, metrics files,
 # the cluster cache), on top of those open when it starts.
 SPARE_DESCRIPTORS = 64
@@ -203,9 +205,9 @@ class Connection(asyncio.Protocol):
     """One client connection: TLS, parsing, the limits, complete requests handed to the app in order."""
 
     __slots__ = (
-        "body", "body_size", "discarded", "environ_base", "handshaken", "header_bytes", "headers", "in_request",
-        "incoming", "outgoing", "parser", "pending", "requests", "server", "timer", "timer_kind", "tls",
-        "too_large", "transport", "url", "writing_paused",
+        "body", "body_size", "deadline", "discarded", "environ_base", "handshaken", "header_bytes", "headers",
+        "in_request", "incoming", "outgoing", "parser", "pending", "requests", "server", "timer", "timer_kind",
+        "tls", "too_large", "transport", "url", "writing_paused",
     )
 
     def __init__(self, server: HttpServer, tls: ssl.SSLContext | None = None):
@@ -214,6 +216,7 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.timer: asyncio.TimerHandle | None = None
         self.timer_kind = ""
+        self.deadline: float | None = None  # loop time
         self.environ_base: dict[str, Any] = {}
         self.in_request = False
         self.requests = 0  # answered on this connection
@@ -246,7 +249,7 @@ class Connection(asyncio.Protocol):
             self._arm(self.server.limits.header_timeout, "header")  # from connecting: silence is not free
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._cancel_timer()
         self.pending.clear()
         self.server.connection_lost(self)
 
@@ -287,7 +290,7 @@ class Connection(asyncio.Protocol):
         self.writing_paused = False
         self._disarm()
         self._answer_pending()
-        if self.in_request and self.timer is None and not self.writing_paused:
+        if self.in_request and self.deadline is None and not self.writing_paused:
             # A request begun while the send timeout ran has had no timer of its own: it gets one now.
             self._arm(self.server.limits.body_timeout, "body")
 
@@ -414,7 +417,7 @@ class Connection(asyncio.Protocol):
     # --- requests ---
     def _header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
-            if key.lower() == name:
+            if _LOWERED[key] == name:
                 return value
         return None
 
@@ -479,21 +482,44 @@ class Connection(asyncio.Protocol):
             self.server.became_idle(self)
 
     # --- timers ---
+    # A connection has one deadline at a time (None: none) and at most one timer, which fires at or
+    # before it. Moving the deadline later, as every request does three times (header, body, idle),
+    # leaves the timer as it is: when it fires early it is set again for the deadline. A new timer is
+    # made only when the deadline moves earlier, so a kept-alive connection costs a timer per timeout
+    # period instead of three per request.
     def _arm(self, seconds: float, kind: str) -> None:
         if self.writing_paused and kind != "send":
             return  # while an answer is unsent, only the send timeout runs
-        if self.timer is not None:
-            self.timer.cancel()
+        loop = self.server.loop
         self.timer_kind = kind
-        self.timer = self.server.loop.call_later(seconds, self._timed_out)
+        self.deadline = deadline = loop.time() + seconds
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self.timer = loop.call_at(deadline, self._timed_out)
 
     def _disarm(self) -> None:
-        if self.timer is not None and not self.writing_paused:
+        if not self.writing_paused:
+            self.deadline = None
+
+    def _cancel_timer(self) -> None:
+        self.deadline = None
+        if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
     def _timed_out(self) -> None:
         self.timer = None
+        deadline = self.deadline
+        if deadline is None:
+            return
+        loop = self.server.loop
+        if loop.time() + TIMER_RESOLUTION_SECONDS < deadline:  # moved later since this timer was set
+            self.timer = loop.call_at(deadline, self._timed_out)
+            return
+        self.deadline = None
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -521,6 +547,34 @@ def _wsgi_path(url: bytes) -> tuple[str, str]:
     return path, (parsed.query or b"").decode("latin-1")
 
 
+class _Memo(dict):
+    """A function's results for the few inputs that recur in every request (targets, header names),
+    kept up to a bound so that clients sending ever new ones cannot make it grow."""
+
+    def __init__(self, compute: Callable[[Any], Any], bound: int = 256):
+        super().__init__()
+        self.compute, self.bound = compute, bound
+
+    def __missing__(self, key: Any) -> Any:
+        value = self.compute(key)
+        if len(self) < self.bound:
+            self[key] = value
+        return value
+
+
+def _environ_key(name: bytes) -> str:
+    """The WSGI environ key of a header (`HTTP_X_FOO`; CONTENT_TYPE and CONTENT_LENGTH without the prefix)."""
+    key = name.decode("latin-1").upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+
+
+_PATHS = _Memo(_wsgi_path)
+_ENVIRON_KEYS = _Memo(_environ_key)
+_METHODS = _Memo(lambda method: method.decode("latin-1"))
+_PROTOCOLS = _Memo(lambda version: f"HTTP/{version}")
+_LOWERED = _Memo(bytes.lower)
+
+
 class HttpServer:
     """The listening side of one worker: accepting, the connection count, idle connections, the WSGI calls."""
 
@@ -543,6 +597,7 @@ class HttpServer:
         self.drained = asyncio.Event()
         self.deferring_since = 0.0
         self.backoff = 0.0
+        self.started: tuple[str, list[tuple[str, str]]] | None = None  # the app's start_response
         # Kept free, so that a worker out of descriptors can still accept a client to tell it 503.
         self.reserve: int | None = self._reserve()
 
@@ -724,53 +779,45 @@ class HttpServer:
 
     def environ(self, connection: Connection, body: bytes, content_length: int | None) -> dict[str, Any]:
         parser = connection.parser
-        path, query = _wsgi_path(connection.url)
-        environ = dict(connection.environ_base)
-        environ.update({
-            "REQUEST_METHOD": parser.get_method().decode("latin-1"),
-            "PATH_INFO": path,
-            "QUERY_STRING": query,
-            "SERVER_PROTOCOL": f"HTTP/{parser.get_http_version()}",
-            "CONTENT_LENGTH": str(len(body) if content_length is None else content_length),
-            "wsgi.input": io.BytesIO(body),
-        })
+        environ = connection.environ_base.copy()
+        environ["REQUEST_METHOD"] = _METHODS[parser.get_method()]
+        environ["PATH_INFO"], environ["QUERY_STRING"] = _PATHS[connection.url]
+        environ["SERVER_PROTOCOL"] = _PROTOCOLS[parser.get_http_version()]
+        environ["CONTENT_LENGTH"] = str(len(body) if content_length is None else content_length)
+        environ["wsgi.input"] = io.BytesIO(body)
         for name, value in connection.headers:
-            key = name.decode("latin-1").upper().replace("-", "_")
+            key = _ENVIRON_KEYS[name]
+            if key == "CONTENT_LENGTH":
+                continue
             text = value.decode("latin-1").strip()
-            if key == "CONTENT_TYPE":
-                environ["CONTENT_TYPE"] = text
-            elif key != "CONTENT_LENGTH":
-                key = "HTTP_" + key
-                environ[key] = f"{environ[key]},{text}" if key in environ else text
+            if key in environ and key != "CONTENT_TYPE":
+                environ[key] = f"{environ[key]},{text}"
+            else:
+                environ[key] = text
         return environ
 
     def call_app(self, environ: dict[str, Any]) -> tuple[bytes, bool]:
         """Run the app on one request: the response bytes, and whether to close the connection after."""
-        started: list[Any] = []
-
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
-            started[:] = [status, headers]
-            return lambda data: None
-
         table = self.table
         if table is not None:
             table.evaluating(self.slot, True)
+        self.started = None
         try:
-            chunks = self.app(environ, start_response)
+            chunks = self.app(environ, self._start_response)
             try:
                 body = b"".join(chunks)
             finally:
                 close = getattr(chunks, "close", None)
                 if close is not None:
                     close()
-            status, headers = started
+            status, headers = self.started
         except Exception:  # the app renders its own errors; this is the last line of defence
             log.exception("the application failed on %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             return (b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n", True)
         finally:
             if table is not None:
                 table.evaluating(self.slot, False)
-        lines = [f"HTTP/1.1 {status}\r\n".encode("latin-1")]
+        head = [f"HTTP/1.1 {status}\r\n"]
         has_length = close_requested = False
         for name, value in headers:
             lowered = name.lower()
@@ -779,14 +826,22 @@ class HttpServer:
             elif lowered == "connection" and value.lower() == "close":
                 close_requested = True
                 continue
-            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+            head.append(f"{name}: {value}\r\n")
         if environ["REQUEST_METHOD"] == "HEAD":
             body = b""
         elif not has_length:
-            lines.append(b"content-length: %d\r\n" % len(body))
-        lines.append(b"\r\n")
-        lines.append(body)
-        return b"".join(lines), close_requested
+            head.append(f"content-length: {len(body)}\r\n")
+        head.append("\r\n")
+        return "".join(head).encode("latin-1") + body, close_requested
+
+    def _start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
+        # One request at a time: the app of the request being answered calls this.
+        self.started = (status, headers)
+        return _no_write
+
+
+def _no_write(data: bytes) -> None:
+    """WSGI's `write` callable: kwserver's apps return their bodies instead."""
 
 
 def _refuse(sock: socket.socket) -> None:
