@@ -329,3 +329,24 @@ def test_out_of_descriptors_the_waiting_client_gets_503_and_accepting_pauses(tmp
         process.kill()
         _, stderr = process.communicate()
     assert stderr.count("cannot accept connections") < 10, stderr[-2000:]
+
+
+def test_a_worker_waits_for_another_with_fewer_connections_unless_it_is_stuck():
+    from kwserver.server.worker import ConnectionTable
+
+    table = ConnectionTable()
+    table.join(0)
+    table.join(1)  # both slots in this process: the table looks at slots, not at who writes them
+    table.counts[1] = 1
+    assert not table.should_defer(0, 2)  # one more than the other: it takes the connection
+    assert table.should_defer(0, 3)
+    table.evaluation_started(1)  # it accepts as soon as this evaluation ends
+    assert table.should_defer(0, 3)
+    table.evaluating_since[1] -= ConnectionTable.LONG_EVALUATION_MS  # a long evaluation: not waited for
+    assert not table.should_defer(0, 3)
+    table.evaluation_ended(1)
+    table.beats[1] -= ConnectionTable.STALE_SECONDS + 1  # no heartbeat (killed, stuck): not waited for
+    assert not table.should_defer(0, 3)
+    table.beat(1)
+    table.leave(1)
+    assert not table.should_defer(0, 3)

@@ -137,8 +137,11 @@ class ConnectionTable:
     def beat(self, slot: int) -> None:
         self.beats[slot] = _monotonic_ms() // 1000  # CLOCK_MONOTONIC is one clock for every process
 
-    def evaluating(self, slot: int, now: bool) -> None:
-        self.evaluating_since[slot] = _monotonic_ms() if now else 0
+    def evaluation_started(self, slot: int) -> None:
+        self.evaluating_since[slot] = _monotonic_ms()
+
+    def evaluation_ended(self, slot: int) -> None:
+        self.evaluating_since[slot] = 0
 
     def should_defer(self, slot: int, mine: int) -> bool:
         """Another live worker, not stuck in a long evaluation, holds fewer connections than `mine` less one."""
@@ -800,7 +803,7 @@ class HttpServer:
         """Run the app on one request: the response bytes, and whether to close the connection after."""
         table = self.table
         if table is not None:
-            table.evaluating(self.slot, True)
+            table.evaluation_started(self.slot)
         self.started = None
         try:
             chunks = self.app(environ, self._start_response)
@@ -816,7 +819,7 @@ class HttpServer:
             return (b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n", True)
         finally:
             if table is not None:
-                table.evaluating(self.slot, False)
+                table.evaluation_ended(self.slot)
         head = [f"HTTP/1.1 {status}\r\n"]
         has_length = close_requested = False
         for name, value in headers:
