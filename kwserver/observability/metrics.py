@@ -147,14 +147,15 @@ class WorkerMetrics:
             directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
             if directory:
                 self.totals.write(evaluations_path(directory, os.getpid()))
-        if pending.requests:
-            self.requests.inc(pending.requests)
-            self.busy.inc(pending.busy_seconds)
         if self.pool is not None:
             self._publish_pool(self.pool)
         for key in list(DENIALS):  # counted on this thread by the policies' host calls
             self.denials.labels(*key).inc(DENIALS.pop(key))
         self.caches.publish()
+        # The served requests last: a reader that sees them counted sees all they did counted too.
+        if pending.requests:
+            self.requests.inc(pending.requests)
+            self.busy.inc(pending.busy_seconds)
 
     def _publish_pool(self, pool: InstancePool) -> None:
         report = pool.report()
