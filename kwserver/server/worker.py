@@ -23,8 +23,8 @@ Also measured cheaper: the loop replaces gunicorn's pure-Python parser and per-r
 (see docs/operations.md for the comparison with uvicorn's worker and gthread).
 
 Connections spread over the workers: every worker is woken for a pending connection, and one that
-holds more connections than an idle worker passes it over for a moment so the idle one takes it;
-accepting itself never waits on a timer.
+holds more connections than another worker passes it over for up to 10 ms so that one takes it
+(ConnectionTable says whom a worker waits for).
 """
 
 from __future__ import annotations
