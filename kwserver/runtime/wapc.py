@@ -191,7 +191,8 @@ class WapcInstance:
 
     __slots__ = (
         "_guest_call", "broken", "guest_error", "guest_response", "host_call", "host_error", "host_response",
-        "instance", "label", "limits", "memory", "module", "op", "payload", "snapshot_globals", "store", "wasi",
+        "instance", "label", "limits", "memory", "module", "op", "payload", "restorable", "snapshot_globals", "store",
+        "wasi",
     )
 
     def __init__(self, module: WapcModule, limits: InstanceLimits, host_call: HostCall, label: str):
@@ -208,6 +209,9 @@ class WapcInstance:
         self.host_error: bytes | None = None
         self.wasi = WasiState(log_prefix=label)
         self.snapshot_globals: list[wasmtime.Global] | None = None  # kwserver.runtime.pristine's
+        # Whether `restore` can work here, asked after every evaluation: a pre-initialised module, on a
+        # kernel that can scan pages (instances are made in the process that uses them).
+        self.restorable = module.preinitialised and pristine.scanner() is not None
         self.store = new_store(module.engine, limits)
         with running(self):
             self._arm_deadline()
@@ -279,11 +283,6 @@ class WapcInstance:
         set_store_limits(self.store, self.limits, limits)
         self.limits, self.host_call, self.label = limits, host_call, label
         self.wasi.log_prefix = label
-
-    @property
-    def restorable(self) -> bool:
-        """Whether `restore` can work here: a pre-initialised module, on a kernel that can scan pages."""
-        return self.module.preinitialised and pristine.scanner() is not None
 
     def restore(self) -> bool:
         """Put the instance back into the state of a new one (a pre-initialised module's only); False
