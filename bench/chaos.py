@@ -279,7 +279,7 @@ class Faults:
 
 # --- the scenario ---------------------------------------------------------------------------------------
 
-def chaos_config(run: ScenarioRun, directory: Path, api_port: int) -> tuple[Path, tuple[str, str, str]]:
+def chaos_config(run: ScenarioRun, directory: Path) -> tuple[Path, tuple[str, str, str]]:
     from bench.context_aware import list_policy_wat
     from tests.support.modules import annotated
 
@@ -319,7 +319,7 @@ def chaos(run: ScenarioRun) -> None:
     kube = yaml.safe_load(kubeconfig.read_text())
     kube["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
     kubeconfig.write_text(yaml.safe_dump(kube))
-    config, switch = chaos_config(run, d, proxy.port)
+    config, switch = chaos_config(run, d)
     cache = d / "compile-cache"
     cache.mkdir(mode=0o700)
     metrics_port = _free_port()

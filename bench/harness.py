@@ -201,7 +201,6 @@ class ScenarioRun:
         self.started_wall = time.time()
         self.error: str | None = None
         self._tls: Tls | None = None
-        self._own_cache = options.cache_dir is None
         self.cache_dir = options.cache_dir or (self.work / "compile-cache")
         self._compiled: set[Path] = set()
 
