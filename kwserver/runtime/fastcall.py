@@ -96,11 +96,17 @@ def global_get(store: wasmtime.Store, global_: wasmtime.Global) -> ffi.wasmtime_
     return value
 
 
-def global_set(store: wasmtime.Store, global_: wasmtime.Global, value: ffi.wasmtime_val_t) -> None:
-    """Set a global to a value read with `global_get` (same type)."""
-    error = ffi.wasmtime_global_set(store._context(), ctypes.byref(global_._global), ctypes.byref(value))
-    if error:
-        raise wasmtime.WasmtimeError._from_ptr(error)
+def global_setter(store: wasmtime.Store, global_: wasmtime.Global, value: ffi.wasmtime_val_t) -> Callable[[], None]:
+    """A call that sets a global to a value read with `global_get` (same type), its arguments made once."""
+    context, global_ref, value_ref = store._context(), ctypes.byref(global_._global), ctypes.byref(value)
+    global_set = _bindings._wasmtime_global_set
+
+    def set_global() -> None:
+        error = global_set(context, global_ref, value_ref)
+        if error:
+            raise wasmtime.WasmtimeError._from_ptr(error)
+
+    return set_global
 
 
 # Values cross the C API as `wasmtime_val_t` (32 bytes: a kind byte, the value at offset 8). They are read

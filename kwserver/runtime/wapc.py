@@ -174,7 +174,10 @@ class WapcModule:
             return None
         with self._pristine_lock:
             if self._pristine is None or self._pristine.pid != os.getpid():  # made after the fork, in each worker
-                self._pristine = Pristine(self, limits)
+                scan = pristine.scanner()
+                if scan is None:
+                    return None
+                self._pristine = Pristine(self, limits, scan)
             return self._pristine
 
 
@@ -191,8 +194,8 @@ class WapcInstance:
 
     __slots__ = (
         "_guest_call", "broken", "guest_error", "guest_response", "host_call", "host_error", "host_response",
-        "instance", "label", "limits", "memory", "module", "op", "payload", "restorable", "snapshot_globals", "store",
-        "wasi",
+        "instance", "label", "limits", "memory", "module", "op", "payload", "restorable", "restore_target", "store",
+        "template", "wasi",
     )
 
     def __init__(self, module: WapcModule, limits: InstanceLimits, host_call: HostCall, label: str):
@@ -208,7 +211,8 @@ class WapcInstance:
         self.host_response: bytes | None = None
         self.host_error: bytes | None = None
         self.wasi = WasiState(log_prefix=label)
-        self.snapshot_globals: list[wasmtime.Global] | None = None  # kwserver.runtime.pristine's
+        self.template: Pristine | None = None  # the instance `restore` copies from, found at the first restore
+        self.restore_target: object = None  # kwserver.runtime.pristine's, made at the first restore
         # Whether `restore` can work here, asked after every evaluation: a pre-initialised module, on a
         # kernel that can scan pages (instances are made in the process that uses them).
         self.restorable = module.preinitialised and pristine.scanner() is not None
@@ -287,8 +291,12 @@ class WapcInstance:
     def restore(self) -> bool:
         """Put the instance back into the state of a new one (a pre-initialised module's only); False
         when it cannot be, and then it must be closed."""
-        template = self.module.pristine(self.limits)
-        return template is not None and template.restore(self)
+        template = self.template
+        if template is None:
+            template = self.template = self.module.pristine(self.limits)
+            if template is None:
+                return False
+        return template.restore(self)
 
     def close(self) -> None:
         self.store.close()
