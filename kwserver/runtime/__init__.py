@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import wasmtime
+from wasmtime import _bindings
 
 from kwserver.runtime.engine import deadline_ticks
 from kwserver.runtime.memory import GuestMemoryError
@@ -109,12 +110,16 @@ def new_store(engine: wasmtime.Engine, limits: InstanceLimits) -> wasmtime.Store
     return store
 
 
+# The C function itself: armed before every call into a guest, it skips wasmtime-py's two wrappers.
+_set_epoch_deadline = _bindings._wasmtime_context_set_epoch_deadline
+
+
 def arm_deadline(store: wasmtime.Store, limits: InstanceLimits, epoch_interruption: bool) -> float | None:
     """Start the clock of one call: the epoch deadline for wasm code, and the monotonic time by which
     host-side waits (WASI clocks, network) must give up; None when the call has no timeout."""
-    if epoch_interruption:
-        store.set_epoch_deadline(deadline_ticks(limits.timeout_seconds))
     timeout = limits.timeout_seconds
+    if epoch_interruption:
+        _set_epoch_deadline(store._context(), deadline_ticks(timeout))
     return None if timeout is None else time.monotonic() + timeout
 
 
