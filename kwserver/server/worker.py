@@ -264,13 +264,13 @@ class Connection(asyncio.Protocol):
         if not self.handshaken and not self._handshake():
             return
         try:
-            buffer, view = self.server.tls_buffer
+            buffer = self.server.tls_buffer
             while self.incoming.pending or self.tls.pending():
                 count = self.tls.read(_TLS_READ_BYTES, buffer)
                 if not count:  # the client's close_notify
                     self._close()
                     return
-                self._feed(view[:count].tobytes())
+                self._feed(buffer[:count].tobytes())
                 if self.transport is None or self.transport.is_closing():
                     return  # answered and closed (a bad request, say): the rest is not read
         except ssl.SSLWantReadError:
@@ -606,8 +606,7 @@ class HttpServer:
         self.reserve: int | None = self._reserve()
         # Where every connection's decrypted bytes are read (one callback runs at a time): asking
         # SSLObject.read for a new 256 KiB bytes object per record cost ~19 µs each.
-        buffer = bytearray(_TLS_READ_BYTES)
-        self.tls_buffer = (buffer, memoryview(buffer))
+        self.tls_buffer = memoryview(bytearray(_TLS_READ_BYTES))
 
     # --- accepting ---
     def start(self, listeners: Iterable[Any]) -> None:
