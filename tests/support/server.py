@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -20,10 +21,39 @@ import yaml
 T = TypeVar("T")
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return range(0)
+    return range(low, high + 1)
+
+
+# Below the kernel's ephemeral range when it leaves room (Linux: 32768-60999): a port from that range,
+# free when asked, can become the source port of some test's outgoing connection before the server
+# binds it (a CI run failed so: "Address already in use" on a port free_port had just returned).
+_EPHEMERAL = _ephemeral_ports()
+_LISTEN_PORTS = range(10_000, _EPHEMERAL.start) if _EPHEMERAL.start > 11_000 else range(0)
+
+
+_handed_out: set[int] = set()  # a test often asks for several ports before it starts anything
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on now, for a server the test starts."""
+    for _ in range(100):
+        port = random.choice(_LISTEN_PORTS) if _LISTEN_PORTS else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = sock.getsockname()[1]
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port")
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.2) -> T:
