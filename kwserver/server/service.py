@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 VALIDATE, AUDIT, VALIDATE_RAW = "validate", "audit", "validate_raw"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EvaluationRecord:
     """What metrics need to know about one evaluation (vanilla decision, not the post-processed one)."""
 
